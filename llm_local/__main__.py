@@ -1,0 +1,3 @@
+from llm_local.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The Backend protocol every model backend implements, and the registry that finds them.
+
+Backends are plugins: a backend is an entry point in the group ``llm_local.backends``
+whose object is a factory ``(AppSettings) -> Backend``. Settings name the backend
+(``backend = "ct2"``); swapping it is a settings change and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from llm_local.core.types import SamplingOptions
+
+if TYPE_CHECKING:
+    from llm_local.settings.schema import AppSettings
+
+ENTRY_POINT_GROUP = "llm_local.backends"
+
+
+class BackendError(Exception):
+    """A generation failed inside the backend (reported as finish reason ``error``)."""
+
+
+class BackendLoadError(Exception):
+    """The model could not be loaded; the message says what and why."""
+
+
+@runtime_checkable
+class ModelTokenizer(Protocol):
+    """What core needs from a tokenizer: ids in, text out, and the chat template."""
+
+    @property
+    def end_token_ids(self) -> frozenset[int]:
+        """Ids that end the assistant's turn (eos, <|im_end|>, <|eot_id|>, ...)."""
+        ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's Jinja chat template, or None when it has none."""
+        ...
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Names the template may use: bos_token, eos_token, ... -> their text."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens spelled in the text become their ids,
+        nothing is added around it (the chat template already placed bos etc.)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens skipped."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    backend: str
+    model_name: str
+    device: str  # "cpu" or "cuda:N"
+    compute_type: str  # what the device really runs, e.g. "int8" or "float16"
+    context_limit: int  # prompt + completion tokens the model can hold
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    running: int  # generations decoding now
+    queued: int  # generations waiting for a batch slot
+    batches: int  # batches decoding now
+
+
+class Backend(Protocol):
+    """A model that turns prompt token ids into generated token ids.
+
+    Lifecycle: ``await load()`` (may take minutes; blocking work runs off the event
+    loop), then ``generate`` any number of times concurrently, then ``await aclose()``.
+    """
+
+    @property
+    def info(self) -> ModelInfo:
+        """Valid after load()."""
+        ...
+
+    @property
+    def tokenizer(self) -> ModelTokenizer:
+        """Valid after load()."""
+        ...
+
+    async def load(self) -> None:
+        """Load the model; raises BackendLoadError with a one-line reason."""
+        ...
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingOptions,
+    ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
+        """Stream generated token ids in groups (whatever is ready at each wake-up).
+
+        The stream ends after `max_new_tokens` ids or after an end token, which is
+        yielded too. Leaving the context (normally, by an exception or by
+        cancellation) stops decoding of this request within one step and frees its
+        batch slot. Raises BackendError if generation fails.
+        """
+        ...
+
+    def stats(self) -> BackendStats: ...
+
+    async def aclose(self) -> None:
+        """Stop every generation and release the model."""
+        ...
+
+
+BackendFactory = Callable[["AppSettings"], Backend]
+
+
+class UnknownBackendError(LookupError):
+    pass
+
+
+def available_backends() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_backend_factory(name: str) -> BackendFactory:
+    """The factory registered under `name` in the ``llm_local.backends`` group."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        factory: BackendFactory = ep.load()
+        return factory
+    raise UnknownBackendError(
+        f"unknown backend {name!r}; installed backends: {', '.join(available_backends())}"
+    )
+
+
+def create_backend(settings: AppSettings) -> Backend:
+    return load_backend_factory(settings.backend)(settings)

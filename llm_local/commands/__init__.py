@@ -1,0 +1,1 @@
+"""Subcommands of `llm-local` (see cli.py)."""

@@ -1,0 +1,98 @@
+"""The vocabulary every layer shares: requests, sampling options, events, finish reasons."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.StrEnum):
+    """Why a generation ended; the strings are the wire values of FinishDetails.finish_reason."""
+
+    STOP = "stop"  # end-of-turn token or a stop sequence
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"  # the client went away or the server is stopping
+    CONTEXT_FULL = "context_full"  # prompt + completion reached the model's context limit
+    ERROR = "error"  # the backend failed mid-generation
+
+
+class Role(enum.StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """What CTranslate2 applies to a whole batch: only requests with equal keys share one."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut (all tokens)
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests whose keys are equal may be decoded in one batch.
+
+        Greedy decoding ignores temperature, top-k, top-p and the seed, so every greedy
+        request with the same repetition penalty shares a key.
+        """
+        if self.greedy:
+            return ("greedy", self.repetition_penalty)
+        return ("sample", self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                self.seed)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who asked: carried into every log line about the request."""
+
+    request_id: str
+    tenant_id: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A validated request: every default is filled in, every field is in range."""
+
+    user_prompt: str
+    system_prompt: str = ""
+    rag_context: str | None = None
+    history: tuple[ChatTurn, ...] = ()
+    max_new_tokens: int = 256
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    stop_sequences: tuple[str, ...] = ()
+    # A raw prompt (seed-era LocalGenerateStream) is sent as a single user turn.
+    context: RequestContext = field(default_factory=lambda: RequestContext(request_id="-"))
+
+
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    """Generated text made of whole characters; `token_count` tokens produced it."""
+
+    text: str
+    token_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+GenerationEvent = TextChunk | Finished

@@ -1,0 +1,1 @@
+"""Layered settings (dynaconf) validated into typed, frozen objects."""

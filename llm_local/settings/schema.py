@@ -1,0 +1,117 @@
+"""Typed, frozen settings: what the rest of the code receives instead of dynaconf.
+
+The loader (loader.py) validates the layered dynaconf settings and builds these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+ComputeType = Literal[
+    "auto", "int8", "int8_float16", "int8_bfloat16", "int8_float32", "int16",
+    "float16", "bfloat16", "float32",
+]
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    # A hub repo id ("microsoft/Phi-3-mini-4k-instruct"), a local HF model directory,
+    # a .gguf file, or "package:DIST/PATH" (a file inside an installed distribution).
+    name: str
+    revision: str | None  # hub revision (branch, tag or commit); None = default branch
+    # Weight quantization of the converted model. "auto": compute_type when that is
+    # explicit, else int8 on CPU and float16 on CUDA. Loading may still use another
+    # compute_type (CTranslate2 converts at load time), e.g. float32 in tests.
+    quantization: ComputeType
+    cache_dir: Path  # converted models live here
+    download_dir: Path | None  # hub downloads; None = huggingface_hub's own cache
+    offline: bool  # never reach the hub (HF_HUB_OFFLINE)
+    context_limit: int  # 0 = what the model's config says
+    load_retries: int  # attempts after a failed load before staying "failed"
+    load_retry_backoff_s: float  # first wait; doubles each attempt
+    convert_on_start: bool  # `serve` converts when the cache lacks the model
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSettings:
+    """Where and how the model runs (CTranslate2 terms, but any backend may use them)."""
+
+    device: Device
+    device_index: int
+    compute_type: ComputeType
+    inter_threads: int  # parallel batches (workers)
+    intra_threads: int  # threads inside one batch; 0 = CTranslate2's default
+    max_batch_size: int  # requests decoded together in one batch
+    batch_wait_ms: float  # how long a lone request waits for company before decoding
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDefaults:
+    """Used when the request leaves a parameter unset."""
+
+    max_new_tokens: int
+    max_new_tokens_limit: int  # the largest a request may ask for
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    max_stop_sequences: int
+    max_stop_sequence_length: int  # characters
+
+
+@dataclass(frozen=True, slots=True)
+class CapacitySettings:
+    max_concurrent: int  # generations decoding at once
+    max_queued: int  # generations waiting; beyond this: RESOURCE_EXHAUSTED
+    queue_timeout_s: float  # the longest a request waits for a slot
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    cert_path: Path | None  # server certificate (PEM); None = plain h2c
+    key_path: Path | None
+    ca_path: Path | None  # set = mTLS: client certificates signed by this CA are required
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_path is not None
+
+    @property
+    def mutual(self) -> bool:
+        return self.ca_path is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int  # 0 = metrics only on the HTTP port's /metrics
+    require_tenant_id: bool
+    grace_period_s: float  # on SIGTERM, how long running streams may finish
+    slow_start_s: float  # test-only: delay before loading, to observe "loading"
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    level: str
+    format: LogFormat
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    env: str
+    backend: str
+    model: ModelSettings
+    runtime: RuntimeSettings
+    generation: GenerationDefaults
+    capacity: CapacitySettings
+    server: ServerSettings
+    tls: TLSSettings
+    logging: LoggingSettings
+    # Everything as loaded (secrets included): the /config route redacts it.
+    raw: dict[str, object]
