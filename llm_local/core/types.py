@@ -50,8 +50,14 @@ class SamplingOptions:
         """
         if self.greedy:
             return ("greedy", self.repetition_penalty)
-        return ("sample", self.temperature, self.top_k, self.top_p, self.repetition_penalty,
-                self.seed)
+        return (
+            "sample",
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.repetition_penalty,
+            self.seed,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +83,9 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...] = ()
     # A raw prompt (seed-era LocalGenerateStream) is sent as a single user turn.
     context: RequestContext = field(default_factory=lambda: RequestContext(request_id="-"))
+    # The wire name of the prompt field ("user_prompt", or "prompt" for the seed-era
+    # service), so that a prompt too long for the context is reported under that name.
+    prompt_field: str = "user_prompt"
 
 
 @dataclass(frozen=True, slots=True)

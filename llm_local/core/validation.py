@@ -1,0 +1,172 @@
+"""Turn what a client sent into a GenerationRequest, or say exactly which field is wrong.
+
+Transports copy wire messages into RawRequest (None = the field was not set, so the
+configured default applies) and call validate_request. Every InvalidRequest names the
+field with its proto-style path (``params.top_p``, ``history[1].role``).
+
+Rules worth knowing:
+- ``max_new_tokens`` set to 0 is rejected ("must be at least 1"): a stream that may
+  generate nothing is never what a caller means, and "unset" already means "default".
+- ``top_k`` 0 means "no top-k cut"; ``temperature`` 0 means greedy.
+- History roles are matched case-insensitively after trimming ("User" is "user").
+- Empty history content is allowed (an assistant turn may have said nothing).
+- ``rag_context`` that is empty or only whitespace counts as absent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from llm_local.core.errors import InvalidRequest
+from llm_local.core.types import (
+    ChatTurn,
+    GenerationRequest,
+    RequestContext,
+    Role,
+    SamplingOptions,
+)
+from llm_local.settings.schema import GenerationDefaults
+
+_ROLES = {role.value: role for role in Role}
+
+
+@dataclass(frozen=True, slots=True)
+class RawParams:
+    """GenerationParams as received; None means "not set"."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_sequences: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RawRequest:
+    """A generation request as received, before any check."""
+
+    user_prompt: str
+    system_prompt: str = ""
+    rag_context: str | None = None
+    history: tuple[tuple[str, str], ...] = ()  # (role, content)
+    params: RawParams = field(default_factory=RawParams)
+    # The prompt's wire name: "user_prompt" (LlamaService) or "prompt" (LLMLocalService).
+    prompt_field: str = "user_prompt"
+
+
+def validate_request(
+    raw: RawRequest, defaults: GenerationDefaults, context: RequestContext
+) -> GenerationRequest:
+    """A GenerationRequest with every default filled in; raises InvalidRequest."""
+    _check_text(raw.prompt_field, raw.user_prompt)
+    if not raw.user_prompt.strip():
+        raise InvalidRequest(raw.prompt_field, "must not be empty")
+    _check_text("system_prompt", raw.system_prompt)
+    rag_context = raw.rag_context
+    if rag_context is not None:
+        _check_text("rag_context", rag_context)
+        if not rag_context.strip():
+            rag_context = None
+    params = raw.params
+    return GenerationRequest(
+        user_prompt=raw.user_prompt,
+        system_prompt=raw.system_prompt,
+        rag_context=rag_context,
+        history=_validate_history(raw.history),
+        max_new_tokens=_validate_max_new_tokens(params.max_new_tokens, defaults),
+        sampling=_validate_sampling(params, defaults),
+        stop_sequences=_validate_stop_sequences(params.stop_sequences, defaults),
+        context=context,
+        prompt_field=raw.prompt_field,
+    )
+
+
+def _check_text(field_name: str, text: str) -> None:
+    # Python callers (tests, the CLI) can pass lone surrogates, which no tokenizer can
+    # encode; protobuf strings never contain them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            field_name, f"is not valid Unicode text (position {exc.start})"
+        ) from None
+
+
+def _validate_history(history: tuple[tuple[str, str], ...]) -> tuple[ChatTurn, ...]:
+    turns: list[ChatTurn] = []
+    for index, (role_text, content) in enumerate(history):
+        role = _ROLES.get(role_text.strip().lower())
+        if role is None:
+            allowed = ", ".join(_ROLES)
+            raise InvalidRequest(
+                f"history[{index}].role", f"unknown role {role_text!r}; allowed: {allowed}"
+            )
+        _check_text(f"history[{index}].content", content)
+        turns.append(ChatTurn(role=role, content=content))
+    return tuple(turns)
+
+
+def _validate_max_new_tokens(value: int | None, defaults: GenerationDefaults) -> int:
+    limit = defaults.max_new_tokens_limit
+    if value is None:
+        return min(defaults.max_new_tokens, limit)
+    if value < 1:
+        raise InvalidRequest("params.max_new_tokens", f"must be at least 1, got {value}")
+    if value > limit:
+        raise InvalidRequest("params.max_new_tokens", f"must be at most {limit}, got {value}")
+    return value
+
+
+def _validate_sampling(params: RawParams, defaults: GenerationDefaults) -> SamplingOptions:
+    temperature = defaults.temperature if params.temperature is None else params.temperature
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidRequest(
+            "params.temperature", f"must be a finite number >= 0, got {temperature}"
+        )
+    top_p = defaults.top_p if params.top_p is None else params.top_p
+    if not (0.0 < top_p <= 1.0):  # also rejects NaN
+        raise InvalidRequest("params.top_p", f"must be in (0, 1], got {top_p}")
+    top_k = defaults.top_k if params.top_k is None else params.top_k
+    if top_k < 0:
+        raise InvalidRequest("params.top_k", f"must be >= 0 (0 = no limit), got {top_k}")
+    penalty = (
+        defaults.repetition_penalty
+        if params.repetition_penalty is None
+        else params.repetition_penalty
+    )
+    if not math.isfinite(penalty) or penalty <= 0:
+        raise InvalidRequest(
+            "params.repetition_penalty", f"must be a finite number > 0, got {penalty}"
+        )
+    if params.seed is not None and params.seed < 0:
+        raise InvalidRequest("params.seed", f"must be >= 0, got {params.seed}")
+    return SamplingOptions(
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        repetition_penalty=float(penalty),
+        seed=params.seed,
+    )
+
+
+def _validate_stop_sequences(
+    stops: tuple[str, ...], defaults: GenerationDefaults
+) -> tuple[str, ...]:
+    if len(stops) > defaults.max_stop_sequences:
+        raise InvalidRequest(
+            "params.stop_sequences",
+            f"at most {defaults.max_stop_sequences} stop sequences, got {len(stops)}",
+        )
+    longest = defaults.max_stop_sequence_length
+    for index, stop in enumerate(stops):
+        name = f"params.stop_sequences[{index}]"
+        _check_text(name, stop)
+        if not stop:
+            raise InvalidRequest(name, "must not be empty")
+        if len(stop) > longest:
+            raise InvalidRequest(name, f"must be at most {longest} characters, got {len(stop)}")
+    # Duplicates change nothing; dropping them keeps the matcher's work small.
+    return tuple(dict.fromkeys(stops))
