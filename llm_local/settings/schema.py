@@ -11,8 +11,15 @@ from typing import Literal
 
 Device = Literal["auto", "cpu", "cuda"]
 ComputeType = Literal[
-    "auto", "int8", "int8_float16", "int8_bfloat16", "int8_float32", "int16",
-    "float16", "bfloat16", "float32",
+    "auto",
+    "int8",
+    "int8_float16",
+    "int8_bfloat16",
+    "int8_float32",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
 ]
 LogFormat = Literal["text", "json"]
 

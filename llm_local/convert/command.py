@@ -1,0 +1,86 @@
+"""`llm-local convert`: prepare the configured model in the cache (once).
+
+Prints one summary line on success. On failure prints exactly one line,
+``llm-local convert: error: <what and why>``, and exits non-zero (1 for a failed
+conversion, 2 for bad settings or arguments); ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from llm_local.settings.fields import COMPUTE_TYPES
+
+PROG = "llm-local convert"
+EXIT_FAILED = 1
+EXIT_BAD_SETTINGS = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="convert even if the cache has it")
+    parser.add_argument(
+        "--model", help="model source instead of model.name (hub id, path, package:…)"
+    )
+    parser.add_argument("--revision", help="hub revision instead of model.revision")
+    parser.add_argument(
+        "--quantization",
+        choices=COMPUTE_TYPES,
+        help="weight type instead of model.quantization",
+    )
+    parser.add_argument("--cache-dir", help="cache directory instead of model.cache_dir")
+    parser.add_argument("--env", help="settings environment (default: $ENV, else development)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on failure")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llm_local.convert.api import ensure_converted
+    from llm_local.convert.errors import ConversionError
+    from llm_local.settings.errors import SettingsError
+    from llm_local.settings.loader import load_settings
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("model.name", args.model),
+            ("model.revision", args.revision),
+            ("model.quantization", args.quantization),
+            ("model.cache_dir", args.cache_dir),
+        )
+        if value is not None
+    }
+    try:
+        settings = load_settings(args.env, overrides=overrides)
+        result = ensure_converted(settings, force=args.force, progress=not args.quiet)
+    except SettingsError as exc:
+        return _fail(args, exc, "; ".join(str(p) for p in exc.problems), EXIT_BAD_SETTINGS)
+    except ConversionError as exc:
+        return _fail(args, exc, str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the cache holds what it held before", file=sys.stderr)
+        return 130
+    if result.converted:
+        print(f"converted {settings.model.name} in {result.seconds:.1f} s: {result.model_dir}")
+    else:
+        print(f"already converted at {result.model_dir} (checked in {result.seconds:.2f} s)")
+    return 0
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, message: str, code: int) -> int:
+    if args.verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m llm_local.convert.command` (what `llm-local convert` runs)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
