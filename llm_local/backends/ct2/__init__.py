@@ -1,1 +1,17 @@
-"""backends/ct2"""
+"""The CTranslate2 backend (entry point ``ct2``): the product's inference engine.
+
+Modules: ``backend`` (the Backend), ``loader`` (settings to a loaded model),
+``scheduler`` (queue, batch forming, worker threads), ``grouping`` (the pure batching
+policy), ``item`` (one generation and its thread-to-trio token bridge), ``decode`` (one
+batch through ``generate_batch``; sampling options and seeds).
+"""
+
+from llm_local.backends.base import BackendFactory
+from llm_local.backends.ct2.backend import CT2Backend
+from llm_local.backends.ct2.backend import create_backend as _create_backend
+from llm_local.backends.ct2.scheduler import BatchStarted
+
+# Typed as the registry's factory: mypy then checks CT2Backend against the protocol.
+create_backend: BackendFactory = _create_backend
+
+__all__ = ["BatchStarted", "CT2Backend", "create_backend"]

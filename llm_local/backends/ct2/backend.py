@@ -1,0 +1,304 @@
+"""The CTranslate2 backend: a converted model served through the batching scheduler.
+
+`create_backend(settings)` is the plugin entry point; `CT2Backend.from_directory` builds
+one without the settings machinery (tests, benchmarks, scripts). See `decode.py` for how
+sampling options and seeds behave, `scheduler.py` and `grouping.py` for batching.
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from llm_local.backends.base import BackendError, BackendStats, ModelInfo
+from llm_local.backends.ct2.decode import make_batch_executor
+from llm_local.backends.ct2.item import BatchItem
+from llm_local.backends.ct2.loader import LoadedModel, LoadPlan, load_model, plan_from_settings
+from llm_local.backends.ct2.scheduler import BatchScheduler, BatchStarted
+from llm_local.backends.hf_tokenizer import HFTokenizer
+from llm_local.core.types import SamplingOptions
+
+if TYPE_CHECKING:
+    import ctranslate2
+
+    from llm_local.settings.schema import AppSettings
+
+DEFAULT_MAX_QUEUED = 256
+# generate_batch returns before CTranslate2's worker thread has quite finished with the
+# batch (num_active_batches drops a moment later: up to ~20 ms measured on a busy
+# machine). Closing waits that long, at most this, before releasing the model.
+IDLE_WAIT_S = 5.0
+
+# Backends holding a model they loaded. A CTranslate2 Generator still alive when the
+# interpreter finalizes aborts the process ("terminate called without an active
+# exception", FINDINGS); aclose() releases it, and this catches backends never closed.
+_backends_with_models: weakref.WeakSet[CT2Backend] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_models_at_exit() -> None:
+    for backend in list(_backends_with_models):
+        model = backend._model
+        deadline = time.monotonic() + IDLE_WAIT_S
+        while model is not None and _busy(model.generator) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        backend._release_model()
+
+
+class CT2Backend:
+    """`Backend` over a CTranslate2 Generator: load, generate concurrently, close."""
+
+    def __init__(
+        self,
+        plan: Callable[[], LoadPlan],
+        *,
+        max_batch_size: int = 32,
+        batch_wait_ms: float = 2.0,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        min_split_size: int = 2,
+        max_prompt_spread: int = 32,
+        on_batch: Callable[[BatchStarted], None] | None = None,
+        preloaded: LoadedModel | None = None,
+    ) -> None:
+        """`plan` runs on the loading thread (it may look for the model on disk).
+
+        Batching: at most `max_batch_size` generations per batch; a lone request waits
+        `batch_wait_ms` for company; `max_queued` bounds the queue (a full queue makes
+        `generate` wait); `min_split_size` and `max_prompt_spread` decide when idle
+        workers split a batch (see grouping.py). `on_batch` observes every batch start.
+
+        `preloaded` skips loading and leaves the model to its owner: `aclose` then
+        does not unload it (tests share one loaded model between trio runs).
+        """
+        self._plan = plan
+        self._max_batch_size = max_batch_size
+        self._batch_wait_s = batch_wait_ms / 1000.0
+        self._max_queued = max_queued
+        self._min_split_size = min_split_size
+        self._max_prompt_spread = max_prompt_spread
+        self._on_batch = on_batch
+        self._model: LoadedModel | None = preloaded
+        self._owns_model = preloaded is None
+        self._scheduler: BatchScheduler | None = None
+        self._closed = False
+
+    @classmethod
+    def from_directory(
+        cls,
+        model_dir: Path | str,
+        *,
+        device: str = "cpu",
+        device_index: int = 0,
+        compute_type: str = "int8",
+        inter_threads: int = 2,
+        intra_threads: int = 1,
+        max_batch_size: int = 32,
+        batch_wait_ms: float = 2.0,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        min_split_size: int = 2,
+        max_prompt_spread: int = 32,
+        model_name: str | None = None,
+        context_limit: int = 0,
+        on_batch: Callable[[BatchStarted], None] | None = None,
+    ) -> CT2Backend:
+        directory = Path(model_dir)
+        plan = LoadPlan(
+            model_dir=directory,
+            model_name=model_name or directory.name,
+            device=device,
+            device_index=device_index,
+            compute_type=compute_type,
+            inter_threads=inter_threads,
+            intra_threads=intra_threads,
+            context_limit=context_limit,
+        )
+        return cls(
+            lambda: plan,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            max_queued=max_queued,
+            min_split_size=min_split_size,
+            max_prompt_spread=max_prompt_spread,
+            on_batch=on_batch,
+        )
+
+    @classmethod
+    def from_loaded(
+        cls,
+        model: LoadedModel,
+        *,
+        max_batch_size: int = 32,
+        batch_wait_ms: float = 2.0,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        min_split_size: int = 2,
+        max_prompt_spread: int = 32,
+        on_batch: Callable[[BatchStarted], None] | None = None,
+    ) -> CT2Backend:
+        """A backend over a model its caller loaded (`loader.load_model`) and releases."""
+
+        def no_plan() -> LoadPlan:
+            raise AssertionError("a preloaded backend has nothing to plan")
+
+        return cls(
+            no_plan,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            max_queued=max_queued,
+            min_split_size=min_split_size,
+            max_prompt_spread=max_prompt_spread,
+            on_batch=on_batch,
+            preloaded=model,
+        )
+
+    # -- Backend protocol -------------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._loaded().info
+
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        return self._loaded().tokenizer
+
+    @property
+    def generator(self) -> ctranslate2.Generator:
+        """The CTranslate2 Generator (tests read `num_active_batches` from it)."""
+        return self._loaded().generator
+
+    async def load(self) -> None:
+        if self._scheduler is not None:
+            raise RuntimeError("the backend is already loaded")
+        if self._closed:
+            raise RuntimeError("the backend is closed")
+        if self._model is None:
+            # On a thread: loading takes seconds to minutes and the event loop keeps
+            # serving health checks meanwhile.
+            self._model = await trio.to_thread.run_sync(self._load_blocking)
+            _backends_with_models.add(self)
+        self._scheduler = self._make_scheduler(self._model)
+        self._scheduler.start()
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingOptions,
+    ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
+        return self._generate(prompt_ids, max_new_tokens, sampling)
+
+    def stats(self) -> BackendStats:
+        if self._scheduler is None:
+            return BackendStats(running=0, queued=0, batches=0)
+        return self._scheduler.stats()
+
+    async def aclose(self) -> None:
+        """Stop every generation, wait for the worker threads, release the model."""
+        self._closed = True
+        scheduler = self._scheduler
+        if scheduler is not None:
+            await scheduler.aclose()
+            del scheduler
+        if self._model is not None and self._owns_model:
+            # Shielded and bounded: the model must not be released under a thread.
+            with trio.CancelScope(shield=True), trio.move_on_after(IDLE_WAIT_S):
+                while _busy(self._model.generator):  # noqa: ASYNC110 (no event to wait on)
+                    await trio.sleep(0.001)
+        self._release_model()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _release_model(self) -> None:
+        """Drop the model now, while the interpreter is fully alive (see above): the last
+        reference gone, CTranslate2 joins its worker threads here. Every batch must be
+        over (aclose waited for them, or the trio run has ended)."""
+        _backends_with_models.discard(self)
+        self._scheduler = None  # its batch executor holds the Generator too
+        model, self._model = self._model, None
+        if model is not None and self._owns_model:
+            model.generator.unload_model()
+            del model
+
+    def _load_blocking(self) -> LoadedModel:
+        return load_model(self._plan())
+
+    def _loaded(self) -> LoadedModel:
+        if self._model is None:
+            raise BackendError("the model is not loaded")
+        return self._model
+
+    def _make_scheduler(self, model: LoadedModel) -> BatchScheduler:
+        import ctranslate2
+
+        execute = make_batch_executor(
+            model.generator,
+            model.tokenizer,
+            model.tokenizer.end_token_ids,
+            ctranslate2.set_random_seed,
+        )
+        return BatchScheduler(
+            execute,
+            workers=max(1, int(model.generator.num_generators)),
+            max_batch_size=self._max_batch_size,
+            batch_wait_s=self._batch_wait_s,
+            max_queued=self._max_queued,
+            min_split_size=self._min_split_size,
+            max_prompt_spread=self._max_prompt_spread,
+            on_batch=self._on_batch,
+        )
+
+    @asynccontextmanager
+    async def _generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingOptions,
+    ) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
+        scheduler = self._scheduler
+        if self._closed:
+            raise BackendError("the backend is closed")
+        if scheduler is None:
+            raise BackendError("the model is not loaded")
+        if not prompt_ids:
+            raise BackendError("the prompt has no tokens")
+        if max_new_tokens <= 0:
+            yield _empty_stream()
+            return
+        assert scheduler.relay is not None  # a loaded backend's scheduler is started
+        item = BatchItem(
+            prompt_ids,
+            max_new_tokens,
+            sampling,
+            arrived_at=trio.current_time(),
+            relay=scheduler.relay,
+        )
+        async with scheduler.generation(item) as stream:
+            yield stream
+
+
+async def _empty_stream() -> AsyncIterator[Sequence[int]]:
+    return
+    yield
+
+
+def _busy(generator: ctranslate2.Generator) -> bool:
+    return bool(generator.num_active_batches or generator.num_queued_batches)
+
+
+def create_backend(settings: AppSettings) -> CT2Backend:
+    """The `ct2` entry point: a backend for the configured model (loaded by `load()`)."""
+    runtime = settings.runtime
+    return CT2Backend(
+        lambda: plan_from_settings(settings),
+        max_batch_size=runtime.max_batch_size,
+        batch_wait_ms=runtime.batch_wait_ms,
+        # Admission already bounds what reaches the backend; this bound only guards
+        # against a bug there, so it must never bite first.
+        max_queued=max(1, settings.capacity.max_concurrent + settings.capacity.max_queued),
+    )

@@ -1,0 +1,153 @@
+"""Finding and loading a converted CTranslate2 model: blocking code, run on a thread.
+
+`plan_from_settings` turns settings into a `LoadPlan` (where the converted model is, which
+device and compute type, how many threads); `load_model` loads the plan's model and
+tokenizer. Neither touches the network: the model must already be converted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llm_local.backends.base import BackendLoadError, ModelInfo
+from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
+
+if TYPE_CHECKING:
+    import ctranslate2
+
+    from llm_local.settings.schema import AppSettings
+
+BACKEND_NAME = "ct2"
+MODEL_FILE = "model.bin"
+MANIFEST_FILE = "manifest.json"  # written by `llm-local convert` (llm_local.convert.cache)
+DEFAULT_CONTEXT_LIMIT = 2048
+# Where model configs state their context length, in order of preference.
+CONTEXT_LIMIT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "max_seq_len",
+    "seq_length",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    model_dir: Path
+    model_name: str
+    device: str  # "cpu" or "cuda"
+    device_index: int
+    compute_type: str  # what to ask CTranslate2 for; it may run something close to it
+    inter_threads: int  # batches decoded in parallel (model replicas)
+    intra_threads: int  # threads inside one batch; 0 = CTranslate2's default
+    context_limit: int  # 0 = what the model's config.json says
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    generator: ctranslate2.Generator
+    tokenizer: HFTokenizer
+    info: ModelInfo
+
+
+def plan_from_settings(settings: AppSettings) -> LoadPlan:
+    """Where and how to load the configured model; BackendLoadError if it cannot be."""
+    from llm_local.convert.api import find_converted
+    from llm_local.settings.device import resolve_compute_type, resolve_device
+    from llm_local.settings.errors import SettingsError
+
+    model_dir = find_converted(settings)
+    if model_dir is None:
+        raise BackendLoadError(
+            f"model {settings.model.name!r} not converted; run `llm-local convert`"
+        )
+    runtime = settings.runtime
+    try:
+        device = resolve_device(runtime)
+        compute_type = resolve_compute_type(runtime, device)
+    except SettingsError as exc:
+        reasons = "; ".join(str(problem) for problem in exc.problems)
+        raise BackendLoadError(f"runtime settings cannot be used: {reasons}") from exc
+    return LoadPlan(
+        model_dir=Path(model_dir),
+        model_name=settings.model.name,
+        device=device,
+        device_index=runtime.device_index,
+        compute_type=compute_type,
+        inter_threads=runtime.inter_threads,
+        intra_threads=runtime.intra_threads,
+        context_limit=settings.model.context_limit,
+    )
+
+
+def load_model(plan: LoadPlan) -> LoadedModel:
+    """Load the plan's model and tokenizer (seconds to minutes: call it on a thread)."""
+    import ctranslate2
+
+    if not (plan.model_dir / MODEL_FILE).is_file():
+        raise BackendLoadError(f"{plan.model_dir} holds no converted model ({MODEL_FILE})")
+    try:
+        tokenizer = HFTokenizer.from_directory(plan.model_dir)
+    except TokenizerLoadError as exc:
+        raise BackendLoadError(f"tokenizer: {exc}") from exc
+    try:
+        generator = ctranslate2.Generator(
+            str(plan.model_dir),
+            device=plan.device,
+            device_index=plan.device_index,
+            compute_type=plan.compute_type,
+            inter_threads=plan.inter_threads,
+            intra_threads=plan.intra_threads,
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise BackendLoadError(
+            f"CTranslate2 cannot load {plan.model_dir} on {plan.device}"
+            f" as {plan.compute_type}: {exc}"
+        ) from exc
+    device = "cpu" if plan.device == "cpu" else f"{plan.device}:{plan.device_index}"
+    info = ModelInfo(
+        backend=BACKEND_NAME,
+        model_name=plan.model_name,
+        device=device,
+        compute_type=str(generator.compute_type),
+        context_limit=plan.context_limit or read_context_limit(plan.model_dir),
+    )
+    return LoadedModel(generator=generator, tokenizer=tokenizer, info=info)
+
+
+def read_context_limit(model_dir: Path) -> int:
+    """The model's context length, or DEFAULT_CONTEXT_LIMIT when nothing states it.
+
+    Looked for in the conversion manifest (`model.context_length`, recorded from the
+    Hugging Face config by `llm-local convert`), then in config.json: CTranslate2's
+    converter writes its own config.json, which usually lacks it.
+    """
+    manifest = _read_json_object(model_dir / MANIFEST_FILE)
+    model_facts = manifest.get("model")
+    if isinstance(model_facts, dict):
+        length = _positive_int(model_facts.get("context_length"))
+        if length is not None:
+            return length
+    config = _read_json_object(model_dir / "config.json")
+    for key in CONTEXT_LIMIT_KEYS:
+        length = _positive_int(config.get(key))
+        if length is not None:
+            return length
+    return DEFAULT_CONTEXT_LIMIT
+
+
+def _read_json_object(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None

@@ -1,0 +1,198 @@
+"""The batching policy alone: no model, no threads, no clock."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import pytest
+
+from llm_local.backends.ct2.grouping import DispatchPlan, plan_dispatch
+from llm_local.core.types import SamplingOptions
+
+GREEDY = SamplingOptions().batch_key()
+SAMPLED = SamplingOptions(temperature=0.7, top_p=0.9).batch_key()
+SEEDED_1 = SamplingOptions(temperature=0.7, seed=1).batch_key()
+SEEDED_2 = SamplingOptions(temperature=0.7, seed=2).batch_key()
+
+
+@dataclass(frozen=True)
+class Waiting:
+    name: str
+    batch_key: Hashable
+    arrived_at: float
+    prompt_length: int = 40
+
+
+def waiting(key: Hashable, count: int, *, at: float = 0.0, prefix: str = "r") -> list[Waiting]:
+    return [Waiting(f"{prefix}{index}", key, at) for index in range(count)]
+
+
+def plan(
+    queue: list[Waiting],
+    *,
+    free_workers: int = 2,
+    max_batch_size: int = 32,
+    wait_s: float = 0.002,
+    now: float = 1.0,
+    min_split_size: int = 4,
+    max_prompt_spread: int = 32,
+) -> DispatchPlan[Waiting]:
+    return plan_dispatch(
+        queue,
+        free_workers=free_workers,
+        max_batch_size=max_batch_size,
+        wait_s=wait_s,
+        now=now,
+        min_split_size=min_split_size,
+        max_prompt_spread=max_prompt_spread,
+    )
+
+
+def names(result: DispatchPlan[Waiting]) -> list[list[str]]:
+    return [[item.name for item in batch] for batch in result.batches]
+
+
+def test_nothing_waiting_plans_nothing() -> None:
+    assert plan([]) == DispatchPlan()
+
+
+def test_no_free_worker_dispatches_nothing_and_sets_no_deadline() -> None:
+    result = plan(waiting(GREEDY, 5), free_workers=0)
+    assert result.batches == []
+    assert result.wake_at is None
+
+
+def test_a_lone_request_waits_for_company_until_its_window_ends() -> None:
+    queue = [Waiting("a", GREEDY, arrived_at=1.0)]
+    early = plan(queue, now=1.001, wait_s=0.002)
+    assert early.batches == []
+    assert early.wake_at == pytest.approx(1.002)
+    assert names(plan(queue, now=1.002, wait_s=0.002)) == [["a"]]
+
+
+def test_zero_wait_dispatches_at_once() -> None:
+    queue = [Waiting("a", GREEDY, arrived_at=1.0)]
+    assert names(plan(queue, now=1.0, wait_s=0.0)) == [["a"]]
+
+
+def test_a_full_batch_goes_without_waiting() -> None:
+    queue = waiting(GREEDY, 4, at=1.0)
+    result = plan(queue, now=1.0, wait_s=10.0, max_batch_size=4, free_workers=1)
+    assert names(result) == [["r0", "r1", "r2", "r3"]]
+
+
+def test_mixed_sampling_options_are_never_batched_together() -> None:
+    queue = [
+        Waiting("g1", GREEDY, 0.0),
+        Waiting("s1", SAMPLED, 0.0),
+        Waiting("g2", GREEDY, 0.0),
+        Waiting("s2", SAMPLED, 0.0),
+    ]
+    result = plan(queue, free_workers=2)
+    assert names(result) == [["g1", "g2"], ["s1", "s2"]]
+
+
+def test_different_seeds_are_different_batches() -> None:
+    queue = [Waiting("a", SEEDED_1, 0.0), Waiting("b", SEEDED_2, 0.0)]
+    assert names(plan(queue, free_workers=2)) == [["a"], ["b"]]
+
+
+def test_greedy_requests_share_a_batch_whatever_their_temperature_or_seed() -> None:
+    keys = [
+        SamplingOptions().batch_key(),
+        SamplingOptions(temperature=0.0, top_p=0.5, seed=3).batch_key(),
+        SamplingOptions(temperature=0.9, top_k=1).batch_key(),
+    ]
+    queue = [Waiting(f"g{index}", key, 0.0) for index, key in enumerate(keys)]
+    assert names(plan(queue, free_workers=1)) == [["g0", "g1", "g2"]]
+
+
+def test_batches_never_exceed_max_batch_size() -> None:
+    result = plan(waiting(GREEDY, 10), free_workers=4, max_batch_size=3, min_split_size=100)
+    assert [len(batch) for batch in result.batches] == [3, 3, 3, 1]
+
+
+def test_more_batches_than_workers_leaves_the_rest_waiting() -> None:
+    result = plan(waiting(GREEDY, 10), free_workers=2, max_batch_size=3)
+    assert names(result) == [["r0", "r1", "r2"], ["r3", "r4", "r5"]]
+
+
+def test_oldest_group_is_served_first_when_workers_are_scarce() -> None:
+    queue = [
+        Waiting("s-old", SAMPLED, 0.1),
+        Waiting("g-new", GREEDY, 0.5),
+        Waiting("s-newer", SAMPLED, 0.6),
+    ]
+    assert names(plan(queue, free_workers=1)) == [["s-old", "s-newer"]]
+
+
+def test_idle_workers_split_a_large_batch_in_halves() -> None:
+    result = plan(waiting(GREEDY, 16), free_workers=2, min_split_size=4)
+    assert [len(batch) for batch in result.batches] == [8, 8]
+    # Arrival order survives the split.
+    assert [item.name for batch in result.batches for item in batch] == [
+        f"r{index}" for index in range(16)
+    ]
+
+
+def test_a_small_batch_stays_whole_and_keeps_a_worker_free() -> None:
+    result = plan(waiting(GREEDY, 7), free_workers=2, min_split_size=4)
+    assert [len(batch) for batch in result.batches] == [7]
+
+
+def test_splitting_uses_only_workers_left_after_every_ready_group() -> None:
+    queue = waiting(GREEDY, 16) + waiting(SAMPLED, 2, prefix="s")
+    result = plan(queue, free_workers=2, min_split_size=4)
+    assert [len(batch) for batch in result.batches] == [16, 2]
+
+
+def test_a_group_still_gathering_does_not_block_a_ready_one() -> None:
+    queue = [Waiting("old", GREEDY, 0.0), Waiting("fresh", SAMPLED, 0.9995)]
+    result = plan(queue, now=1.0, wait_s=0.002, free_workers=2)
+    assert names(result) == [["old"]]
+    assert result.wake_at == pytest.approx(1.0015)
+
+
+def by_length(*lengths: int) -> list[Waiting]:
+    return [Waiting(f"len{length}", GREEDY, 0.0, prompt_length=length) for length in lengths]
+
+
+def test_an_idle_worker_takes_the_long_prompts_of_a_wide_batch() -> None:
+    result = plan(by_length(85, 10, 80, 12), free_workers=2, max_prompt_spread=32)
+    assert names(result) == [["len10", "len12"], ["len80", "len85"]]
+
+
+def test_a_wide_batch_is_cut_at_its_widest_gap() -> None:
+    result = plan(by_length(10, 50, 60, 300), free_workers=2, max_prompt_spread=32)
+    assert names(result) == [["len10", "len50", "len60"], ["len300"]]
+
+
+def test_a_narrow_small_batch_stays_whole() -> None:
+    result = plan(by_length(10, 20, 41), free_workers=2, max_prompt_spread=32)
+    assert names(result) == [["len10", "len20", "len41"]]
+
+
+def test_a_wide_batch_stays_whole_without_an_idle_worker() -> None:
+    result = plan(by_length(10, 300), free_workers=1, max_prompt_spread=32)
+    assert names(result) == [["len10", "len300"]]
+
+
+def test_halves_of_a_large_batch_group_similar_prompt_lengths() -> None:
+    lengths = [40, 44, 41, 45, 42, 46, 43, 47]
+    result = plan(by_length(*lengths), free_workers=2, min_split_size=4)
+    assert names(result) == [
+        ["len40", "len41", "len42", "len43"],
+        ["len44", "len45", "len46", "len47"],
+    ]
+
+
+def test_a_wide_batch_is_split_before_a_merely_large_one() -> None:
+    queue = by_length(10, 200) + waiting(SAMPLED, 16)
+    result = plan(queue, free_workers=3, min_split_size=4, max_prompt_spread=32)
+    assert sorted(len(batch) for batch in result.batches) == [1, 1, 16]
+
+
+def test_invalid_batch_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        plan(waiting(GREEDY, 1), max_batch_size=0)

@@ -1,0 +1,318 @@
+"""The batching scheduler with a scripted decoder in place of CTranslate2 (no model).
+
+The decoder runs on the scheduler's worker threads like CTranslate2 does and talks to
+the items through the same callback (`offer_token`), so queueing, per-item stopping,
+failures and shutdown are exercised for real; only the token ids are made up: item
+with prompt [p] gets tokens p*1000, p*1000+1, ...
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+import trio
+import trio.testing
+
+from llm_local.backends.base import BackendError, BackendStats
+from llm_local.backends.ct2.item import BatchItem, WakeupRelay
+from llm_local.backends.ct2.scheduler import BatchScheduler, BatchStarted, SchedulerClosedError
+from llm_local.core.types import SamplingOptions
+
+GREEDY = SamplingOptions()
+SAMPLED = SamplingOptions(temperature=0.8, top_k=20)
+POISON = 666
+
+
+class ScriptedDecoder:
+    """Stands in for generate_batch: one token per item per step, until each item stops."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()  # batches start decoding once this is set
+        self.gate.set()
+        self.started = threading.Semaphore(0)  # released as each batch begins
+        self.batches: list[list[int]] = []
+        self.offers: dict[int, int] = {}  # prompt id -> tokens offered
+        self.active = 0  # batches being decoded now
+
+    def __call__(self, batch: Sequence[BatchItem]) -> None:
+        self.batches.append(sorted(item.prompt_ids[0] for item in batch))
+        self.active += 1
+        try:
+            self._decode(batch)
+        finally:
+            self.active -= 1
+
+    def _decode(self, batch: Sequence[BatchItem]) -> None:
+        self.started.release()
+        if not self.gate.wait(timeout=30):
+            raise RuntimeError("the test never opened the gate")
+        if any(item.prompt_ids[0] == POISON for item in batch):
+            raise RuntimeError("poisoned batch")
+        limit = max(item.max_new_tokens for item in batch)
+        alive = list(range(len(batch)))
+        for step in range(limit):
+            for index in list(alive):
+                item = batch[index]
+                prompt = item.prompt_ids[0]
+                self.offers[prompt] = self.offers.get(prompt, 0) + 1
+                if item.offer_token(prompt * 1000 + step, step == limit - 1):
+                    alive.remove(index)
+            if not alive:
+                return
+            time.sleep(0.001)  # a decoding step takes time: lets consumers act mid-batch
+
+
+def new_item(prompt: int, max_new_tokens: int, sampling: SamplingOptions = GREEDY) -> BatchItem:
+    return BatchItem(
+        [prompt],
+        max_new_tokens,
+        sampling,
+        arrived_at=trio.current_time(),
+        relay=WakeupRelay(trio.lowlevel.current_trio_token()),
+    )
+
+
+async def collect(scheduler: BatchScheduler, item: BatchItem) -> list[int]:
+    tokens: list[int] = []
+    async with scheduler.generation(item) as stream:
+        async for group in stream:
+            tokens.extend(group)
+    return tokens
+
+
+def make_scheduler(
+    decoder: ScriptedDecoder,
+    *,
+    workers: int = 2,
+    max_batch_size: int = 8,
+    batch_wait_s: float = 0.005,
+    max_queued: int = 64,
+    on_batch: list[BatchStarted] | None = None,
+) -> BatchScheduler:
+    scheduler = BatchScheduler(
+        decoder,
+        workers=workers,
+        max_batch_size=max_batch_size,
+        batch_wait_s=batch_wait_s,
+        max_queued=max_queued,
+        min_split_size=8,  # these tests look at batches the splitting would not touch
+        on_batch=None if on_batch is None else on_batch.append,
+    )
+    scheduler.start()
+    return scheduler
+
+
+@pytest.fixture
+def decoder() -> ScriptedDecoder:
+    return ScriptedDecoder()
+
+
+@pytest.fixture
+async def scheduler(decoder: ScriptedDecoder) -> AsyncIterator[BatchScheduler]:
+    scheduler = make_scheduler(decoder)
+    yield scheduler
+    decoder.gate.set()
+    await scheduler.aclose()
+
+
+async def test_each_item_gets_its_own_tokens_and_its_own_length(
+    scheduler: BatchScheduler, decoder: ScriptedDecoder
+) -> None:
+    results: dict[int, list[int]] = {}
+
+    async def run(prompt: int, max_new_tokens: int) -> None:
+        results[prompt] = await collect(scheduler, new_item(prompt, max_new_tokens))
+
+    async with trio.open_nursery() as nursery:
+        for prompt, length in [(1, 3), (2, 7), (3, 1), (4, 5)]:
+            nursery.start_soon(run, prompt, length)
+
+    assert results == {
+        1: [1000, 1001, 1002],
+        2: [2000 + step for step in range(7)],
+        3: [3000],
+        4: [4000 + step for step in range(5)],
+    }
+    assert decoder.batches == [[1, 2, 3, 4]]
+
+
+async def test_mixed_sampling_options_go_to_separate_batches(decoder: ScriptedDecoder) -> None:
+    started: list[BatchStarted] = []
+    scheduler = make_scheduler(decoder, on_batch=started)
+    async with trio.open_nursery() as nursery:
+        for prompt in (1, 2, 3):
+            nursery.start_soon(collect, scheduler, new_item(prompt, 2, GREEDY))
+        for prompt in (4, 5):
+            nursery.start_soon(collect, scheduler, new_item(prompt, 2, SAMPLED))
+    await scheduler.aclose()
+    assert sorted(decoder.batches) == [[1, 2, 3], [4, 5]]
+    assert {event.batch_key: event.size for event in started} == {
+        GREEDY.batch_key(): 3,
+        SAMPLED.batch_key(): 2,
+    }
+
+
+async def test_requests_arriving_while_workers_are_busy_join_the_next_batch(
+    decoder: ScriptedDecoder,
+) -> None:
+    scheduler = make_scheduler(decoder, workers=1)
+    decoder.gate.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect, scheduler, new_item(1, 2))
+        await trio.to_thread.run_sync(decoder.started.acquire)
+        for prompt in (2, 3, 4):
+            nursery.start_soon(collect, scheduler, new_item(prompt, 2))
+        await trio.testing.wait_all_tasks_blocked()
+        assert scheduler.stats().queued == 3
+        decoder.gate.set()
+    await scheduler.aclose()
+    assert decoder.batches == [[1], [2, 3, 4]]
+
+
+async def test_the_queue_stays_bounded(decoder: ScriptedDecoder) -> None:
+    scheduler = make_scheduler(decoder, workers=1, max_batch_size=1, max_queued=2)
+    decoder.gate.clear()
+    results: list[list[int]] = []
+
+    async def run(prompt: int) -> None:
+        results.append(await collect(scheduler, new_item(prompt, 1)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 1)
+        await trio.to_thread.run_sync(decoder.started.acquire)
+        for prompt in (2, 3, 4, 5):
+            nursery.start_soon(run, prompt)
+        await trio.testing.wait_all_tasks_blocked()
+        # Two wait in the queue; the others wait to enter it.
+        assert scheduler.stats().queued == 2
+        decoder.gate.set()
+    await scheduler.aclose()
+    assert sorted(results) == [[1000], [2000], [3000], [4000], [5000]]
+
+
+async def test_a_failing_batch_fails_only_its_own_items(decoder: ScriptedDecoder) -> None:
+    scheduler = make_scheduler(decoder)
+    outcomes: dict[int, object] = {}
+
+    async def run(prompt: int, sampling: SamplingOptions) -> None:
+        try:
+            outcomes[prompt] = await collect(scheduler, new_item(prompt, 2, sampling))
+        except BackendError as exc:
+            outcomes[prompt] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, POISON, GREEDY)
+        nursery.start_soon(run, 7, GREEDY)  # same batch as the poison: fails with it
+        nursery.start_soon(run, 8, SAMPLED)  # another batch: unharmed
+    assert outcomes[POISON] == outcomes[7] == "generation failed: poisoned batch"
+    assert outcomes[8] == [8000, 8001]
+    # The scheduler keeps serving after a failure.
+    assert await collect(scheduler, new_item(9, 1)) == [9000]
+    await scheduler.aclose()
+
+
+async def test_leaving_early_stops_only_that_item(decoder: ScriptedDecoder) -> None:
+    scheduler = make_scheduler(decoder)
+    kept: list[int] = []
+
+    async def leave_after_two() -> None:
+        async with scheduler.generation(new_item(1, 50)) as stream:
+            seen = 0
+            async for group in stream:
+                seen += len(group)
+                if seen >= 2:
+                    break
+
+    async def keep() -> None:
+        kept.extend(await collect(scheduler, new_item(2, 50)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leave_after_two)
+        nursery.start_soon(keep)
+    await scheduler.aclose()
+    assert decoder.batches == [[1, 2]]
+    assert kept == [2000 + step for step in range(50)]
+    # The decoder stopped offering to the item that left long before the end.
+    assert decoder.offers[1] < 50
+
+
+async def test_a_withdrawn_queued_item_leaves_the_queue(decoder: ScriptedDecoder) -> None:
+    scheduler = make_scheduler(decoder, workers=1)
+    decoder.gate.clear()
+    leave_queue = trio.CancelScope()
+
+    async def queued_then_cancelled() -> None:
+        with leave_queue:
+            await collect(scheduler, new_item(2, 1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect, scheduler, new_item(1, 1))
+        await trio.to_thread.run_sync(decoder.started.acquire)
+        nursery.start_soon(queued_then_cancelled)
+        await trio.testing.wait_all_tasks_blocked()
+        assert scheduler.stats().queued == 1
+        leave_queue.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert scheduler.stats().queued == 0
+        decoder.gate.set()
+    await scheduler.aclose()
+    assert decoder.batches == [[1]]
+
+
+async def test_aclose_fails_queued_and_running_items_and_waits_for_workers(
+    decoder: ScriptedDecoder,
+) -> None:
+    scheduler = make_scheduler(decoder, workers=1)
+    errors: list[str] = []
+
+    async def run(prompt: int) -> None:
+        try:
+            await collect(scheduler, new_item(prompt, 100_000))
+        except BackendError as exc:
+            errors.append(str(exc))
+
+    decoder.gate.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 1)
+        nursery.start_soon(run, 2)
+        await trio.to_thread.run_sync(decoder.started.acquire)
+        nursery.start_soon(run, 3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert scheduler.stats().queued == 1
+        # The worker thread is stuck before its first step for a while yet.
+        threading.Timer(0.05, decoder.gate.set).start()
+        await scheduler.aclose()
+        assert decoder.active == 0  # aclose waited for the worker thread
+        assert scheduler.stats() == BackendStats(running=0, queued=0, batches=0)
+    assert errors == ["the backend is shutting down"] * 3
+    with pytest.raises(SchedulerClosedError):
+        await collect(scheduler, new_item(4, 1))
+
+
+async def test_aclose_also_fails_requests_waiting_for_room_in_the_queue(
+    decoder: ScriptedDecoder,
+) -> None:
+    scheduler = make_scheduler(decoder, workers=1, max_batch_size=1, max_queued=1)
+    decoder.gate.clear()
+    errors: list[str] = []
+
+    async def run(prompt: int) -> None:
+        try:
+            await collect(scheduler, new_item(prompt, 1))
+        except BackendError as exc:
+            errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 1)
+        await trio.to_thread.run_sync(decoder.started.acquire)
+        for prompt in (2, 3, 4):
+            nursery.start_soon(run, prompt)
+        await trio.testing.wait_all_tasks_blocked()
+        assert scheduler.stats().queued == 1
+        threading.Timer(0.05, decoder.gate.set).start()
+        await scheduler.aclose()
+    # 1 was decoding and 2 queued: both stopped; 3 and 4 never got into the queue.
+    assert sorted(errors) == ["the backend is shut down"] * 2 + ["the backend is shutting down"] * 2
