@@ -24,5 +24,7 @@ def test_model_dir() -> Path:
 
     found = find_converted(load_settings(env="test"))
     if found is None:
-        pytest.fail("the test model is not converted: run `ENV=test llm-local convert` (make test does)")
+        pytest.fail(
+            "the test model is not converted: run `ENV=test llm-local convert` (make test does)"
+        )
     return found

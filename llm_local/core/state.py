@@ -30,6 +30,7 @@ class ServiceState:
         self._phase = Phase.LOADING
         self._reason: str | None = None
         self._model_info: ModelInfo | None = None
+        self._will_retry = False
         self._version = 0
         self._changed = trio.Event()
 
@@ -61,8 +62,15 @@ class ServiceState:
     def mark_ready(self, info: ModelInfo) -> None:
         self._change(Phase.READY, None, info)
 
-    def mark_failed(self, reason: str) -> None:
+    def mark_failed(self, reason: str, *, will_retry: bool = False) -> None:
+        """`will_retry`: another load attempt is scheduled, so the failure is not final."""
+        self._will_retry = will_retry
         self._change(Phase.FAILED, reason, None)
+
+    @property
+    def will_retry(self) -> bool:
+        """FAILED but another attempt is coming: alive, just not ready."""
+        return self._phase is Phase.FAILED and self._will_retry
 
     def mark_stopping(self) -> None:
         self._change(Phase.STOPPING, None, self._model_info)

@@ -1,0 +1,81 @@
+"""Wire messages <-> core types, for both generation services. No I/O.
+
+`optional` proto fields become None when unset, so validation applies the configured
+default; a field set to zero stays zero (and validation may reject it).
+"""
+
+from __future__ import annotations
+
+from llm_local.core.errors import InvalidRequest
+from llm_local.core.types import Finished
+from llm_local.core.validation import RawParams, RawRequest
+from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
+
+
+def _float32(value: float) -> float:
+    # proto `float` is 32-bit: 0.7 arrives as 0.699999988. Seven significant digits
+    # give back what the client wrote, for logs and for batching equal settings.
+    return float(f"{value:.7g}")
+
+
+def llama_raw_request(message: llama_pb2.GenerateStreamRequest) -> RawRequest:
+    """GenerateStreamRequest -> RawRequest; raises InvalidRequest for what no
+    validation rule covers (a LoRA adapter: this service cannot apply one)."""
+    if message.HasField("lora_adapter_id") and message.lora_adapter_id:
+        raise InvalidRequest(
+            "lora_adapter_id", "LoRA adapters are not supported by this service; leave it unset"
+        )
+    rag_context = message.rag_context if message.HasField("rag_context") else None
+    return RawRequest(
+        user_prompt=message.user_prompt,
+        system_prompt=message.system_prompt,
+        rag_context=rag_context,
+        history=tuple((turn.role, turn.content) for turn in message.history),
+        params=llama_raw_params(message),
+    )
+
+
+def llama_raw_params(message: llama_pb2.GenerateStreamRequest) -> RawParams:
+    # engine_specific_params is meant for other engines; it is accepted and ignored.
+    if not message.HasField("params"):
+        return RawParams()
+    params = message.params
+
+    def optional_float(name: str) -> float | None:
+        return _float32(getattr(params, name)) if params.HasField(name) else None
+
+    def optional_int(name: str) -> int | None:
+        return int(getattr(params, name)) if params.HasField(name) else None
+
+    return RawParams(
+        max_new_tokens=optional_int("max_new_tokens"),
+        temperature=optional_float("temperature"),
+        top_k=optional_int("top_k"),
+        top_p=optional_float("top_p"),
+        repetition_penalty=optional_float("repetition_penalty"),
+        stop_sequences=tuple(params.stop_sequences),
+        seed=optional_int("seed"),
+    )
+
+
+def local_raw_request(message: local_pb2.LocalGenerateStreamRequest) -> RawRequest:
+    """The seed-era request: the prompt is a single user turn, defaults for the rest."""
+    return RawRequest(user_prompt=message.prompt, prompt_field="prompt")
+
+
+def llama_token(text: str) -> llama_pb2.GenerateStreamResponse:
+    return llama_pb2.GenerateStreamResponse(token=text.encode("utf-8"))
+
+
+def llama_finish(finished: Finished) -> llama_pb2.GenerateStreamResponse:
+    return llama_pb2.GenerateStreamResponse(
+        finish_details=llama_pb2.FinishDetails(
+            finish_reason=finished.reason.value,
+            prompt_tokens=finished.prompt_tokens,
+            completion_tokens=finished.completion_tokens,
+        )
+    )
+
+
+def local_token(text: str) -> local_pb2.LocalGenerateStreamResponse:
+    return local_pb2.LocalGenerateStreamResponse(token=text)

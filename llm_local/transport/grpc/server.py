@@ -1,0 +1,111 @@
+"""The gRPC server inside the program's nursery: services, health, reflection, TLS, stop.
+
+Stopping (after `shutdown_event` is set; the caller has already marked the state
+stopping, so new calls get UNAVAILABLE and health says NOT_SERVING): stop listening,
+let running generations finish for up to ``server.grace_period_s``, cancel the rest
+(UNAVAILABLE "server is shutting down"), then close every remaining call (health
+watches) and the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+from grpclib.reflection.service import ServerReflection
+
+from llm_local.transport.grpc.bridge import AsyncioGrpcServer, HandlerTracker, asyncio_loop
+from llm_local.transport.grpc.health import StateHealth
+from llm_local.transport.grpc.services import (
+    LLAMA_SERVICE,
+    LOCAL_SERVICE,
+    LlamaService,
+    LLMLocalService,
+)
+from llm_local.transport.tls import server_ssl_context
+
+if TYPE_CHECKING:
+    from llm_local.service import Service
+    from llm_local.serving import GenerationFlow
+
+log = logging.getLogger(__name__)
+
+# How long closing may wait for grpclib's handlers once every call was cancelled.
+CLOSE_TIMEOUT_S = 5.0
+
+
+def build_handlers(
+    service: Service, flow: GenerationFlow, tracker: HandlerTracker | None = None
+) -> list[Any]:
+    """The generation services (their calls counted by `tracker`), health, reflection."""
+    services: list[Any] = [
+        LlamaService(flow, tracker),
+        LLMLocalService(flow, tracker),
+        StateHealth(service.state, (LLAMA_SERVICE, LOCAL_SERVICE)),
+    ]
+    return services + list(ServerReflection.extend(services))
+
+
+async def serve_grpc(
+    service: Service,
+    flow: GenerationFlow,
+    *,
+    shutdown_event: trio.Event,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `shutdown_event` is set, then stop gracefully; reports the bound port."""
+    settings = service.settings
+    ssl_context = server_ssl_context(settings.tls)
+    async with asyncio_loop():
+        tracker = HandlerTracker()
+        server = AsyncioGrpcServer(build_handlers(service, flow, tracker))
+        await server.start(settings.server.host, settings.server.grpc_port, ssl_context)
+        mode = "plain h2c"
+        if settings.tls.enabled:
+            mode = "mTLS" if settings.tls.mutual else "TLS"
+        log.info(
+            "gRPC listening on %s:%d (%s)",
+            settings.server.host,
+            server.port,
+            mode,
+            extra={"port": server.port, "tls": mode},
+        )
+        task_status.started(server.port)
+        try:
+            await shutdown_event.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await _stop(server, flow, tracker, settings.server.grace_period_s)
+
+
+async def _stop(
+    server: AsyncioGrpcServer,
+    flow: GenerationFlow,
+    tracker: HandlerTracker,
+    grace_period_s: float,
+) -> None:
+    server.stop_listening()
+    running = flow.in_flight
+    if running:
+        log.info(
+            "waiting up to %.1f s for %d running streams to finish",
+            grace_period_s,
+            running,
+            extra={"running": running},
+        )
+    cancelled = await flow.drain(grace_period_s)
+    if cancelled:
+        log.warning(
+            "grace period over: cancelled %d streams (UNAVAILABLE)",
+            cancelled,
+            extra={"cancelled": cancelled},
+        )
+    with trio.move_on_after(CLOSE_TIMEOUT_S) as timeout:
+        # Until every generation call has sent its final status; then the rest (health
+        # watches) is cancelled.
+        await tracker.wait_idle()
+        await server.close()
+    if timeout.cancelled_caught:
+        log.warning("gRPC calls did not close within %.0f s; leaving them", CLOSE_TIMEOUT_S)
+    log.info("gRPC server stopped")

@@ -1,0 +1,107 @@
+"""The two generation services of ``sentiric.llm.v1``, as thin adapters over serving.py.
+
+- LlamaService.GenerateStream: UTF-8 bytes per text chunk, then exactly one
+  ``finish_details``, then OK.
+- LLMLocalService.LocalGenerateStream: readable text per chunk (whole characters), the
+  prompt as a single user turn; a generation that fails midway ends with INTERNAL.
+
+Each chunk is a group of tokens (whatever the backend delivered at one wake-up), sent
+with one crossing into asyncio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from llm_local.core.types import TextChunk
+from llm_local.proto.sentiric.llm.v1.llama_grpc import LlamaServiceBase
+from llm_local.proto.sentiric.llm.v1.local_grpc import LLMLocalServiceBase
+from llm_local.serving import CallError, CallMetadata, ClientGone, GenerationFlow
+from llm_local.transport.grpc import messages
+from llm_local.transport.grpc.bridge import HandlerTracker, TrioStream, trio_handler
+
+LLAMA_SERVICE = "sentiric.llm.v1.LlamaService"
+LOCAL_SERVICE = "sentiric.llm.v1.LLMLocalService"
+TENANT_ID_KEY = "x-tenant-id"
+TRACE_ID_KEY = "x-trace-id"
+SPAN_ID_KEY = "x-span-id"
+
+
+def call_metadata(stream: TrioStream) -> CallMetadata:
+    def value(key: str) -> str | None:
+        text = (stream.metadata_value(key) or "").strip()
+        return text or None  # blank counts as absent
+
+    return CallMetadata(
+        tenant_id=value(TENANT_ID_KEY),
+        trace_id=value(TRACE_ID_KEY),
+        span_id=value(SPAN_ID_KEY),
+        time_remaining_s=stream.time_remaining(),
+        peer=stream.peer_address,
+    )
+
+
+@asynccontextmanager
+async def grpc_status() -> AsyncIterator[None]:
+    """Turn the flow's outcomes into the gRPC status grpclib sends."""
+    try:
+        yield
+    except CallError as error:
+        raise GRPCError(Status(error.code.value), error.message) from None
+    except ClientGone as gone:
+        # Nobody is listening any more; this only keeps grpclib's log quiet.
+        raise GRPCError(Status.CANCELLED, f"client went away: {gone}") from None
+
+
+class LlamaService(LlamaServiceBase):  # type: ignore[misc]
+    def __init__(self, flow: GenerationFlow, tracker: HandlerTracker | None = None) -> None:
+        self._flow = flow
+        self._handler = trio_handler(self._generate_stream, tracker)
+
+    async def GenerateStream(self, stream: Stream[Any, Any]) -> None:
+        await self._handler(stream)
+
+    async def _generate_stream(self, stream: TrioStream) -> None:
+        async with grpc_status():
+            message = await stream.recv_message()
+
+            async def send(chunk: TextChunk) -> None:
+                await stream.send_message(messages.llama_token(chunk.text))
+
+            finished = await self._flow.generate(
+                "LlamaService",
+                lambda: messages.llama_raw_request(message),
+                call_metadata(stream),
+                send,
+            )
+            await stream.send_message(messages.llama_finish(finished))
+
+
+class LLMLocalService(LLMLocalServiceBase):  # type: ignore[misc]
+    def __init__(self, flow: GenerationFlow, tracker: HandlerTracker | None = None) -> None:
+        self._flow = flow
+        self._handler = trio_handler(self._generate_stream, tracker)
+
+    async def LocalGenerateStream(self, stream: Stream[Any, Any]) -> None:
+        await self._handler(stream)
+
+    async def _generate_stream(self, stream: TrioStream) -> None:
+        async with grpc_status():
+            message = await stream.recv_message()
+
+            async def send(chunk: TextChunk) -> None:
+                await stream.send_message(messages.local_token(chunk.text))
+
+            await self._flow.generate(
+                "LLMLocalService",
+                messages.local_raw_request(message),
+                call_metadata(stream),
+                send,
+                error_as_status=True,
+            )

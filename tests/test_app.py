@@ -1,0 +1,179 @@
+"""The main program in-process on the fake backend: loading, retries, stopping."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from llm_local.app import RunningService, StartupError, describe_error, run_service
+from llm_local.core.state import Phase
+from llm_local.core.types import TextChunk
+from llm_local.core.validation import RawRequest
+from llm_local.serving import CallError, CallMetadata, Code
+from llm_local.settings.loader import load_settings
+from llm_local.settings.schema import AppSettings
+from llm_local.transport.tls import TLSConfigError
+
+
+def settings_for(fake: dict[str, object] | None = None, **overrides: object) -> AppSettings:
+    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+    settings = load_settings(
+        env="test",
+        overrides={
+            "backend": "fake",
+            "server.host": "127.0.0.1",
+            "server.grpc_port": 0,
+            "server.http_port": 0,
+            "server.metrics_port": 0,
+            "model.load_retry_backoff_s": 0.01,
+            **dotted,
+        },
+    )
+    return dataclasses.replace(settings, raw={**settings.raw, "fake": dict(fake or {})})
+
+
+async def phases_until(
+    running: RunningService, last: Phase, final_reason: Callable[[str | None], bool] = bool
+) -> list[tuple[Phase, str | None]]:
+    """Every (phase, reason) the state goes through until `last` (with a reason that
+    `final_reason` accepts, when `last` is FAILED)."""
+    state = running.service.state
+    seen = [(state.phase, state.reason)]
+    version = state.version
+
+    def done() -> bool:
+        return state.phase is last and (last is not Phase.FAILED or final_reason(state.reason))
+
+    with trio.fail_after(10):
+        while not done():
+            version = await state.wait_for_change(version)
+            seen.append((state.phase, state.reason))
+    return seen
+
+
+async def test_load_is_retried_after_a_failure(nursery: trio.Nursery) -> None:
+    settings = settings_for({"fail_load": 1}, model__load_retries=2)
+    running: RunningService = await nursery.start(run_service, settings)
+
+    seen = await phases_until(running, Phase.READY)
+
+    phases = [phase for phase, _ in seen]
+    assert Phase.FAILED in phases
+    failed_reason = next(reason for phase, reason in seen if phase is Phase.FAILED)
+    assert failed_reason is not None
+    assert "fake backend told to fail loading" in failed_reason
+    assert "retrying" in failed_reason
+    running.stop.set()
+
+
+async def test_a_model_that_never_loads_leaves_the_process_up_and_failed(
+    nursery: trio.Nursery,
+) -> None:
+    settings = settings_for({"fail_load": "weights are missing"}, model__load_retries=1)
+    running: RunningService = await nursery.start(run_service, settings)
+
+    seen = await phases_until(
+        running, Phase.FAILED, lambda reason: "retrying" not in (reason or "")
+    )
+
+    assert [phase for phase, _ in seen].count(Phase.FAILED) == 2  # one retry, then for good
+    assert running.service.state.reason == "weights are missing"
+    with pytest.raises(CallError) as caught:
+        await running.flow.generate("test", RawRequest("Hi"), CallMetadata(), _ignore)
+    assert caught.value.code is Code.UNAVAILABLE
+    assert "weights are missing" in caught.value.message
+    running.stop.set()
+
+
+async def test_slow_start_keeps_the_model_loading_first(nursery: trio.Nursery) -> None:
+    settings = settings_for(server__slow_start_s=0.3)
+    running: RunningService = await nursery.start(run_service, settings)
+
+    seen = await phases_until(running, Phase.READY)
+
+    assert seen.index((Phase.LOADING, "slow start")) < seen.index((Phase.READY, None))
+    running.stop.set()
+
+
+async def test_stop_lets_a_running_stream_finish_then_closes_the_backend() -> None:
+    settings = settings_for({"token_delay_s": 0.01, "reply": "z" * 30}, server__grace_period_s=5)
+    chunks: list[str] = []
+    generating = trio.Event()
+
+    async def record(chunk: TextChunk) -> None:
+        chunks.append(chunk.text)
+        generating.set()
+
+    async with trio.open_nursery() as nursery:
+        running: RunningService = await nursery.start(run_service, settings)
+        await phases_until(running, Phase.READY)
+        answered = trio.Event()
+
+        async def ask() -> None:
+            finished = await running.flow.generate("test", RawRequest("Hi"), CallMetadata(), record)
+            assert finished.reason.value == "stop"
+            answered.set()
+
+        nursery.start_soon(ask)
+        with trio.fail_after(5):
+            await generating.wait()
+        running.stop.set()
+        with trio.fail_after(5):
+            await phases_until(running, Phase.STOPPING)
+        with pytest.raises(CallError) as refused:
+            await running.flow.generate("test", RawRequest("Hi"), CallMetadata(), record)
+        assert refused.value.code is Code.UNAVAILABLE
+
+    assert answered.is_set()
+    assert "".join(chunks) == "z" * 30
+    assert running.service.backend.closed  # type: ignore[attr-defined]
+
+
+async def test_sigterm_stops_the_service() -> None:
+    settings = settings_for()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            running: RunningService = await nursery.start(run_service, settings)
+            await phases_until(running, Phase.READY)
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert running.service.state.phase is Phase.STOPPING
+
+
+async def test_a_taken_port_is_a_startup_error_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = settings_for(server__grpc_port=port)
+
+        with pytest.raises(BaseExceptionGroup) as caught:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(run_service, settings))
+
+    startup, _ = caught.value.split(StartupError)
+    assert startup is not None
+    assert f"gRPC on port {port} could not start" in describe_error(startup)
+
+
+async def _ignore(chunk: Any) -> None:
+    pass
+
+
+async def test_an_unusable_certificate_stops_start_up_naming_the_setting(tmp_path: Path) -> None:
+    not_pem = tmp_path / "server.pem"
+    not_pem.write_text("not a certificate\n")
+    settings = settings_for(tls__cert_path=str(not_pem), tls__key_path=str(not_pem))
+
+    with pytest.raises(TLSConfigError) as caught:
+        await run_service(settings)
+
+    assert "tls.cert_path" in str(caught.value)

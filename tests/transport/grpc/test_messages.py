@@ -1,0 +1,92 @@
+"""Wire messages <-> core types (no server)."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import struct_pb2
+
+from llm_local.core.errors import InvalidRequest
+from llm_local.core.types import Finished, FinishReason
+from llm_local.core.validation import RawParams
+from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
+from llm_local.transport.grpc import messages
+
+
+def test_unset_params_are_none_and_zeros_are_kept() -> None:
+    unset = llama_pb2.GenerateStreamRequest(user_prompt="Hi")
+    zeros = llama_pb2.GenerateStreamRequest(
+        user_prompt="Hi",
+        params=llama_pb2.GenerationParams(
+            max_new_tokens=0, temperature=0.0, top_k=0, top_p=0.0, repetition_penalty=0.0, seed=0
+        ),
+    )
+
+    assert messages.llama_raw_request(unset).params == RawParams()
+    assert messages.llama_raw_request(zeros).params == RawParams(
+        max_new_tokens=0, temperature=0.0, top_k=0, top_p=0.0, repetition_penalty=0.0, seed=0
+    )
+
+
+def test_float32_values_read_back_as_written() -> None:
+    message = llama_pb2.GenerateStreamRequest(
+        params=llama_pb2.GenerationParams(temperature=0.7, top_p=0.95, repetition_penalty=1.1)
+    )
+
+    params = messages.llama_raw_request(message).params
+
+    assert (params.temperature, params.top_p, params.repetition_penalty) == (0.7, 0.95, 1.1)
+
+
+def test_request_fields_are_carried_over() -> None:
+    message = llama_pb2.GenerateStreamRequest(
+        system_prompt="sys",
+        user_prompt="q",
+        rag_context="ctx",
+        history=[llama_pb2.ConversationTurn(role="user", content="a")],
+        params=llama_pb2.GenerationParams(stop_sequences=["\n\n", "END"], seed=7),
+    )
+    message.params.engine_specific_params.CopyFrom(
+        struct_pb2.Struct(fields={"mirostat": struct_pb2.Value(number_value=2)})
+    )
+
+    raw = messages.llama_raw_request(message)
+
+    assert (raw.system_prompt, raw.user_prompt, raw.rag_context) == ("sys", "q", "ctx")
+    assert raw.history == (("user", "a"),)
+    assert raw.params.stop_sequences == ("\n\n", "END")
+    assert raw.params.seed == 7
+    assert raw.prompt_field == "user_prompt"
+
+
+def test_unset_rag_context_is_none_but_an_empty_lora_id_is_accepted() -> None:
+    message = llama_pb2.GenerateStreamRequest(user_prompt="q", lora_adapter_id="")
+
+    assert messages.llama_raw_request(message).rag_context is None
+
+
+def test_a_lora_adapter_is_refused_by_name() -> None:
+    message = llama_pb2.GenerateStreamRequest(user_prompt="q", lora_adapter_id="support-v2")
+
+    with pytest.raises(InvalidRequest) as caught:
+        messages.llama_raw_request(message)
+
+    assert caught.value.field == "lora_adapter_id"
+
+
+def test_local_prompt_is_the_user_turn_under_its_own_name() -> None:
+    raw = messages.local_raw_request(local_pb2.LocalGenerateStreamRequest(prompt="Hello"))
+
+    assert (raw.user_prompt, raw.prompt_field, raw.history) == ("Hello", "prompt", ())
+
+
+def test_responses() -> None:
+    finished = Finished(FinishReason.CONTEXT_FULL, prompt_tokens=10, completion_tokens=5)
+
+    assert messages.llama_token("é").token == "é".encode()
+    details = messages.llama_finish(finished).finish_details
+    assert (details.finish_reason, details.prompt_tokens, details.completion_tokens) == (
+        "context_full",
+        10,
+        5,
+    )
+    assert messages.local_token("é").token == "é"
