@@ -93,7 +93,10 @@ def load_settings(
     problems += checks.cross_key_problems(typed, _installed_backends)
     if problems:
         raise SettingsError(problems)
-    return _build(env_name, typed)
+    # A backend's own options live in a table named after it ([fake], [mybackend]):
+    # the typed settings don't know them, so they reach the backend through `raw`.
+    backend_options = tree.get(str(typed["backend"]))
+    return _build(env_name, typed, backend_options if isinstance(backend_options, dict) else None)
 
 
 def settings_file_list(
@@ -260,17 +263,17 @@ def _installed_backends() -> list[str]:
     return available_backends()
 
 
-def _build(env_name: str, typed: Mapping[str, object]) -> AppSettings:
+def _build(
+    env_name: str, typed: Mapping[str, object], backend_options: dict[str, object] | None
+) -> AppSettings:
     tables: dict[str, Any] = {}
     for table, table_type in _TABLE_TYPES.items():
         names = [f.name for f in dataclass_fields(table_type)]
         tables[table] = table_type(**{name: typed[f"{table}.{name}"] for name in names})
-    return AppSettings(
-        env=env_name,
-        backend=str(typed["backend"]),
-        raw=effective_dict(env_name, typed),
-        **tables,
-    )
+    raw = effective_dict(env_name, typed)
+    if backend_options is not None:
+        raw[str(typed["backend"])] = backend_options
+    return AppSettings(env=env_name, backend=str(typed["backend"]), raw=raw, **tables)
 
 
 def effective_dict(env_name: str, typed: Mapping[str, object]) -> dict[str, object]:

@@ -248,3 +248,12 @@ def test_settings_objects_are_frozen() -> None:
     settings: AppSettings = load_settings()
     with pytest.raises(AttributeError):
         settings.server.http_port = 1  # type: ignore[misc]
+
+
+def test_the_selected_backends_own_table_reaches_it_through_raw(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLM_LOCAL_SERVICE_BACKEND", "fake")
+    monkeypatch.setenv("LLM_LOCAL_SERVICE_FAKE__TOKEN_DELAY_S", "0.25")
+    settings = load_settings(env="test")
+    assert settings.raw["fake"] == {"token_delay_s": 0.25}

@@ -1,0 +1,255 @@
+"""Prometheus metrics of the service, all named ``llm_local_*``.
+
+One `Metrics` object per running service, with its own registry: tests build as many
+services as they like without "duplicated timeseries" errors, and /metrics shows only
+this service's series (no process-global default registry).
+
+Counters and histograms are fed by the request path (`observe_request`,
+`observe_inter_token`, `rejected`) and the model loader (`set_model_state`). The gauges
+that describe "now" (running, queued, batches, model state) are read at scrape time from
+the bound `Service`, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from llm_local.service import Service
+
+PREFIX = "llm_local"
+
+MODEL_PHASES = ("loading", "ready", "failed", "stopping")
+
+# Time to first token: prompt processing plus queueing. Tens of milliseconds for a small
+# model on an idle server, seconds for a long prompt or a busy queue.
+TTFT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0,
+    60.0,
+)  # fmt: skip
+# Between two tokens of one stream: ~5 ms (small model, GPU) to ~100 ms (large model, CPU,
+# big batch); the long tail shows stalls.
+INTER_TOKEN_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
+    1.0, 2.5,
+)  # fmt: skip
+# Whole requests: from a one-token answer to several minutes of generation.
+DURATION_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0,
+    300.0, 600.0,
+)  # fmt: skip
+
+
+def phase_name(phase: object) -> str:
+    """``ServicePhase.READY`` / ``"READY"`` / ``"ready"`` -> ``"ready"``."""
+    if isinstance(phase, enum.Enum):
+        value = phase.value if isinstance(phase.value, str) else phase.name
+        return value.lower()
+    return str(phase).lower()
+
+
+class _LiveServiceCollector(Collector):
+    """Gauges read from the service at scrape time: admission, backend, model state."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        # Returning an empty description keeps the registry from calling collect() at
+        # registration time, when no service may be bound yet.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._metrics._live_metrics()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._service: Service | None = None
+        self._phase = "loading"
+        registry = self.registry
+
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Finished generation requests by RPC service and status code.",
+            ["service", "code"],
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "From receiving a request to sending its first generated text.",
+            ["service"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between two consecutive generated tokens of one stream.",
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "From receiving a request to its end (finish, error or rejection).",
+            ["service"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens",
+            "Prompt tokens processed (after the chat template).",
+            ["service"],
+            registry=registry,
+        )
+        self.completion_tokens = Counter(
+            f"{PREFIX}_completion_tokens",
+            "Tokens generated.",
+            ["service"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            f"{PREFIX}_requests_rejected",
+            "Requests refused because the server was at capacity (RESOURCE_EXHAUSTED).",
+            ["service"],
+            registry=registry,
+        )
+        self.model_load_seconds = Gauge(
+            f"{PREFIX}_model_load_seconds",
+            "How long the last successful model load took.",
+            registry=registry,
+        )
+        self.model_load_failures = Counter(
+            f"{PREFIX}_model_load_failures",
+            "Model load attempts that failed.",
+            registry=registry,
+        )
+        registry.register(_LiveServiceCollector(self))
+
+    # -- fed by the request path ------------------------------------------------------
+
+    def observe_request(
+        self,
+        *,
+        service: str,
+        code: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft_s: float | None,
+        duration_s: float,
+    ) -> None:
+        """One finished request. `ttft_s` is None when no text was sent."""
+        self.requests.labels(service=service, code=code).inc()
+        self.request_duration.labels(service=service).observe(duration_s)
+        if ttft_s is not None:
+            self.time_to_first_token.labels(service=service).observe(ttft_s)
+        if prompt_tokens > 0:
+            self.prompt_tokens.labels(service=service).inc(prompt_tokens)
+        if completion_tokens > 0:
+            self.completion_tokens.labels(service=service).inc(completion_tokens)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.inter_token_latency.observe(seconds)
+
+    def rejected(self, service: str) -> None:
+        self.rejections.labels(service=service).inc()
+
+    # -- fed by the model loader ------------------------------------------------------
+
+    def set_model_state(self, phase: str, load_seconds: float | None) -> None:
+        """Record a state change; `load_seconds` is given when a load has just succeeded."""
+        name = phase_name(phase)
+        if name == "failed" and self._phase != "failed":
+            self.model_load_failures.inc()
+        self._phase = name
+        if load_seconds is not None:
+            self.model_load_seconds.set(load_seconds)
+
+    # -- read live at scrape time -----------------------------------------------------
+
+    def bind(self, service: Service) -> None:
+        """Read running/queued/model-state gauges from `service` from now on."""
+        self._service = service
+
+    def _current_phase(self) -> str:
+        if self._service is not None:
+            return phase_name(self._service.state.phase)
+        return self._phase
+
+    def _live_metrics(self) -> Iterator[Metric]:
+        phase = self._current_phase()
+        state = GaugeMetricFamily(
+            f"{PREFIX}_model_state",
+            "1 for the model's current state (loading, ready, failed, stopping), 0 otherwise.",
+            labels=["state"],
+        )
+        for name in MODEL_PHASES:
+            state.add_metric([name], 1.0 if name == phase else 0.0)
+        yield state
+        yield GaugeMetricFamily(
+            f"{PREFIX}_model_ready",
+            "1 when the model is loaded and requests are served.",
+            value=1.0 if phase == "ready" else 0.0,
+        )
+
+        service = self._service
+        if service is None:
+            return
+        admission = service.admission
+        yield GaugeMetricFamily(
+            f"{PREFIX}_requests_running",
+            "Admitted generation requests (holding a slot).",
+            value=float(admission.running),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_requests_queued",
+            "Requests waiting for a slot.",
+            value=float(admission.queued),
+        )
+        info = service.state.model_info
+        if info is not None:
+            model = GaugeMetricFamily(
+                f"{PREFIX}_model_info",
+                "The loaded model (always 1; the labels carry the facts).",
+                labels=["backend", "model_name", "device", "compute_type"],
+            )
+            model.add_metric([info.backend, info.model_name, info.device, info.compute_type], 1.0)
+            yield model
+            try:
+                stats = service.backend.stats()
+            except Exception:  # a scrape must never fail because the backend is unwell
+                return
+            yield GaugeMetricFamily(
+                f"{PREFIX}_backend_running",
+                "Generations the backend is decoding now.",
+                value=float(stats.running),
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_backend_queued",
+                "Generations waiting inside the backend for a batch slot.",
+                value=float(stats.queued),
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_backend_batches",
+                "Batches the backend is decoding now.",
+                value=float(stats.batches),
+            )
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition: (body, content type)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

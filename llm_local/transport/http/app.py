@@ -1,0 +1,103 @@
+"""The quart-trio app: health probes, effective config, Prometheus metrics.
+
+Routes only translate: the answers come from health.py and config_view.py (pure), and
+the metrics text from `service.metrics`. Every error leaves as JSON without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from quart import Response, jsonify
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from llm_local.transport.http.config_view import config_body
+from llm_local.transport.http.health import health, liveness, readiness
+
+if TYPE_CHECKING:
+    from llm_local.service import Service
+
+log = logging.getLogger(__name__)
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    # Probes and dashboards must see the state now, never a cached one.
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _http_error(error: HTTPException) -> Response:
+    code = error.code or 500
+    response = _json(code, {"error": error.name, "message": error.description, "status": code})
+    if code == 405 and error.response is None:
+        # Werkzeug knows the allowed methods; keep the Allow header RFC 9110 asks for.
+        valid = getattr(error, "valid_methods", None)
+        if valid:
+            response.headers["Allow"] = ", ".join(sorted(valid))
+    return response
+
+
+def _internal_error(error: Exception) -> Response:
+    # The traceback goes to the log, never to the client.
+    log.error("unhandled error in an HTTP route", exc_info=error)
+    return _json(
+        500,
+        {"error": "Internal Server Error", "message": "the server failed", "status": 500},
+    )
+
+
+def metrics_response(service: Service) -> Response:
+    body, content_type = service.metrics.render()
+    return Response(body, status=200, content_type=content_type)
+
+
+def _get(app: QuartTrio, rule: str, view: Callable[[], Awaitable[Response]]) -> None:
+    app.add_url_rule(rule, view.__name__, view, methods=["GET"])
+
+
+def create_app(service: Service) -> QuartTrio:
+    app = QuartTrio(__name__)
+    app.json.sort_keys = False
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal_error)
+
+    async def get_health() -> Response:
+        return _json(*health(service))
+
+    async def get_live() -> Response:
+        return _json(*liveness(service))
+
+    async def get_ready() -> Response:
+        return _json(*readiness(service))
+
+    async def get_config() -> Response:
+        return _json(200, config_body(service))
+
+    async def get_metrics() -> Response:
+        return metrics_response(service)
+
+    # add_url_rule rather than decorators: Quart's decorators are untyped for mypy.
+    _get(app, "/health", get_health)
+    _get(app, "/health/live", get_live)
+    _get(app, "/health/ready", get_ready)
+    _get(app, "/config", get_config)
+    _get(app, "/metrics", get_metrics)
+    return app
+
+
+def create_metrics_app(service: Service) -> QuartTrio:
+    """Only /metrics, for the separate metrics port."""
+    app = QuartTrio(__name__)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal_error)
+
+    async def get_metrics() -> Response:
+        return metrics_response(service)
+
+    _get(app, "/metrics", get_metrics)
+    return app
