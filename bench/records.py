@@ -1,0 +1,77 @@
+"""What one measured run produces: plain data, no I/O.
+
+Times are `time.perf_counter()` seconds of the benchmark process. A *level* is one
+scenario at one concurrency (number of streams); its records are the requests it sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Scenario keys, in the order they are reported.
+CT2_STREAM = "ct2-stream"
+CT2_BATCH = "ct2-batch"
+GRPC = "grpc"
+LLAMA_CPP = "llama.cpp"
+TRANSFORMERS = "transformers"
+SCENARIO_ORDER = (TRANSFORMERS, CT2_STREAM, CT2_BATCH, GRPC, LLAMA_CPP)
+
+SCENARIO_LABELS = {
+    CT2_STREAM: "in-process CTranslate2, generate_tokens",
+    CT2_BATCH: "in-process CTranslate2, generate_batch on 2 workers (ceiling)",
+    GRPC: "llm-local gRPC server",
+    LLAMA_CPP: "llama.cpp server (peer)",
+    TRANSFORMERS: "transformers generate, float32 (reference)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request as the client saw it."""
+
+    client: int  # which closed-loop client sent it
+    start: float  # request sent
+    end: float  # stream finished (or failed)
+    tokens: int  # tokens generated: the server's own count when it reports one
+    first_token: float | None = None  # first token arrived; None when not observable
+    # Arrival time of every streamed message that carried generated text. Empty when the
+    # scenario cannot observe tokens one by one (a whole batch returns at once).
+    message_times: tuple[float, ...] = ()
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    """Resources one process used during a level (the server's, or the client's own)."""
+
+    cpu_seconds: float  # user + system CPU time spent during the level
+    peak_rss_bytes: int | None  # the process's high-water mark so far; None if unknown
+
+
+@dataclass(frozen=True, slots=True)
+class LevelRun:
+    """One scenario at one concurrency: the raw material of a table row."""
+
+    scenario: str
+    streams: int
+    records: tuple[RequestRecord, ...]
+    # The steady-state window aggregate throughput is computed over: from the start of
+    # the level until the first client ran out of work (after that, fewer than `streams`
+    # requests are in flight).
+    window: tuple[float, float]
+    server: ProcessUsage | None = None  # the serving process, when it is another process
+    client: ProcessUsage | None = None  # the benchmark process itself
+    notes: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A scenario that did not run, and why (shown in the table and the report)."""
+
+    scenario: str
+    reason: str

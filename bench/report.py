@@ -1,0 +1,263 @@
+"""Ratios to baselines, the issue's targets, and the table: pure functions over summaries.
+
+Every row's ratios name their baseline, so a reader never has to guess what "2.1×"
+is relative to. Rates are compared, never totals: tokens/s does not depend on how
+many tokens each request happened to generate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from bench.records import (
+    CT2_BATCH,
+    CT2_STREAM,
+    GRPC,
+    LLAMA_CPP,
+    SCENARIO_ORDER,
+    TRANSFORMERS,
+    Skipped,
+)
+from bench.stats import LevelSummary
+
+TTFT_TARGET_MS = 300.0
+TTFT_TARGET_STREAMS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    text: str  # e.g. "0.97× in-process 1 stream"
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class TargetResult:
+    name: str
+    required: str
+    measured: str  # "n/a" when a scenario it needs did not run
+    passed: bool | None  # None: could not be evaluated
+
+
+class Summaries:
+    """Summaries indexed by (scenario, streams)."""
+
+    def __init__(self, summaries: Iterable[LevelSummary]) -> None:
+        self._by_key = {(s.scenario, s.streams): s for s in summaries}
+
+    def get(self, scenario: str, streams: int) -> LevelSummary | None:
+        return self._by_key.get((scenario, streams))
+
+    def rate(self, scenario: str, streams: int) -> float | None:
+        found = self.get(scenario, streams)
+        return found.aggregate_tps if found is not None else None
+
+    def ordered(self) -> list[LevelSummary]:
+        rank = {name: index for index, name in enumerate(SCENARIO_ORDER)}
+        return sorted(self._by_key.values(), key=lambda s: (rank.get(s.scenario, 99), s.streams))
+
+
+def _ratio(value: float | None, baseline: float | None, baseline_name: str) -> Ratio | None:
+    if value is None or baseline is None or baseline <= 0:
+        return None
+    quotient = value / baseline
+    return Ratio(f"{quotient:.2f}× {baseline_name}", quotient)
+
+
+def ratios_for(summary: LevelSummary, table: Summaries) -> list[Ratio]:
+    """Each row's throughput against the baselines that matter for it."""
+    rate, streams = summary.aggregate_tps, summary.streams
+    found: list[Ratio | None] = []
+    if summary.scenario == CT2_STREAM:
+        found.append(_ratio(rate, table.rate(TRANSFORMERS, 1), "transformers"))
+    elif summary.scenario == CT2_BATCH:
+        found.append(_ratio(rate, table.rate(CT2_STREAM, 1), "in-process 1 stream"))
+    elif summary.scenario == GRPC:
+        if streams == 1:
+            found.append(_ratio(rate, table.rate(CT2_STREAM, 1), "in-process 1 stream"))
+            found.append(_ttft_difference(summary, table.get(CT2_STREAM, 1)))
+        else:
+            found.append(_ratio(rate, table.rate(GRPC, 1), "gRPC 1 stream"))
+            found.append(_ratio(rate, table.rate(CT2_BATCH, streams), f"ceiling @{streams}"))
+        found.append(_ratio(rate, table.rate(LLAMA_CPP, streams), f"llama.cpp @{streams}"))
+        if streams == TTFT_TARGET_STREAMS and summary.ttft_p95_ms is not None:
+            quotient = summary.ttft_p95_ms / TTFT_TARGET_MS
+            text = f"p95 TTFT {quotient:.2f}× the {TTFT_TARGET_MS:.0f} ms target"
+            found.append(Ratio(text, quotient))
+    elif summary.scenario == LLAMA_CPP:
+        if streams == 1:
+            found.append(_ratio(rate, table.rate(CT2_STREAM, 1), "in-process 1 stream"))
+        else:
+            found.append(_ratio(rate, table.rate(LLAMA_CPP, 1), "llama.cpp 1 stream"))
+    return [ratio for ratio in found if ratio is not None]
+
+
+def _ttft_difference(grpc: LevelSummary, in_process: LevelSummary | None) -> Ratio | None:
+    if in_process is None or grpc.ttft_p50_ms is None or in_process.ttft_p50_ms is None:
+        return None
+    difference = grpc.ttft_p50_ms - in_process.ttft_p50_ms
+    return Ratio(f"TTFT p50 {difference:+.1f} ms vs in-process", difference)
+
+
+def evaluate_targets(table: Summaries) -> list[TargetResult]:
+    """The issue's targets, each with what was measured and whether it holds."""
+    grpc_1 = table.get(GRPC, 1)
+    in_process = table.get(CT2_STREAM, 1)
+    results = [
+        _at_least(
+            "one stream through gRPC: tokens/s vs in-process",
+            table.rate(GRPC, 1),
+            table.rate(CT2_STREAM, 1),
+            0.95,
+        ),
+        _ttft_within(grpc_1, in_process, 5.0),
+        _at_least(
+            "16 streams through gRPC: aggregate vs one gRPC stream",
+            table.rate(GRPC, 16),
+            table.rate(GRPC, 1),
+            8.0,
+        ),
+        _at_least(
+            "32 streams through gRPC: aggregate vs one gRPC stream",
+            table.rate(GRPC, 32),
+            table.rate(GRPC, 1),
+            12.0,
+        ),
+        _at_least(
+            "32 streams: gRPC vs llama.cpp server",
+            table.rate(GRPC, 32),
+            table.rate(LLAMA_CPP, 32),
+            2.0,
+        ),
+    ]
+    grpc_16 = table.get(GRPC, TTFT_TARGET_STREAMS)
+    p95 = grpc_16.ttft_p95_ms if grpc_16 is not None else None
+    results.append(
+        TargetResult(
+            name=f"p95 TTFT at {TTFT_TARGET_STREAMS} gRPC streams",
+            required=f"≤ {TTFT_TARGET_MS:.0f} ms",
+            measured="n/a" if p95 is None else f"{p95:.0f} ms",
+            passed=None if p95 is None else p95 <= TTFT_TARGET_MS,
+        )
+    )
+    return results
+
+
+def _at_least(
+    name: str, value: float | None, baseline: float | None, factor: float
+) -> TargetResult:
+    required = f"≥ {factor:g}×"
+    if value is None or baseline is None or baseline <= 0:
+        return TargetResult(name, required, "n/a", None)
+    quotient = value / baseline
+    # Three decimals: "0.95×" must not be shown for a 0.947 that fails "≥ 0.95×".
+    return TargetResult(
+        name,
+        required,
+        f"{quotient:.3f}× ({value:.1f} vs {baseline:.1f} tokens/s)",
+        quotient >= factor,
+    )
+
+
+def _ttft_within(
+    grpc: LevelSummary | None, in_process: LevelSummary | None, limit_ms: float
+) -> TargetResult:
+    name = "one stream through gRPC: TTFT p50 vs in-process"
+    required = f"≤ +{limit_ms:g} ms"
+    if grpc is None or in_process is None:
+        return TargetResult(name, required, "n/a", None)
+    if grpc.ttft_p50_ms is None or in_process.ttft_p50_ms is None:
+        return TargetResult(name, required, "n/a", None)
+    difference = grpc.ttft_p50_ms - in_process.ttft_p50_ms
+    measured = f"{difference:+.1f} ms ({grpc.ttft_p50_ms:.1f} vs {in_process.ttft_p50_ms:.1f} ms)"
+    return TargetResult(name, required, measured, difference <= limit_ms)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+COLUMNS = (
+    "scenario",
+    "streams",
+    "tokens/s",
+    "per-stream tok/s",
+    "TTFT p50 ms",
+    "TTFT p95 ms",
+    "tok/req",
+    "requests",
+    "CPU s/1k tok",
+    "peak RSS MiB",
+    "ratios",
+)
+
+
+def table_rows(table: Summaries, skipped: Sequence[Skipped] = ()) -> list[list[str]]:
+    """One row of cells per level, then one per skipped scenario."""
+    rows = []
+    for summary in table.ordered():
+        ratios = "; ".join(ratio.text for ratio in ratios_for(summary, table))
+        requests = str(summary.requests)
+        if summary.errors:
+            requests += f" ({summary.errors} failed)"
+        rows.append(
+            [
+                summary.scenario,
+                str(summary.streams),
+                _number(summary.aggregate_tps, 0),
+                _number(summary.stream_tps_p50, 1),
+                _number(summary.ttft_p50_ms, 1),
+                _number(summary.ttft_p95_ms, 1),
+                _number(summary.tokens_per_request, 0),
+                requests,
+                _number(summary.cpu_s_per_1k_tokens, 2),
+                _number(summary.peak_rss_mib, 0),
+                ratios,
+            ]
+        )
+    for skip in skipped:
+        rows.append([skip.scenario, "–", *["–"] * (len(COLUMNS) - 3), f"skipped: {skip.reason}"])
+    return rows
+
+
+def _number(value: float | None, decimals: int) -> str:
+    return "–" if value is None else f"{value:,.{decimals}f}"
+
+
+def render_text_table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMNS) -> str:
+    """A fixed-width table for the terminal; the last column is left unpadded."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.ljust(width) if index == 0 else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=False))
+        ]
+        return "  ".join([*padded, cells[-1]]).rstrip()
+
+    rule = "  ".join("-" * width for width in widths) + "  " + "-" * len(header[-1])
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def render_markdown_table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMNS) -> str:
+    def escape(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    alignment = ["---" if index in (0, len(header) - 1) else "---:" for index in range(len(header))]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(alignment) + " |",
+        *("| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows),
+    ]
+    return "\n".join(lines)
+
+
+def target_rows(targets: Sequence[TargetResult]) -> list[list[str]]:
+    return [[t.name, t.required, t.measured, _verdict(t.passed)] for t in targets]
+
+
+TARGET_COLUMNS = ("target", "required", "measured", "result")
+
+
+def _verdict(passed: bool | None) -> str:
+    if passed is None:
+        return "not measured"
+    return "PASS" if passed else "FAIL"

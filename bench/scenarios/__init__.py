@@ -1,0 +1,29 @@
+"""The scenarios. Each module's ``run(config, context, collect)`` measures its levels and
+hands each finished `LevelRun` to ``collect`` as soon as it has it (so a later failure
+keeps what was measured), or raises `ScenarioSkipped` with the reason."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.models import EncodedPrompts
+from bench.records import LevelRun
+
+Collect = Callable[[LevelRun], None]
+
+
+class ScenarioSkipped(Exception):
+    """The scenario cannot run here; the message says why and how to enable it."""
+
+
+@dataclass
+class ScenarioContext:
+    model_dir: Path  # the converted int8 CTranslate2 model
+    gguf_path: Path | None
+    prompts: EncodedPrompts
+    run_dir: Path  # this run's logs (server output) go here
+    # What each scenario learned about its setup (versions, settings): into the report.
+    details: dict[str, dict[str, object]] = field(default_factory=dict)
+    log: Callable[[str], None] = print

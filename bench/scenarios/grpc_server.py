@@ -1,0 +1,185 @@
+"""The real server: `llm-local serve` (ENV=test) in a child process, driven over gRPC.
+
+The client is the official grpcio one in its asyncio flavour: one channel (one HTTP/2
+connection, as a gateway holds), N closed-loop streams multiplexed on it. The server
+cannot be told to ignore the end-of-sequence token, so each request reports the
+tokens it really generated (`FinishDetails.completion_tokens`) and rates use those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+from bench.config import BenchConfig
+from bench.loops import run_closed_loop
+from bench.models import server_model_available
+from bench.processes import CpuMeter, ServerProcess, environment_with, free_port, wait_until
+from bench.records import GRPC, LevelRun, RequestRecord
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+
+METHOD = "/sentiric.llm.v1.LlamaService/GenerateStream"
+HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+SERVICE_NAME = "sentiric.llm.v1.LlamaService"
+TENANT = (("x-tenant-id", "bench"),)
+START_TIMEOUT_S = 180.0
+REQUEST_TIMEOUT_S = 300.0
+
+
+def server_environment(config: BenchConfig, grpc_port: int) -> dict[str, str]:
+    """ENV=test settings with free ports, room for the benchmark's lengths and streams."""
+    most_streams = max(config.streams)
+    return environment_with(
+        {
+            "ENV": "test",
+            "LLM_LOCAL_SERVICE_SERVER__GRPC_PORT": str(grpc_port),
+            "LLM_LOCAL_SERVICE_SERVER__HTTP_PORT": "0",
+            "LLM_LOCAL_SERVICE_SERVER__METRICS_PORT": "0",
+            "LLM_LOCAL_SERVICE_GENERATION__MAX_NEW_TOKENS_LIMIT": str(
+                max(2048, config.max_new_tokens)
+            ),
+            "LLM_LOCAL_SERVICE_CAPACITY__MAX_CONCURRENT": str(max(64, most_streams)),
+            "LLM_LOCAL_SERVICE_CAPACITY__MAX_QUEUED": str(max(128, most_streams)),
+            # The benchmark measures serving; converting belongs to `make bench`'s first step.
+            "LLM_LOCAL_SERVICE_MODEL__CONVERT_ON_START": "false",
+        }
+    )
+
+
+def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
+    if not server_model_available():
+        raise ScenarioSkipped(
+            "the ENV=test model is not in the cache: run `ENV=test llm-local convert` first"
+        )
+    import grpc
+
+    context.details[GRPC] = {"grpcio": grpc.__version__, **_server_settings()}
+    port = free_port()
+    command = [sys.executable, "-m", "llm_local", "serve"]
+    environment = server_environment(config, port)
+    with ServerProcess(command, environment, context.run_dir / "grpc-server.log") as server:
+        wait_until(lambda: _serving(port), server, START_TIMEOUT_S, "llm-local serve")
+        context.log(f"  llm-local serve is ready on port {port} (pid {server.pid})")
+        asyncio.run(_measure(config, context, server, port, collect))
+        status = server.stop()
+        context.details[GRPC]["exit_status"] = status
+
+
+def _server_settings() -> dict[str, object]:
+    """The settings the child runs with (ENV=test; our overrides touch only ports/limits)."""
+    from llm_local.settings.loader import load_settings
+
+    settings = load_settings(env="test")
+    runtime = settings.runtime
+    return {
+        "compute_type": runtime.compute_type,
+        "quantization": settings.model.quantization,
+        "inter_threads": runtime.inter_threads,
+        "intra_threads": runtime.intra_threads,
+        "max_batch_size": runtime.max_batch_size,
+        "batch_wait_ms": runtime.batch_wait_ms,
+        "log_level": settings.logging.level,
+    }
+
+
+def _serving(port: int) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = channel.unary_unary(
+            HEALTH_METHOD,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            answer = check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
+        except grpc.RpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _measure(
+    config: BenchConfig,
+    context: ScenarioContext,
+    server: ServerProcess,
+    port: int,
+    collect: Collect,
+) -> None:
+    import grpc
+
+    from llm_local.proto.sentiric.llm.v1 import llama_pb2
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        generate = channel.unary_stream(
+            METHOD,
+            request_serializer=llama_pb2.GenerateStreamRequest.SerializeToString,
+            response_deserializer=llama_pb2.GenerateStreamResponse.FromString,
+        )
+
+        async def send(client: int, sequence: int, max_new_tokens: int) -> RequestRecord:
+            request = llama_pb2.GenerateStreamRequest(
+                user_prompt=config.prompts[config.prompt_for(client, sequence)],
+                params=llama_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0),
+            )
+            return await _one_request(generate, request, client)
+
+        warm_up = await send(0, 0, 4)
+        if not warm_up.ok:
+            raise RuntimeError(f"the warm-up request failed: {warm_up.error}")
+        for streams in config.streams:
+            server_meter = CpuMeter(server.pid)
+            client_meter = CpuMeter(os.getpid())
+            records, window = await run_closed_loop(
+                streams,
+                config.duration_s,
+                lambda client, sequence: send(client, sequence, config.max_new_tokens),
+            )
+            collect(
+                LevelRun(
+                    GRPC,
+                    streams,
+                    records,
+                    window,
+                    server=server_meter.finish(),
+                    client=client_meter.finish(with_memory=False),
+                )
+            )
+            server.check_alive()
+
+
+async def _one_request(generate: Any, request: Any, client: int) -> RequestRecord:
+    import grpc
+
+    arrivals: list[float] = []
+    tokens: int | None = None
+    reason: str | None = None
+    error: str | None = None
+    start = time.perf_counter()
+    try:
+        call = generate(request, metadata=TENANT, timeout=REQUEST_TIMEOUT_S)
+        async for response in call:
+            kind = response.WhichOneof("type")
+            if kind == "token":
+                arrivals.append(time.perf_counter())
+            elif kind == "finish_details":
+                tokens = response.finish_details.completion_tokens
+                reason = response.finish_details.finish_reason
+    except grpc.aio.AioRpcError as exc:
+        error = f"{exc.code().name}: {exc.details()}"
+    end = time.perf_counter()
+    if error is None and tokens is None:
+        error = "the stream ended without finish_details"
+    return RequestRecord(
+        client=client,
+        start=start,
+        end=end,
+        tokens=tokens if tokens is not None else len(arrivals),
+        first_token=arrivals[0] if arrivals else None,
+        message_times=tuple(arrivals),
+        finish_reason=reason,
+        error=error,
+    )

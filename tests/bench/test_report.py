@@ -1,0 +1,155 @@
+"""bench/report.py: which baseline each ratio uses, the targets' verdicts, the tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.records import CT2_BATCH, CT2_STREAM, GRPC, LLAMA_CPP, TRANSFORMERS, Skipped
+from bench.report import (
+    COLUMNS,
+    Summaries,
+    evaluate_targets,
+    ratios_for,
+    render_markdown_table,
+    render_text_table,
+    table_rows,
+)
+from bench.stats import LevelSummary
+
+
+def level(
+    scenario: str,
+    streams: int,
+    rate: float | None,
+    ttft_p50: float | None = None,
+    ttft_p95: float | None = None,
+) -> LevelSummary:
+    return LevelSummary(
+        scenario=scenario,
+        streams=streams,
+        requests=10,
+        errors=0,
+        tokens=1280,
+        window_s=20.0,
+        aggregate_tps=rate,
+        ttft_p50_ms=ttft_p50,
+        ttft_p95_ms=ttft_p95,
+        stream_tps_p50=None,
+        tokens_per_request=128.0,
+        cpu_s_per_1k_tokens=None,
+        client_cpu_s_per_1k_tokens=None,
+        peak_rss_mib=None,
+        finish_reasons={"length": 10},
+        first_error=None,
+    )
+
+
+def full_table(
+    grpc_16: float = 800.0, grpc_32: float = 1000.0, ttft_16: float = 250.0
+) -> Summaries:
+    return Summaries(
+        [
+            level(TRANSFORMERS, 1, 25.0),
+            level(CT2_STREAM, 1, 100.0, ttft_p50=20.0),
+            level(CT2_BATCH, 16, 1000.0),
+            level(CT2_BATCH, 32, 1200.0),
+            level(GRPC, 1, 96.0, ttft_p50=23.0),
+            level(GRPC, 16, grpc_16, ttft_p95=ttft_16),
+            level(GRPC, 32, grpc_32),
+            level(LLAMA_CPP, 1, 180.0),
+            level(LLAMA_CPP, 16, 320.0),
+            level(LLAMA_CPP, 32, 400.0),
+        ]
+    )
+
+
+def texts(table: Summaries, scenario: str, streams: int) -> list[str]:
+    summary = table.get(scenario, streams)
+    assert summary is not None
+    return [ratio.text for ratio in ratios_for(summary, table)]
+
+
+def test_one_grpc_stream_is_compared_with_in_process() -> None:
+    assert texts(full_table(), GRPC, 1) == [
+        "0.96× in-process 1 stream",
+        "TTFT p50 +3.0 ms vs in-process",
+        "0.53× llama.cpp @1",
+    ]
+
+
+def test_concurrent_grpc_is_compared_with_one_stream_the_ceiling_and_the_peer() -> None:
+    assert texts(full_table(), GRPC, 16) == [
+        "8.33× gRPC 1 stream",
+        "0.80× ceiling @16",
+        "2.50× llama.cpp @16",
+        "p95 TTFT 0.83× the 300 ms target",
+    ]
+
+
+def test_baselines_of_the_other_scenarios() -> None:
+    table = full_table()
+    assert texts(table, CT2_STREAM, 1) == ["4.00× transformers"]
+    assert texts(table, CT2_BATCH, 32) == ["12.00× in-process 1 stream"]
+    assert texts(table, LLAMA_CPP, 32) == ["2.22× llama.cpp 1 stream"]
+    assert texts(table, TRANSFORMERS, 1) == []
+
+
+def test_missing_baselines_give_no_ratio() -> None:
+    table = Summaries([level(GRPC, 4, 300.0)])
+    assert texts(table, GRPC, 4) == []
+
+
+def test_targets_pass_and_fail_on_the_measured_ratios() -> None:
+    verdicts = {t.name: t.passed for t in evaluate_targets(full_table())}
+    assert verdicts == {
+        "one stream through gRPC: tokens/s vs in-process": True,  # 0.96 ≥ 0.95
+        "one stream through gRPC: TTFT p50 vs in-process": True,  # +3 ms ≤ 5
+        "16 streams through gRPC: aggregate vs one gRPC stream": True,  # 8.33 ≥ 8
+        "32 streams through gRPC: aggregate vs one gRPC stream": False,  # 10.4 < 12
+        "32 streams: gRPC vs llama.cpp server": True,  # 2.5 ≥ 2
+        "p95 TTFT at 16 gRPC streams": True,  # 250 ≤ 300
+    }
+
+
+def test_targets_fail_when_the_server_misses_them() -> None:
+    targets = {t.name: t for t in evaluate_targets(full_table(grpc_16=700.0, ttft_16=301.0))}
+    assert targets["16 streams through gRPC: aggregate vs one gRPC stream"].passed is False
+    assert targets["p95 TTFT at 16 gRPC streams"].passed is False
+    assert targets["p95 TTFT at 16 gRPC streams"].measured == "301 ms"
+
+
+def test_targets_without_their_scenarios_are_not_measured() -> None:
+    targets = evaluate_targets(Summaries([level(CT2_STREAM, 1, 100.0)]))
+    assert [t.passed for t in targets] == [None] * 6
+    assert {t.measured for t in targets} == {"n/a"}
+
+
+def test_table_rows_show_every_level_then_the_skipped() -> None:
+    rows = table_rows(full_table(), [Skipped(LLAMA_CPP, "llama-server is not built")])
+    assert [(row[0], row[1]) for row in rows[:3]] == [
+        (TRANSFORMERS, "1"),
+        (CT2_STREAM, "1"),
+        (CT2_BATCH, "16"),
+    ]
+    assert all(len(row) == len(COLUMNS) for row in rows)
+    assert rows[-1][0] == LLAMA_CPP
+    assert rows[-1][-1] == "skipped: llama-server is not built"
+    assert rows[0][2] == "25" and rows[0][3] == "–"  # unknown values show a dash
+
+
+def test_text_table_aligns_columns() -> None:
+    text = render_text_table(
+        [["a", "1", "x"], ["long name", "1234", "ratio text"]], ["s", "n", "r"]
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("s        ")
+    # Numbers are right-aligned: their last digits line up.
+    assert lines[2].index("1") + 1 == lines[3].index("1234") + 4
+    assert lines[3].endswith("ratio text")
+
+
+@pytest.mark.parametrize("cell", ["a|b", "x | y"])
+def test_markdown_table_escapes_pipes(cell: str) -> None:
+    text = render_markdown_table([[cell, "1"]], ["name", "n"])
+    assert text.splitlines()[2] == f"| {cell.replace('|', chr(92) + '|')} | 1 |"
+    assert text.splitlines()[1] == "| --- | --- |"
