@@ -9,15 +9,20 @@ so a dead server ends the level quickly instead of spinning.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 
-from bench.records import RequestRecord
+from bench.config import BenchConfig
+from bench.processes import CpuMeter, ServerProcess
+from bench.records import LevelRun, RequestRecord
 from bench.stats import steady_window
 
 # (client index, that client's request number) -> the finished request
 AsyncRequest = Callable[[int, int], Awaitable[RequestRecord]]
 SyncRequest = Callable[[int, int], RequestRecord]
+# (client index, request number, max new tokens) -> the finished request
+ServerRequest = Callable[[int, int, int], Awaitable[RequestRecord]]
 
 MAX_CONSECUTIVE_ERRORS = 3
 
@@ -65,3 +70,36 @@ def run_sequential(
         if consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
             break
     return tuple(records), steady_window(records, started)
+
+
+async def measure_server_levels(
+    config: BenchConfig,
+    scenario: str,
+    server: ServerProcess,
+    send: ServerRequest,
+    collect: Callable[[LevelRun], None],
+) -> None:
+    """A server scenario's levels: one short warm-up request, then a closed loop at each
+    stream count, metering the server's and this client's CPU, checking the server lived."""
+    warm_up = await send(0, 0, 4)
+    if not warm_up.ok:
+        raise RuntimeError(f"the warm-up request failed: {warm_up.error}")
+    for streams in config.streams:
+        server_meter = CpuMeter(server.pid)
+        client_meter = CpuMeter(os.getpid())
+        records, window = await run_closed_loop(
+            streams,
+            config.duration_s,
+            lambda client, sequence: send(client, sequence, config.max_new_tokens),
+        )
+        collect(
+            LevelRun(
+                scenario,
+                streams,
+                records,
+                window,
+                server=server_meter.finish(),
+                client=client_meter.finish(with_memory=False),
+            )
+        )
+        server.check_alive()

@@ -6,6 +6,7 @@ scenario at one concurrency (number of streams); its records are the requests it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # Scenario keys, in the order they are reported.
@@ -43,6 +44,31 @@ class RequestRecord:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @classmethod
+    def streamed(
+        cls,
+        client: int,
+        start: float,
+        end: float,
+        arrivals: Sequence[float],
+        *,
+        tokens: int | None = None,
+        finish_reason: str | None = None,
+        error: str | None = None,
+    ) -> RequestRecord:
+        """A request whose text messages arrived at `arrivals`; `tokens` defaults to one
+        per message when the peer reports no count of its own."""
+        return cls(
+            client=client,
+            start=start,
+            end=end,
+            tokens=tokens if tokens is not None else len(arrivals),
+            first_token=arrivals[0] if arrivals else None,
+            message_times=tuple(arrivals),
+            finish_reason=finish_reason,
+            error=error,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import socket
@@ -19,26 +18,16 @@ from llm_local.core.state import Phase
 from llm_local.core.types import TextChunk
 from llm_local.core.validation import RawRequest
 from llm_local.serving import CallError, CallMetadata, Code
-from llm_local.settings.loader import load_settings
 from llm_local.settings.schema import AppSettings
 from llm_local.transport.tls import TLSConfigError
 
+SettingsFor = Callable[..., AppSettings]
 
-def settings_for(fake: dict[str, object] | None = None, **overrides: object) -> AppSettings:
-    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
-    settings = load_settings(
-        env="test",
-        overrides={
-            "backend": "fake",
-            "server.host": "127.0.0.1",
-            "server.grpc_port": 0,
-            "server.http_port": 0,
-            "server.metrics_port": 0,
-            "model.load_retry_backoff_s": 0.01,
-            **dotted,
-        },
-    )
-    return dataclasses.replace(settings, raw={**settings.raw, "fake": dict(fake or {})})
+
+@pytest.fixture
+def settings_for(fake_settings: SettingsFor) -> SettingsFor:
+    """Fake-backend settings whose load retries follow each other quickly."""
+    return partial(fake_settings, model__load_retry_backoff_s=0.01)
 
 
 async def phases_until(
@@ -60,7 +49,9 @@ async def phases_until(
     return seen
 
 
-async def test_load_is_retried_after_a_failure(nursery: trio.Nursery) -> None:
+async def test_load_is_retried_after_a_failure(
+    nursery: trio.Nursery, settings_for: SettingsFor
+) -> None:
     settings = settings_for({"fail_load": 1}, model__load_retries=2)
     running: RunningService = await nursery.start(run_service, settings)
 
@@ -76,7 +67,7 @@ async def test_load_is_retried_after_a_failure(nursery: trio.Nursery) -> None:
 
 
 async def test_a_model_that_never_loads_leaves_the_process_up_and_failed(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, settings_for: SettingsFor
 ) -> None:
     settings = settings_for({"fail_load": "weights are missing"}, model__load_retries=1)
     running: RunningService = await nursery.start(run_service, settings)
@@ -94,7 +85,9 @@ async def test_a_model_that_never_loads_leaves_the_process_up_and_failed(
     running.stop.set()
 
 
-async def test_slow_start_keeps_the_model_loading_first(nursery: trio.Nursery) -> None:
+async def test_slow_start_keeps_the_model_loading_first(
+    nursery: trio.Nursery, settings_for: SettingsFor
+) -> None:
     settings = settings_for(server__slow_start_s=0.3)
     running: RunningService = await nursery.start(run_service, settings)
 
@@ -104,7 +97,9 @@ async def test_slow_start_keeps_the_model_loading_first(nursery: trio.Nursery) -
     running.stop.set()
 
 
-async def test_stop_lets_a_running_stream_finish_then_closes_the_backend() -> None:
+async def test_stop_lets_a_running_stream_finish_then_closes_the_backend(
+    settings_for: SettingsFor,
+) -> None:
     settings = settings_for({"token_delay_s": 0.01, "reply": "z" * 30}, server__grace_period_s=5)
     chunks: list[str] = []
     generating = trio.Event()
@@ -138,7 +133,7 @@ async def test_stop_lets_a_running_stream_finish_then_closes_the_backend() -> No
     assert running.service.backend.closed  # type: ignore[attr-defined]
 
 
-async def test_sigterm_stops_the_service() -> None:
+async def test_sigterm_stops_the_service(settings_for: SettingsFor) -> None:
     settings = settings_for()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -148,7 +143,7 @@ async def test_sigterm_stops_the_service() -> None:
     assert running.service.state.phase is Phase.STOPPING
 
 
-async def test_a_taken_port_is_a_startup_error_naming_it() -> None:
+async def test_a_taken_port_is_a_startup_error_naming_it(settings_for: SettingsFor) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -168,7 +163,9 @@ async def _ignore(chunk: Any) -> None:
     pass
 
 
-async def test_an_unusable_certificate_stops_start_up_naming_the_setting(tmp_path: Path) -> None:
+async def test_an_unusable_certificate_stops_start_up_naming_the_setting(
+    tmp_path: Path, settings_for: SettingsFor
+) -> None:
     not_pem = tmp_path / "server.pem"
     not_pem.write_text("not a certificate\n")
     settings = settings_for(tls__cert_path=str(not_pem), tls__key_path=str(not_pem))

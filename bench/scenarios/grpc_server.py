@@ -9,16 +9,15 @@ tokens it really generated (`FinishDetails.completion_tokens`) and rates use tho
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from typing import Any
 
 from bench.config import BenchConfig
-from bench.loops import run_closed_loop
+from bench.loops import measure_server_levels
 from bench.models import server_model_available
-from bench.processes import CpuMeter, ServerProcess, environment_with, free_port, wait_until
-from bench.records import GRPC, LevelRun, RequestRecord
+from bench.processes import ServerProcess, environment_with, free_port, wait_until
+from bench.records import GRPC, RequestRecord
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
 
 METHOD = "/sentiric.llm.v1.LlamaService/GenerateStream"
@@ -127,28 +126,7 @@ async def _measure(
             )
             return await _one_request(generate, request, client)
 
-        warm_up = await send(0, 0, 4)
-        if not warm_up.ok:
-            raise RuntimeError(f"the warm-up request failed: {warm_up.error}")
-        for streams in config.streams:
-            server_meter = CpuMeter(server.pid)
-            client_meter = CpuMeter(os.getpid())
-            records, window = await run_closed_loop(
-                streams,
-                config.duration_s,
-                lambda client, sequence: send(client, sequence, config.max_new_tokens),
-            )
-            collect(
-                LevelRun(
-                    GRPC,
-                    streams,
-                    records,
-                    window,
-                    server=server_meter.finish(),
-                    client=client_meter.finish(with_memory=False),
-                )
-            )
-            server.check_alive()
+        await measure_server_levels(config, GRPC, server, send, collect)
 
 
 async def _one_request(generate: Any, request: Any, client: int) -> RequestRecord:
@@ -173,13 +151,6 @@ async def _one_request(generate: Any, request: Any, client: int) -> RequestRecor
     end = time.perf_counter()
     if error is None and tokens is None:
         error = "the stream ended without finish_details"
-    return RequestRecord(
-        client=client,
-        start=start,
-        end=end,
-        tokens=tokens if tokens is not None else len(arrivals),
-        first_token=arrivals[0] if arrivals else None,
-        message_times=tuple(arrivals),
-        finish_reason=reason,
-        error=error,
+    return RequestRecord.streamed(
+        client, start, end, arrivals, tokens=tokens, finish_reason=reason, error=error
     )

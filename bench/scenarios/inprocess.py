@@ -74,15 +74,7 @@ def run_stream(config: BenchConfig, context: ScenarioContext, collect: Collect) 
                     break
                 arrivals.append(time.perf_counter())
         end = time.perf_counter()
-        return RequestRecord(
-            client=client,
-            start=start,
-            end=end,
-            tokens=len(arrivals),
-            first_token=arrivals[0] if arrivals else None,
-            message_times=tuple(arrivals),
-            finish_reason=finish,
-        )
+        return RequestRecord.streamed(client, start, end, arrivals, finish_reason=finish)
 
     try:
         send(0, 0, 4)  # warm-up: first-call allocations are not what we measure

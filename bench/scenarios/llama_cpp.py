@@ -27,9 +27,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bench.config import LLAMA_CPP_CONTEXT, LLAMA_CPP_SLOTS, LLAMA_CPP_THREADS, BenchConfig
-from bench.loops import run_closed_loop
-from bench.processes import CpuMeter, ServerProcess, environment_with, free_port, wait_until
-from bench.records import LLAMA_CPP, LevelRun, RequestRecord
+from bench.loops import measure_server_levels
+from bench.processes import ServerProcess, environment_with, free_port, wait_until
+from bench.records import LLAMA_CPP, RequestRecord
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
 from bench.sse import ChunkedDecoder, ServerSentEvent, SSEParser, parse_response_head
 
@@ -149,28 +149,7 @@ async def _measure(
         }
         return await _one_request(port, body, client)
 
-    warm_up = await send(0, 0, 4)
-    if not warm_up.ok:
-        raise RuntimeError(f"the warm-up request failed: {warm_up.error}")
-    for streams in config.streams:
-        server_meter = CpuMeter(server.pid)
-        client_meter = CpuMeter(os.getpid())
-        records, window = await run_closed_loop(
-            streams,
-            config.duration_s,
-            lambda client, sequence: send(client, sequence, config.max_new_tokens),
-        )
-        collect(
-            LevelRun(
-                LLAMA_CPP,
-                streams,
-                records,
-                window,
-                server=server_meter.finish(),
-                client=client_meter.finish(with_memory=False),
-            )
-        )
-        server.check_alive()
+    await measure_server_levels(config, LLAMA_CPP, server, send, collect)
 
 
 async def _one_request(port: int, body: dict[str, object], client: int) -> RequestRecord:
@@ -196,15 +175,8 @@ async def _one_request(port: int, body: dict[str, object], client: int) -> Reque
     end = time.perf_counter()
     if error is None and tokens is None:
         error = "the stream ended without a final (stop) chunk"
-    return RequestRecord(
-        client=client,
-        start=start,
-        end=end,
-        tokens=tokens if tokens is not None else len(arrivals),
-        first_token=arrivals[0] if arrivals else None,
-        message_times=tuple(arrivals),
-        finish_reason=reason,
-        error=error,
+    return RequestRecord.streamed(
+        client, start, end, arrivals, tokens=tokens, finish_reason=reason, error=error
     )
 
 

@@ -60,14 +60,8 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
             generated.pop()
             finish = "stop"
         arrivals = streamer.arrivals[: len(generated)]
-        return RequestRecord(
-            client=client,
-            start=start,
-            end=end,
-            tokens=len(generated),
-            first_token=arrivals[0] if arrivals else None,
-            message_times=tuple(arrivals),
-            finish_reason=finish,
+        return RequestRecord.streamed(
+            client, start, end, arrivals, tokens=len(generated), finish_reason=finish
         )
 
     send(0, 0, 2)  # warm-up

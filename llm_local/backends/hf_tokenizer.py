@@ -16,6 +16,7 @@ What it reads:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +33,9 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Whichever of them the vocabulary holds ends generation, even when the model's own
 # configuration names only its document-level eos.
 WELL_KNOWN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+# Byte-fallback pieces of sentencepiece-style vocabularies (Llama 2, Mistral, Phi-3).
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TokenizerLoadError(Exception):
@@ -54,6 +58,13 @@ class HFTokenizer:
         self._special_tokens = dict(special_tokens)
         self._end_token_ids = _collect_end_token_ids(
             tokenizer, special_tokens.get("eos_token"), generation_eos_ids
+        )
+        # The detokenizer holds runs of these back until they form whole characters
+        # (core.detokenizer.ByteFallbackTokenizer); byte-level BPE vocabularies have none.
+        self._byte_token_ids = frozenset(
+            token_id
+            for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items()
+            if BYTE_PIECE.fullmatch(token)
         )
 
     @classmethod
@@ -79,6 +90,10 @@ class HFTokenizer:
     @property
     def end_token_ids(self) -> frozenset[int]:
         return self._end_token_ids
+
+    @property
+    def byte_token_ids(self) -> frozenset[int]:
+        return self._byte_token_ids
 
     @property
     def chat_template(self) -> str | None:

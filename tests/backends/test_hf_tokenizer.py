@@ -60,6 +60,12 @@ def test_smollm2_end_tokens_hold_the_end_of_turn(smol: HFTokenizer) -> None:
 
 
 @pytest.mark.model
+def test_a_byte_level_vocabulary_has_no_byte_fallback_pieces(smol: HFTokenizer) -> None:
+    # SmolLM2 is GPT-2-style byte-level BPE: every piece is whole bytes already, so the
+    # detokenizer must not hold anything back for byte runs.
+    assert smol.byte_token_ids == frozenset()
+
+
 def test_encode_adds_nothing_and_keeps_spelled_special_tokens(smol: HFTokenizer) -> None:
     plain = smol.encode("Hello world")
     assert smol.decode(plain) == "Hello world"

@@ -4,7 +4,7 @@
 gets free ports (passed by environment variables, like any deployment), ENV=test (the
 converted SmolLM2 test model, greedy decoding), a log file, and is stopped (SIGTERM,
 then SIGKILL) when the module ends. A failing test gets the last lines of every live
-server's log in its report.
+server's log in its report. The `rpc` fixture (tests/conftest.py) makes the calls.
 
 The client is the official grpcio, an implementation of gRPC independent of the
 grpclib server. Its health and reflection modules clash with grpclib's in one process
@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,14 +32,9 @@ from typing import Any, Literal
 import grpc
 import pytest
 
-from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0  # import + model load; a cold conversion is `make test`'s job
 LOG_TAIL_LINES = 80
-LLAMA_METHOD = "/sentiric.llm.v1.LlamaService/GenerateStream"
-LOCAL_METHOD = "/sentiric.llm.v1.LLMLocalService/LocalGenerateStream"
-HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 Wait = Literal["ready", "listening", "none"]
 
 
@@ -239,71 +234,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(
                 (f"llm-local serve log (pid {server.pid}, {server.log_path})", server.log_tail())
             )
-
-
-# -- grpcio calls ----------------------------------------------------------------------
-
-
-class Rpc:
-    """Calls through grpcio's generic API with this project's message classes."""
-
-    @staticmethod
-    def llama(
-        channel: grpc.Channel,
-        request: llama_pb2.GenerateStreamRequest,
-        metadata: Sequence[tuple[str, str]] = (),
-        timeout: float | None = 60.0,
-    ) -> Any:
-        """The response iterator; also a grpc.Call (cancel(), code(), details())."""
-        method = channel.unary_stream(
-            LLAMA_METHOD,
-            request_serializer=llama_pb2.GenerateStreamRequest.SerializeToString,
-            response_deserializer=llama_pb2.GenerateStreamResponse.FromString,
-        )
-        return method(request, metadata=metadata, timeout=timeout)
-
-    @staticmethod
-    def local(
-        channel: grpc.Channel,
-        prompt: str,
-        metadata: Sequence[tuple[str, str]] = (),
-        timeout: float | None = 60.0,
-    ) -> Any:
-        method = channel.unary_stream(
-            LOCAL_METHOD,
-            request_serializer=local_pb2.LocalGenerateStreamRequest.SerializeToString,
-            response_deserializer=local_pb2.LocalGenerateStreamResponse.FromString,
-        )
-        return method(
-            local_pb2.LocalGenerateStreamRequest(prompt=prompt), metadata=metadata, timeout=timeout
-        )
-
-    @staticmethod
-    def health(channel: grpc.Channel, service: str = "") -> str:
-        """The status name Health/Check returns for `service`: SERVING, NOT_SERVING, ..."""
-        from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
-
-        method = channel.unary_unary(
-            HEALTH_CHECK_METHOD,
-            request_serializer=HealthCheckRequest.SerializeToString,
-            response_deserializer=HealthCheckResponse.FromString,
-        )
-        response = method(HealthCheckRequest(service=service), timeout=5)
-        return str(HealthCheckResponse.ServingStatus.Name(response.status))
-
-    @staticmethod
-    def error(call: Callable[[], object]) -> grpc.RpcError:
-        """Run `call` (which consumes a stream) and return the RpcError it must raise."""
-        try:
-            call()
-        except grpc.RpcError as error:
-            return error
-        raise AssertionError("the call succeeded; an error status was expected")
-
-
-@pytest.fixture(scope="session")
-def rpc() -> type[Rpc]:
-    return Rpc
 
 
 def run_client_script(script: str, *args: str, timeout: float = 30.0) -> str:
