@@ -221,6 +221,7 @@ FIELDS: tuple[Field, ...] = (
     integer("runtime.intra_threads", 0),
     integer("runtime.max_batch_size", 1),
     number("runtime.batch_wait_ms", 0),
+    number("runtime.busy_batch_wait_ms", 0),
     integer("generation.max_new_tokens", 1),
     integer("generation.max_new_tokens_limit", 1),
     number("generation.temperature", 0),

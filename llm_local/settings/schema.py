@@ -54,6 +54,8 @@ class RuntimeSettings:
     intra_threads: int  # threads inside one batch; 0 = CTranslate2's default
     max_batch_size: int  # requests decoded together in one batch
     batch_wait_ms: float  # how long a lone request waits for company before decoding
+    # The same wait while a batch is already decoding (under load company comes soon).
+    busy_batch_wait_ms: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("runtime.intra_threads", -1),
     ("runtime.max_batch_size", 0),
     ("runtime.batch_wait_ms", "soon"),
+    ("runtime.busy_batch_wait_ms", -1),
     ("generation.max_new_tokens", 0),
     ("generation.max_new_tokens", 4096),  # above max_new_tokens_limit (2048)
     ("generation.max_new_tokens_limit", "lots"),

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from llm_local.settings.schema import AppSettings
 
 DEFAULT_MAX_QUEUED = 256
+# A batch is stopped to merge with newcomers only while none of its items has produced
+# more than this: re-reading a few tokens as prompt costs less than one decoding step.
+DEFAULT_MERGE_MAX_GENERATED = 4
 # generate_batch returns before CTranslate2's worker thread has quite finished with the
 # batch (num_active_batches drops a moment later: up to ~20 ms measured on a busy
 # machine). Closing waits that long, at most this, before releasing the model.
@@ -64,6 +67,8 @@ class CT2Backend:
         max_queued: int = DEFAULT_MAX_QUEUED,
         min_split_size: int = 2,
         max_prompt_spread: int = 32,
+        busy_batch_wait_ms: float | None = None,
+        merge_max_generated: int = DEFAULT_MERGE_MAX_GENERATED,
         on_batch: Callable[[BatchStarted], None] | None = None,
         preloaded: LoadedModel | None = None,
     ) -> None:
@@ -72,7 +77,10 @@ class CT2Backend:
         Batching: at most `max_batch_size` generations per batch; a lone request waits
         `batch_wait_ms` for company; `max_queued` bounds the queue (a full queue makes
         `generate` wait); `min_split_size` and `max_prompt_spread` decide when idle
-        workers split a batch (see grouping.py). `on_batch` observes every batch start.
+        workers split a batch (see grouping.py). While a batch decodes, the window is
+        `busy_batch_wait_ms` (None: `batch_wait_ms`). A running batch whose items have
+        produced at most `merge_max_generated` tokens is stopped and merged with waiting
+        requests when no worker is free (-1: never). `on_batch` observes every batch start.
 
         `preloaded` skips loading and leaves the model to its owner: `aclose` then
         does not unload it (tests share one loaded model between trio runs).
@@ -83,6 +91,8 @@ class CT2Backend:
         self._max_queued = max_queued
         self._min_split_size = min_split_size
         self._max_prompt_spread = max_prompt_spread
+        self._busy_batch_wait_s = None if busy_batch_wait_ms is None else busy_batch_wait_ms / 1000
+        self._merge_max_generated = merge_max_generated
         self._on_batch = on_batch
         self._model: LoadedModel | None = preloaded
         self._owns_model = preloaded is None
@@ -104,6 +114,8 @@ class CT2Backend:
         max_queued: int = DEFAULT_MAX_QUEUED,
         min_split_size: int = 2,
         max_prompt_spread: int = 32,
+        busy_batch_wait_ms: float | None = None,
+        merge_max_generated: int = DEFAULT_MERGE_MAX_GENERATED,
         model_name: str | None = None,
         context_limit: int = 0,
         on_batch: Callable[[BatchStarted], None] | None = None,
@@ -126,6 +138,8 @@ class CT2Backend:
             max_queued=max_queued,
             min_split_size=min_split_size,
             max_prompt_spread=max_prompt_spread,
+            busy_batch_wait_ms=busy_batch_wait_ms,
+            merge_max_generated=merge_max_generated,
             on_batch=on_batch,
         )
 
@@ -139,6 +153,8 @@ class CT2Backend:
         max_queued: int = DEFAULT_MAX_QUEUED,
         min_split_size: int = 2,
         max_prompt_spread: int = 32,
+        busy_batch_wait_ms: float | None = None,
+        merge_max_generated: int = DEFAULT_MERGE_MAX_GENERATED,
         on_batch: Callable[[BatchStarted], None] | None = None,
     ) -> CT2Backend:
         """A backend over a model its caller loaded (`loader.load_model`) and releases."""
@@ -153,6 +169,8 @@ class CT2Backend:
             max_queued=max_queued,
             min_split_size=min_split_size,
             max_prompt_spread=max_prompt_spread,
+            busy_batch_wait_ms=busy_batch_wait_ms,
+            merge_max_generated=merge_max_generated,
             on_batch=on_batch,
             preloaded=model,
         )
@@ -251,6 +269,8 @@ class CT2Backend:
             min_split_size=self._min_split_size,
             max_prompt_spread=self._max_prompt_spread,
             on_batch=self._on_batch,
+            busy_batch_wait_s=self._busy_batch_wait_s,
+            merge_max_generated=self._merge_max_generated,
         )
 
     @asynccontextmanager
@@ -298,6 +318,7 @@ def create_backend(settings: AppSettings) -> CT2Backend:
         lambda: plan_from_settings(settings),
         max_batch_size=runtime.max_batch_size,
         batch_wait_ms=runtime.batch_wait_ms,
+        busy_batch_wait_ms=runtime.busy_batch_wait_ms,
         # Admission already bounds what reaches the backend; this bound only guards
         # against a bug there, so it must never bite first.
         max_queued=max(1, settings.capacity.max_concurrent + settings.capacity.max_queued),

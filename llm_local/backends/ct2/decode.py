@@ -80,7 +80,7 @@ def make_batch_executor(
             prompts,
             include_prompt_in_result=False,
             # Each item stops at its own max_new_tokens through the callback.
-            max_length=max(item.max_new_tokens for item in batch),
+            max_length=max(item.remaining_new_tokens for item in batch),
             beam_size=1,
             end_token=end_tokens or None,  # None: the model's own eos
             callback=on_step,

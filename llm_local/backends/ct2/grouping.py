@@ -9,7 +9,12 @@ how many workers are free and the time, and carries out the plan. The rules:
 - Nothing is dispatched while every worker is busy: whatever arrives then waits and joins
   the next batch (CTranslate2 cannot add a request to a batch already decoding).
 - With a worker free, a group is dispatched once its oldest member has waited
-  `wait_s` (time for company to arrive; 0 = at once) or once it fills a batch.
+  `wait_s` (time for company to arrive; 0 = at once) or once it fills a batch. While a
+  batch is already decoding the window is `busy_wait_s` instead: under closed-loop load
+  the clients of a batch that just ended send their next requests a few milliseconds
+  apart, and a request that misses the batch waits a whole batch (seconds) for its
+  first token, so a longer window costs little and saves much. Idle, the short window
+  keeps a lone request's first token fast.
 - Groups are served oldest first. Workers left free once every ready group has one
   split batches, in this order of need:
   1. a batch whose prompt lengths differ by `max_prompt_spread` tokens or more is cut at
@@ -22,6 +27,14 @@ how many workers are free and the time, and carries out the plan. The rules:
      (FINDINGS: 2 × 16 ≈ 1180 tokens/s against 32 on one worker ≈ 485; on a 2-core
      AVX2 machine, 4 streams: 2 + 2 gave 83 tokens/s, 4 on one worker 55).
   Smaller batches stay whole and leave the worker free for the next arrival.
+
+CTranslate2 cannot add a request to a batch already decoding, but a batch that has only
+just started loses little by starting again: `plan_merges` picks, when requests wait and
+no worker is free, a young running batch of the same key (no active item has produced
+more than `merge_max_generated` tokens) that the waiting requests fit into. The scheduler
+stops it and re-queues its items, in front, with their tokens so far appended to their
+prompts, so they decode on together with the newcomers. A batch holding an item that was
+re-queued once is never stopped again: every item is stopped at most once, no livelock.
 """
 
 from __future__ import annotations
@@ -64,13 +77,20 @@ def plan_dispatch(
     now: float,
     min_split_size: int,
     max_prompt_spread: int,
+    running_batches: int = 0,
+    busy_wait_s: float | None = None,
 ) -> DispatchPlan[QueuedT]:
-    """The batches to start now out of `waiting` (given in arrival order)."""
+    """The batches to start now out of `waiting` (given in arrival order).
+
+    `running_batches` batches are decoding already; when there is at least one, the
+    gathering window is `busy_wait_s` (None: `wait_s` all the time)."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
     if not waiting or free_workers <= 0:
         return DispatchPlan()
 
+    if running_batches > 0 and busy_wait_s is not None:
+        wait_s = busy_wait_s
     ready: list[list[QueuedT]] = []
     wake_at: float | None = None
     for members in _group_by_key(waiting):
@@ -91,6 +111,61 @@ def plan_dispatch(
         if not _split_one(batches, min_split_size, max_prompt_spread):
             break
     return DispatchPlan(batches=batches, wake_at=wake_at)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningBatch:
+    """What the merge policy needs to know about a batch that is decoding."""
+
+    batch_key: Hashable
+    active: int  # items still decoding
+    most_generated: int  # the most tokens any active item has produced so far
+    stopping: bool  # already told to stop (its items will be re-queued)
+    resumed: bool  # holds an item that was re-queued once: never stopped again
+    # Restarting from prompt + generated tokens continues exactly as before only without a
+    # seed (each batch draws afresh) and without a repetition penalty (CTranslate2 may
+    # weigh prompt tokens differently from generated ones).
+    restartable: bool = True
+
+
+def plan_merges(
+    waiting: Sequence[Queued],
+    running: Sequence[RunningBatch],
+    *,
+    free_workers: int,
+    max_batch_size: int,
+    merge_max_generated: int,
+) -> list[int]:
+    """Indices into `running` of the batches to stop so that `waiting` can join them.
+
+    Only when no worker is free (a free worker serves the waiting requests anyway); at
+    most one batch per key, and none for a key whose batch is already being stopped (its
+    items rejoin the queue and gather the newcomers). Of the candidates, the one with the
+    fewest active items is stopped: the least work thrown away. A negative
+    `merge_max_generated` turns merging off."""
+    if free_workers > 0 or merge_max_generated < 0 or not waiting:
+        return []
+    waiting_per_key: dict[Hashable, int] = {}
+    for item in waiting:
+        waiting_per_key[item.batch_key] = waiting_per_key.get(item.batch_key, 0) + 1
+    stopping_keys = {batch.batch_key for batch in running if batch.stopping}
+    chosen: list[int] = []
+    for key, count in waiting_per_key.items():
+        if key in stopping_keys:
+            continue
+        candidates = [
+            index
+            for index, batch in enumerate(running)
+            if batch.batch_key == key
+            and not batch.resumed
+            and batch.restartable
+            and batch.active > 0
+            and batch.active + count <= max_batch_size
+            and batch.most_generated <= merge_max_generated
+        ]
+        if candidates:
+            chosen.append(min(candidates, key=lambda index: running[index].active))
+    return sorted(chosen)
 
 
 def _group_by_key(waiting: Sequence[QueuedT]) -> list[list[QueuedT]]:

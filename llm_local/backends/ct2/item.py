@@ -12,6 +12,12 @@ consumer takes everything buffered at its wake-up as one group.
 Lifecycle: queued → running → finished (normally, with an error, or because the
 consumer left). The consumer leaving (`cancel`) makes the next `offer_token` return
 True, so CTranslate2 drops the item within one decoding step.
+
+A young batch may be stopped to merge it with newcomers (`grouping.plan_merges`): `preempt`
+makes the next `offer_token` return True without taking the token, and once the batch has
+returned `resume_after_preempt` appends the tokens produced so far to the prompt, so the
+item continues in its next batch where it stopped: the consumer sees one stream, and the
+token that was refused is produced again (the same one, for greedy decoding).
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ class BatchItem:
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-        self.prompt_ids = list(prompt_ids)
-        self.max_new_tokens = max_new_tokens
+        self._original_prompt = list(prompt_ids)
+        self.prompt_ids = list(prompt_ids)  # grows by the generated tokens when re-queued
+        self.max_new_tokens = max_new_tokens  # for the whole generation, across batches
         self.sampling = sampling
         self._batch_key = sampling.batch_key()
         self._arrived_at = arrived_at
@@ -49,7 +56,9 @@ class BatchItem:
         # Shared with the decoding thread; guarded by _lock.
         self._lock = threading.Lock()
         self._buffer: list[int] = []
+        self._generated: list[int] = []  # every token taken, across batches
         self._produced = 0
+        self._preempting = False
         self._wake_pending = False
         self._cancelled = False
         self._finished = False
@@ -58,6 +67,7 @@ class BatchItem:
 
         # Trio side only.
         self._wakeup = trio.Event()
+        self.resumed = False  # re-queued once after its batch was stopped for a merge
 
     # -- what the grouping policy reads -------------------------------------------------
 
@@ -73,14 +83,27 @@ class BatchItem:
     def prompt_length(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def generated(self) -> int:
+        """Tokens produced so far, across batches."""
+        with self._lock:
+            return self._produced
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        """How many tokens the next batch may still produce for this item."""
+        with self._lock:
+            return max(1, self.max_new_tokens - self._produced)
+
     # -- decoding thread ------------------------------------------------------------------
 
     def offer_token(self, token_id: int, is_last: bool) -> bool:
         """Take one generated token; True means: stop decoding this item."""
         with self._lock:
-            if self._cancelled or self._finished:
+            if self._cancelled or self._finished or self._preempting:
                 return True
             self._buffer.append(token_id)
+            self._generated.append(token_id)
             self._produced += 1
             done = is_last or self._produced >= self.max_new_tokens
             if done:
@@ -106,6 +129,26 @@ class BatchItem:
                 return
             self._cancelled = True
         self.wake()
+
+    def preempt(self) -> None:
+        """Trio side: stop decoding at the next step, to be re-queued (not finished)."""
+        with self._lock:
+            if not (self._finished or self._cancelled):
+                self._preempting = True
+
+    def resume_after_preempt(self) -> bool:
+        """Trio side, once the stopped batch returned: True if the item goes back to the
+        queue, its prompt now followed by its tokens so far; False if it finished or was
+        cancelled meanwhile (then `batch_ended` settles it)."""
+        with self._lock:
+            if not self._preempting:
+                return False
+            self._preempting = False
+            if self._finished or self._cancelled:
+                return False
+            self.prompt_ids = self._original_prompt + self._generated
+        self.resumed = True
+        return True
 
     def batch_ended(self, error: BaseException | None) -> None:
         """Called once the item's batch returned; settles items CTranslate2 left open."""

@@ -8,6 +8,10 @@ of `workers`. The scheduler knows nothing about CTranslate2: `execute` does the 
 and feeds tokens to the items (see `decode.py`), so the scheduling logic is testable with
 a fake `execute`.
 
+When requests wait, no worker is free and a batch of their key has only just started,
+the scheduler stops that batch and re-queues its items in front of the queue (see
+`grouping.plan_merges` and `BatchItem.preempt`): the next batch holds old and new together.
+
 When `execute` raises, every unfinished item of that batch fails with BackendError and
 the scheduler keeps going. `aclose` fails what is queued, stops what is decoding (each
 item's next callback answers "stop") and returns once every worker thread is done.
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 import trio
 
 from llm_local.backends.base import BackendError, BackendStats
-from llm_local.backends.ct2.grouping import plan_dispatch
+from llm_local.backends.ct2.grouping import RunningBatch, plan_dispatch, plan_merges
 from llm_local.backends.ct2.item import BatchItem, TokenStream, WakeupRelay
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ class BatchStarted:
     size: int
     max_new_tokens: int  # the longest any item of the batch asked for
     running_batches: int  # including this one
+    resumed: int = 0  # items of it re-queued from a batch stopped to merge with newcomers
 
 
 class BatchScheduler:
@@ -63,7 +68,12 @@ class BatchScheduler:
         min_split_size: int = 2,
         max_prompt_spread: int = 32,
         on_batch: Callable[[BatchStarted], None] | None = None,
+        busy_batch_wait_s: float | None = None,
+        merge_max_generated: int = 4,
     ) -> None:
+        """`busy_batch_wait_s`: the gathering window while a batch decodes (None: always
+        `batch_wait_s`); `merge_max_generated`: the most tokens an item of a running batch
+        may have produced for the batch to be stopped and merged (-1: never merge)."""
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         if max_batch_size < 1:
@@ -72,10 +82,14 @@ class BatchScheduler:
             raise ValueError(f"max_queued must be at least 1, not {max_queued}")
         if batch_wait_s < 0 or math.isnan(batch_wait_s):
             raise ValueError(f"batch_wait_s must be 0 or more, not {batch_wait_s}")
+        if busy_batch_wait_s is not None and not busy_batch_wait_s >= 0:
+            raise ValueError(f"busy_batch_wait_s must be 0 or more, not {busy_batch_wait_s}")
         self._execute = execute
         self._workers = workers
         self._max_batch_size = max_batch_size
         self._batch_wait_s = batch_wait_s
+        self._busy_batch_wait_s = busy_batch_wait_s
+        self._merge_max_generated = merge_max_generated
         self._min_split_size = min_split_size
         self._max_prompt_spread = max_prompt_spread
         self._on_batch = on_batch
@@ -83,6 +97,8 @@ class BatchScheduler:
         self._queue_slots = trio.Semaphore(max_queued)
         self._waiting: list[BatchItem] = []
         self._running: list[list[BatchItem]] = []
+        self._stopping: set[int] = set()  # id() of running batches told to stop for a merge
+        self.merges = 0  # batches stopped so far to merge them with waiting requests
         self._limiter = trio.CapacityLimiter(workers)
         self._changed = trio.Event()
         self._closing = False
@@ -138,7 +154,7 @@ class BatchScheduler:
         item.cancel()
         if item in self._waiting:
             self._waiting.remove(item)
-            self._queue_slots.release()
+            self._release_slot(item)
             self._notify()
 
     def stats(self) -> BackendStats:
@@ -157,12 +173,18 @@ class BatchScheduler:
             item.fail(SchedulerClosedError(reason))
             # Wakes one submitter waiting for room; it sees _closing and passes the
             # slot on, so every waiting submitter fails in turn.
-            self._queue_slots.release()
+            self._release_slot(item)
         self._waiting.clear()
         for batch in self._running:
             for item in batch:
                 item.fail(SchedulerClosedError(reason))
         self._notify()
+
+    def _release_slot(self, item: BatchItem) -> None:
+        # An item holds a queue slot from `submit` to its first batch; a re-queued item
+        # comes back without one (it must not wait for room, nor free someone else's).
+        if not item.resumed:
+            self._queue_slots.release()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -197,35 +219,78 @@ class BatchScheduler:
                     now=trio.current_time(),
                     min_split_size=self._min_split_size,
                     max_prompt_spread=self._max_prompt_spread,
+                    running_batches=len(self._running),
+                    busy_wait_s=self._busy_batch_wait_s,
                 )
                 for batch in plan.batches:
                     self._start_batch(workers, batch)
                 wake_at = plan.wake_at
+                self._stop_young_batches()
             if wake_at is None:
                 await self._changed.wait()
             else:
                 with trio.move_on_at(wake_at):
                     await self._changed.wait()
 
+    def _stop_young_batches(self) -> None:
+        """Stop the young batches the waiting requests should join (grouping.plan_merges)."""
+        if not self._waiting or self._merge_max_generated < 0:
+            return
+        running = [self._describe(batch) for batch in self._running]
+        chosen = plan_merges(
+            self._waiting,
+            running,
+            free_workers=self._workers - len(self._running),
+            max_batch_size=self._max_batch_size,
+            merge_max_generated=self._merge_max_generated,
+        )
+        for index in chosen:
+            batch = self._running[index]
+            self._stopping.add(id(batch))
+            for item in batch:
+                item.preempt()
+            self.merges += 1
+            log.debug("stopping a batch of %d to merge it", running[index].active)
+
+    def _describe(self, batch: list[BatchItem]) -> RunningBatch:
+        active = [item for item in batch if item.active]
+        return RunningBatch(
+            batch_key=batch[0].batch_key,
+            active=len(active),
+            most_generated=max((item.generated for item in active), default=0),
+            stopping=id(batch) in self._stopping,
+            resumed=any(item.resumed for item in batch),
+            restartable=all(
+                item.sampling.seed is None and item.sampling.repetition_penalty == 1.0
+                for item in batch
+            ),
+        )
+
+    def _report(self, event: BatchStarted) -> None:
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(event)
+        except Exception:
+            # An observer (metrics, tests) must not break the scheduler.
+            log.exception("the on_batch observer failed")
+
     def _start_batch(self, workers: trio.Nursery, batch: list[BatchItem]) -> None:
         for item in batch:
             self._waiting.remove(item)
-            self._queue_slots.release()
+            self._release_slot(item)
         self._running.append(batch)
         workers.start_soon(self._run_batch, batch)
-        if self._on_batch is not None:
-            event = BatchStarted(
+        self._report(
+            BatchStarted(
                 batch_key=batch[0].batch_key,
                 item_keys=tuple(item.batch_key for item in batch),
                 size=len(batch),
                 max_new_tokens=max(item.max_new_tokens for item in batch),
                 running_batches=len(self._running),
+                resumed=sum(1 for item in batch if item.resumed),
             )
-            try:
-                self._on_batch(event)
-            except Exception:
-                # An observer (metrics, tests) must not break the scheduler.
-                log.exception("the on_batch observer failed")
+        )
 
     async def _run_batch(self, batch: list[BatchItem]) -> None:
         error: BaseException | None = None
@@ -236,8 +301,16 @@ class BatchScheduler:
             log.warning("a batch of %d failed: %s", len(batch), exc)
             error = exc
         finally:
+            stopped = id(batch) in self._stopping
+            self._stopping.discard(id(batch))
+            requeued: list[BatchItem] = []
             for item in batch:
-                item.batch_ended(error)
+                if stopped and error is None and not self._closing and item.resume_after_preempt():
+                    requeued.append(item)
+                else:
+                    item.batch_ended(error)
+            # In front: they arrived first, and their consumers have been waiting longest.
+            self._waiting[:0] = requeued
             self._running.remove(batch)
             self._notify()
 

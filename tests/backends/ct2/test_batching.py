@@ -330,3 +330,46 @@ async def test_a_seed_reproduces_sampling_only_on_a_fresh_worker(
     assert first_process_like[1] != first_process_like[0]
     # ...though it continues the same sequence as in the other fresh backend.
     assert first_process_like[1] == second_process_like[1]
+
+
+async def test_float32_greedy_after_a_merge_equals_each_request_alone(
+    float32_model: LoadedModel,
+) -> None:
+    """A batch stopped to take newcomers in goes on where it stopped: same tokens."""
+    events: list[BatchStarted] = []
+    questions = [("Tell me a long story about a dragon.", 40), ("Name three colors.", 30)]
+    async with serving(
+        float32_model,
+        events,
+        batch_wait_ms=0,
+        busy_batch_wait_ms=0,
+        merge_max_generated=1000,  # every running batch counts as young: no timing
+    ) as backend:
+        prompts = [(chat_ids(backend.tokenizer, text), limit) for text, limit in questions]
+        prompts.append((chat_ids(backend.tokenizer, FRANCE), 12))
+
+        async def tokens(index: int, first: trio.Event | None = None) -> list[int]:
+            ids, limit = prompts[index]
+            got: list[int] = []
+            async with backend.generate(ids, limit, GREEDY) as stream:
+                async for group in stream:
+                    got.extend(group)
+                    if first is not None:
+                        first.set()
+            return got
+
+        alone = [await tokens(index) for index in range(3)]
+        events.clear()
+        together: dict[int, list[int]] = {}
+
+        async def run(index: int, first: trio.Event | None = None) -> None:
+            together[index] = await tokens(index, first)
+
+        async with trio.open_nursery() as nursery:
+            for index in (0, 1):  # one batch on each worker, both decoding
+                first = trio.Event()
+                nursery.start_soon(run, index, first)
+                await first.wait()
+            nursery.start_soon(run, 2)  # no worker free: a young batch is stopped
+    assert [(event.size, event.resumed) for event in events] == [(1, 0), (1, 0), (2, 1)]
+    assert [together[index] for index in range(3)] == alone

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from llm_local.backends.ct2.grouping import DispatchPlan, plan_dispatch
+from llm_local.backends.ct2.grouping import DispatchPlan, RunningBatch, plan_dispatch, plan_merges
 from llm_local.core.types import SamplingOptions
 
 GREEDY = SamplingOptions().batch_key()
@@ -196,3 +196,114 @@ def test_a_wide_batch_is_split_before_a_merely_large_one() -> None:
 def test_invalid_batch_size_is_refused() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         plan(waiting(GREEDY, 1), max_batch_size=0)
+
+
+# -- the busy window -------------------------------------------------------------------
+
+
+def test_while_a_batch_runs_a_free_worker_waits_the_longer_busy_window() -> None:
+    queue = [Waiting("a", GREEDY, arrived_at=1.0)]
+
+    def busy(now: float, running: int) -> DispatchPlan[Waiting]:
+        return plan_dispatch(
+            queue,
+            free_workers=1,
+            max_batch_size=8,
+            wait_s=0.002,
+            now=now,
+            min_split_size=4,
+            max_prompt_spread=32,
+            running_batches=running,
+            busy_wait_s=0.030,
+        )
+
+    assert names(busy(1.002, running=0)) == [["a"]]  # idle: the short window
+    waiting_plan = busy(1.002, running=1)
+    assert waiting_plan.batches == []
+    assert waiting_plan.wake_at == pytest.approx(1.030)
+    assert names(busy(1.030, running=1)) == [["a"]]
+
+
+def test_a_full_batch_does_not_wait_for_the_busy_window() -> None:
+    result = plan_dispatch(
+        waiting(GREEDY, 4, at=1.0),
+        free_workers=1,
+        max_batch_size=4,
+        wait_s=0.002,
+        now=1.0,
+        min_split_size=4,
+        max_prompt_spread=32,
+        running_batches=1,
+        busy_wait_s=0.030,
+    )
+    assert [len(batch) for batch in result.batches] == [4]
+
+
+# -- merging with a young batch --------------------------------------------------------
+
+
+def running(
+    key: Hashable = GREEDY,
+    *,
+    active: int = 2,
+    most_generated: int = 1,
+    stopping: bool = False,
+    resumed: bool = False,
+    restartable: bool = True,
+) -> RunningBatch:
+    return RunningBatch(key, active, most_generated, stopping, resumed, restartable)
+
+
+def merges(
+    queue: list[Waiting],
+    batches: list[RunningBatch],
+    *,
+    free_workers: int = 0,
+    max_batch_size: int = 8,
+    merge_max_generated: int = 4,
+) -> list[int]:
+    return plan_merges(
+        queue,
+        batches,
+        free_workers=free_workers,
+        max_batch_size=max_batch_size,
+        merge_max_generated=merge_max_generated,
+    )
+
+
+def test_waiting_requests_stop_the_smallest_young_batch_of_their_key() -> None:
+    batches = [running(active=3), running(SAMPLED, active=1), running(active=2)]
+    assert merges(waiting(GREEDY, 2), batches) == [2]
+
+
+def test_no_merge_while_a_worker_is_free_or_nothing_waits() -> None:
+    assert merges(waiting(GREEDY, 2), [running()], free_workers=1) == []
+    assert merges([], [running()]) == []
+
+
+def test_no_merge_into_an_old_batch_or_one_the_newcomers_overflow() -> None:
+    assert merges(waiting(GREEDY, 1), [running(most_generated=5)]) == []
+    assert merges(waiting(GREEDY, 1), [running(most_generated=4)]) == [0]
+    assert merges(waiting(GREEDY, 7), [running(active=2)], max_batch_size=8) == []
+    assert merges(waiting(GREEDY, 6), [running(active=2)], max_batch_size=8) == [0]
+
+
+def test_no_merge_across_keys_or_twice() -> None:
+    assert merges(waiting(SAMPLED, 1), [running(GREEDY)]) == []
+    # A batch holding a re-queued item is never stopped again: no livelock.
+    assert merges(waiting(GREEDY, 1), [running(resumed=True)]) == []
+    # A key whose batch is stopping already waits for it instead of stopping another.
+    assert merges(waiting(GREEDY, 1), [running(stopping=True), running()]) == []
+    # Each key stops its own batch.
+    batches = [running(GREEDY), running(SAMPLED)]
+    assert merges([*waiting(SAMPLED, 1), *waiting(GREEDY, 1)], batches) == [0, 1]
+
+
+def test_a_seeded_or_penalised_batch_is_never_restarted() -> None:
+    # Restarting would draw a fresh seed or re-weigh the repetition penalty: the answer
+    # would no longer be the one the request asked for.
+    assert merges(waiting(GREEDY, 1), [running(restartable=False)]) == []
+
+
+def test_a_negative_merge_limit_turns_merging_off() -> None:
+    assert merges(waiting(GREEDY, 1), [running(most_generated=0)], merge_max_generated=-1) == []

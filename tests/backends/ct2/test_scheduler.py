@@ -51,14 +51,16 @@ class ScriptedDecoder:
             raise RuntimeError("the test never opened the gate")
         if any(item.prompt_ids[0] == POISON for item in batch):
             raise RuntimeError("poisoned batch")
-        limit = max(item.max_new_tokens for item in batch)
+        limit = max(item.remaining_new_tokens for item in batch)
         alive = list(range(len(batch)))
         for step in range(limit):
             for index in list(alive):
                 item = batch[index]
                 prompt = item.prompt_ids[0]
                 self.offers[prompt] = self.offers.get(prompt, 0) + 1
-                if item.offer_token(prompt * 1000 + step, step == limit - 1):
+                # A re-queued item's prompt carries its tokens so far: it continues.
+                position = len(item.prompt_ids) - 1 + step
+                if item.offer_token(prompt * 1000 + position, step == limit - 1):
                     alive.remove(index)
             if not alive:
                 return
@@ -91,6 +93,8 @@ def make_scheduler(
     batch_wait_s: float = 0.005,
     max_queued: int = 64,
     on_batch: list[BatchStarted] | None = None,
+    busy_batch_wait_s: float | None = None,
+    merge_max_generated: int = -1,  # off: most tests look at batches merging would change
 ) -> BatchScheduler:
     scheduler = BatchScheduler(
         decoder,
@@ -100,6 +104,8 @@ def make_scheduler(
         max_queued=max_queued,
         min_split_size=8,  # these tests look at batches the splitting would not touch
         on_batch=None if on_batch is None else on_batch.append,
+        busy_batch_wait_s=busy_batch_wait_s,
+        merge_max_generated=merge_max_generated,
     )
     scheduler.start()
     return scheduler
@@ -316,3 +322,81 @@ async def test_aclose_also_fails_requests_waiting_for_room_in_the_queue(
         await scheduler.aclose()
     # 1 was decoding and 2 queued: both stopped; 3 and 4 never got into the queue.
     assert sorted(errors) == ["the backend is shut down"] * 2 + ["the backend is shutting down"] * 2
+
+
+async def test_a_young_batch_is_stopped_and_continues_merged_with_the_newcomers(
+    decoder: ScriptedDecoder,
+) -> None:
+    events: list[BatchStarted] = []
+    scheduler = make_scheduler(decoder, workers=1, on_batch=events, merge_max_generated=1000)
+    results: dict[int, list[int]] = {}
+
+    async def run(prompt: int, max_new_tokens: int, first: trio.Event | None = None) -> None:
+        tokens: list[int] = []
+        async with scheduler.generation(new_item(prompt, max_new_tokens)) as stream:
+            async for group in stream:
+                tokens.extend(group)
+                if first is not None:
+                    first.set()
+        results[prompt] = tokens
+
+    first_tokens = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 1, 300, first_tokens)
+        await first_tokens.wait()  # item 1 is decoding, alone, and has produced tokens
+        for prompt in (2, 3):
+            nursery.start_soon(run, prompt, 3)
+    await scheduler.aclose()
+    assert decoder.batches == [[1], [1, 2, 3]]
+    assert [(event.size, event.resumed) for event in events] == [(1, 0), (3, 1)]
+    assert scheduler.merges == 1
+    # Not one token lost or repeated across the two batches.
+    assert results == {
+        1: [1000 + n for n in range(300)],
+        2: [2000, 2001, 2002],
+        3: [3000, 3001, 3002],
+    }
+
+
+async def test_a_requeued_item_can_leave_while_it_waits(decoder: ScriptedDecoder) -> None:
+    events: list[BatchStarted] = []
+    # A long busy window keeps the re-queued item in the queue while the other batch runs.
+    scheduler = make_scheduler(
+        decoder, on_batch=events, busy_batch_wait_s=60, merge_max_generated=1000
+    )
+    first = {prompt: trio.Event() for prompt in (1, 9)}
+    leave = {prompt: trio.CancelScope() for prompt in (1, 9)}
+    seen: dict[int, list[int]] = {1: [], 9: []}
+    kept: list[int] = []
+
+    async def run_until_told(prompt: int, sampling: SamplingOptions) -> None:
+        with leave[prompt]:
+            async with scheduler.generation(new_item(prompt, 10_000, sampling)) as stream:
+                async for group in stream:
+                    seen[prompt].extend(group)
+                    first[prompt].set()
+
+    async def keep() -> None:
+        kept.extend(await collect(scheduler, new_item(2, 3)))
+
+    async with trio.open_nursery() as nursery:
+        # Together, within the idle window: one worker each (9, another key, stays busy).
+        nursery.start_soon(run_until_told, 9, SAMPLED)
+        nursery.start_soon(run_until_told, 1, GREEDY)
+        await first[9].wait()
+        await first[1].wait()
+        nursery.start_soon(keep)  # no worker free: item 1's batch is stopped
+        # Item 1 back in the queue beside item 2 (the stop lands at the next step).
+        while scheduler.stats().queued < 2:  # noqa: ASYNC110 (no event to wait on)
+            await trio.sleep(0.001)
+        assert scheduler.merges == 1
+        leave[1].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert scheduler.stats().queued == 1
+        leave[9].cancel()  # the busy window ends with the last batch: item 2 goes
+    await scheduler.aclose()
+    assert kept == [2000, 2001, 2002]
+    assert seen[1] == [1000 + n for n in range(len(seen[1]))]
+    assert decoder.batches[-1] == [2]
+    assert [event.resumed for event in events] == [0, 0, 0]
+    assert scheduler.stats() == BackendStats(running=0, queued=0, batches=0)

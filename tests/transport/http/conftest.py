@@ -49,6 +49,7 @@ def build_settings(raw: dict[str, object] | None = None, max_concurrent: int = 2
             intra_threads=1,
             max_batch_size=8,
             batch_wait_ms=2.0,
+            busy_batch_wait_ms=30.0,
         ),
         generation=GenerationDefaults(
             max_new_tokens=16,
