@@ -7,11 +7,11 @@ batch through ``generate_batch``; sampling options and seeds).
 """
 
 from llm_local.backends.base import BackendFactory
-from llm_local.backends.ct2.backend import CT2Backend
+from llm_local.backends.ct2.backend import BatchingOptions, CT2Backend
 from llm_local.backends.ct2.backend import create_backend as _create_backend
 from llm_local.backends.ct2.scheduler import BatchStarted
 
 # Typed as the registry's factory: mypy then checks CT2Backend against the protocol.
 create_backend: BackendFactory = _create_backend
 
-__all__ = ["BatchStarted", "CT2Backend", "create_backend"]
+__all__ = ["BatchStarted", "BatchingOptions", "CT2Backend", "create_backend"]

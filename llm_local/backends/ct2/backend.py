@@ -12,6 +12,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,28 @@ DEFAULT_MERGE_MAX_GENERATED = 4
 # machine). Closing waits that long, at most this, before releasing the model.
 IDLE_WAIT_S = 5.0
 
+
+@dataclass(frozen=True, slots=True)
+class BatchingOptions:
+    """How the scheduler forms batches (see grouping.py for the rules).
+
+    At most `max_batch_size` generations per batch; a lone request on an idle server
+    waits `batch_wait_ms` for company, `busy_batch_wait_ms` while a batch decodes (None:
+    `batch_wait_ms`); `max_queued` bounds the queue (a full queue makes `generate` wait);
+    `min_split_size` and `max_prompt_spread` decide when idle workers split a batch; a
+    running batch whose items produced at most `merge_max_generated` tokens is stopped
+    and merged with waiting requests when no worker is free (-1: never).
+    """
+
+    max_batch_size: int = 32
+    batch_wait_ms: float = 2.0
+    busy_batch_wait_ms: float | None = None
+    max_queued: int = DEFAULT_MAX_QUEUED
+    min_split_size: int = 2
+    max_prompt_spread: int = 32
+    merge_max_generated: int = DEFAULT_MERGE_MAX_GENERATED
+
+
 # Backends holding a model they loaded. A CTranslate2 Generator still alive when the
 # interpreter finalizes aborts the process ("terminate called without an active
 # exception", FINDINGS); aclose() releases it, and this catches backends never closed.
@@ -62,37 +85,18 @@ class CT2Backend:
         self,
         plan: Callable[[], LoadPlan],
         *,
-        max_batch_size: int = 32,
-        batch_wait_ms: float = 2.0,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        min_split_size: int = 2,
-        max_prompt_spread: int = 32,
-        busy_batch_wait_ms: float | None = None,
-        merge_max_generated: int = DEFAULT_MERGE_MAX_GENERATED,
+        batching: BatchingOptions = BatchingOptions(),
         on_batch: Callable[[BatchStarted], None] | None = None,
         preloaded: LoadedModel | None = None,
     ) -> None:
-        """`plan` runs on the loading thread (it may look for the model on disk).
-
-        Batching: at most `max_batch_size` generations per batch; a lone request waits
-        `batch_wait_ms` for company; `max_queued` bounds the queue (a full queue makes
-        `generate` wait); `min_split_size` and `max_prompt_spread` decide when idle
-        workers split a batch (see grouping.py). While a batch decodes, the window is
-        `busy_batch_wait_ms` (None: `batch_wait_ms`). A running batch whose items have
-        produced at most `merge_max_generated` tokens is stopped and merged with waiting
-        requests when no worker is free (-1: never). `on_batch` observes every batch start.
+        """`plan` runs on the loading thread (it may look for the model on disk);
+        `on_batch` observes every batch start.
 
         `preloaded` skips loading and leaves the model to its owner: `aclose` then
         does not unload it (tests share one loaded model between trio runs).
         """
         self._plan = plan
-        self._max_batch_size = max_batch_size
-        self._batch_wait_s = batch_wait_ms / 1000.0
-        self._max_queued = max_queued
-        self._min_split_size = min_split_size
-        self._max_prompt_spread = max_prompt_spread
-        self._busy_batch_wait_s = None if busy_batch_wait_ms is None else busy_batch_wait_ms / 1000
-        self._merge_max_generated = merge_max_generated
+        self._batching = batching
         self._on_batch = on_batch
         self._model: LoadedModel | None = preloaded
         self._owns_model = preloaded is None
@@ -109,15 +113,9 @@ class CT2Backend:
         compute_type: str = "int8",
         inter_threads: int = 2,
         intra_threads: int = 1,
-        max_batch_size: int = 32,
-        batch_wait_ms: float = 2.0,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        min_split_size: int = 2,
-        max_prompt_spread: int = 32,
-        busy_batch_wait_ms: float | None = None,
-        merge_max_generated: int = DEFAULT_MERGE_MAX_GENERATED,
         model_name: str | None = None,
         context_limit: int = 0,
+        batching: BatchingOptions = BatchingOptions(),
         on_batch: Callable[[BatchStarted], None] | None = None,
     ) -> CT2Backend:
         directory = Path(model_dir)
@@ -131,30 +129,14 @@ class CT2Backend:
             intra_threads=intra_threads,
             context_limit=context_limit,
         )
-        return cls(
-            lambda: plan,
-            max_batch_size=max_batch_size,
-            batch_wait_ms=batch_wait_ms,
-            max_queued=max_queued,
-            min_split_size=min_split_size,
-            max_prompt_spread=max_prompt_spread,
-            busy_batch_wait_ms=busy_batch_wait_ms,
-            merge_max_generated=merge_max_generated,
-            on_batch=on_batch,
-        )
+        return cls(lambda: plan, batching=batching, on_batch=on_batch)
 
     @classmethod
     def from_loaded(
         cls,
         model: LoadedModel,
         *,
-        max_batch_size: int = 32,
-        batch_wait_ms: float = 2.0,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        min_split_size: int = 2,
-        max_prompt_spread: int = 32,
-        busy_batch_wait_ms: float | None = None,
-        merge_max_generated: int = DEFAULT_MERGE_MAX_GENERATED,
+        batching: BatchingOptions = BatchingOptions(),
         on_batch: Callable[[BatchStarted], None] | None = None,
     ) -> CT2Backend:
         """A backend over a model its caller loaded (`loader.load_model`) and releases."""
@@ -162,18 +144,7 @@ class CT2Backend:
         def no_plan() -> LoadPlan:
             raise AssertionError("a preloaded backend has nothing to plan")
 
-        return cls(
-            no_plan,
-            max_batch_size=max_batch_size,
-            batch_wait_ms=batch_wait_ms,
-            max_queued=max_queued,
-            min_split_size=min_split_size,
-            max_prompt_spread=max_prompt_spread,
-            busy_batch_wait_ms=busy_batch_wait_ms,
-            merge_max_generated=merge_max_generated,
-            on_batch=on_batch,
-            preloaded=model,
-        )
+        return cls(no_plan, batching=batching, on_batch=on_batch, preloaded=model)
 
     # -- Backend protocol -------------------------------------------------------------------
 
@@ -260,17 +231,19 @@ class CT2Backend:
             model.tokenizer.end_token_ids,
             ctranslate2.set_random_seed,
         )
+        options = self._batching
+        busy_wait_ms = options.busy_batch_wait_ms
         return BatchScheduler(
             execute,
             workers=max(1, int(model.generator.num_generators)),
-            max_batch_size=self._max_batch_size,
-            batch_wait_s=self._batch_wait_s,
-            max_queued=self._max_queued,
-            min_split_size=self._min_split_size,
-            max_prompt_spread=self._max_prompt_spread,
+            max_batch_size=options.max_batch_size,
+            batch_wait_s=options.batch_wait_ms / 1000,
+            max_queued=options.max_queued,
+            min_split_size=options.min_split_size,
+            max_prompt_spread=options.max_prompt_spread,
             on_batch=self._on_batch,
-            busy_batch_wait_s=self._busy_batch_wait_s,
-            merge_max_generated=self._merge_max_generated,
+            busy_batch_wait_s=None if busy_wait_ms is None else busy_wait_ms / 1000,
+            merge_max_generated=options.merge_max_generated,
         )
 
     @asynccontextmanager
@@ -314,8 +287,7 @@ def _busy(generator: ctranslate2.Generator) -> bool:
 def create_backend(settings: AppSettings) -> CT2Backend:
     """The `ct2` entry point: a backend for the configured model (loaded by `load()`)."""
     runtime = settings.runtime
-    return CT2Backend(
-        lambda: plan_from_settings(settings),
+    batching = BatchingOptions(
         max_batch_size=runtime.max_batch_size,
         batch_wait_ms=runtime.batch_wait_ms,
         busy_batch_wait_ms=runtime.busy_batch_wait_ms,
@@ -323,3 +295,4 @@ def create_backend(settings: AppSettings) -> CT2Backend:
         # against a bug there, so it must never bite first.
         max_queued=max(1, settings.capacity.max_concurrent + settings.capacity.max_queued),
     )
+    return CT2Backend(lambda: plan_from_settings(settings), batching=batching)

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from llm_local.backends.base import BackendError, BackendLoadError
-from llm_local.backends.ct2 import CT2Backend
+from llm_local.backends.ct2 import BatchingOptions, CT2Backend
 from llm_local.backends.ct2.decode import sampling_arguments
 from llm_local.backends.ct2.loader import DEFAULT_CONTEXT_LIMIT, LoadedModel, read_context_limit
 from llm_local.core.generation import run_generation
@@ -32,7 +32,7 @@ STORY = "Tell me a long story about a dragon who learns to cook."
 
 @pytest.fixture
 async def backend(int8_model: LoadedModel) -> AsyncIterator[CT2Backend]:
-    backend = CT2Backend.from_loaded(int8_model, batch_wait_ms=0)
+    backend = CT2Backend.from_loaded(int8_model, batching=BatchingOptions(batch_wait_ms=0))
     await backend.load()
     yield backend
     await backend.aclose()

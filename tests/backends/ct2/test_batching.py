@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from llm_local.backends.base import BackendError, ModelTokenizer
-from llm_local.backends.ct2 import BatchStarted, CT2Backend
+from llm_local.backends.ct2 import BatchingOptions, BatchStarted, CT2Backend
 from llm_local.backends.ct2.loader import LoadedModel
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
@@ -98,7 +98,11 @@ async def generate_all(backend: CT2Backend, requests: Sequence[GenerationRequest
 async def serving(
     model: LoadedModel, events: list[BatchStarted], **options: float
 ) -> AsyncIterator[CT2Backend]:
-    backend = CT2Backend.from_loaded(model, on_batch=events.append, **options)  # type: ignore[arg-type]
+    backend = CT2Backend.from_loaded(
+        model,
+        batching=BatchingOptions(**options),
+        on_batch=events.append,  # type: ignore[arg-type]
+    )
     await backend.load()
     try:
         yield backend
@@ -235,7 +239,9 @@ async def test_the_backend_queue_stays_bounded(float32_model: LoadedModel) -> No
         queued_when_a_batch_starts.append(backends[0].stats().queued)
 
     backend = CT2Backend.from_loaded(
-        float32_model, batch_wait_ms=0, max_batch_size=1, max_queued=2, on_batch=watch
+        float32_model,
+        batching=BatchingOptions(batch_wait_ms=0, max_batch_size=1, max_queued=2),
+        on_batch=watch,
     )
     backends.append(backend)
     await backend.load()
@@ -276,7 +282,9 @@ async def test_a_failing_batch_fails_only_its_own_requests(int8_model: LoadedMod
 
 
 async def test_aclose_with_generations_running_finishes_cleanly(test_model_dir: Path) -> None:
-    backend = CT2Backend.from_directory(test_model_dir, compute_type="int8", batch_wait_ms=0)
+    backend = CT2Backend.from_directory(
+        test_model_dir, compute_type="int8", batching=BatchingOptions(batch_wait_ms=0)
+    )
     await backend.load()
     generator = backend.generator
     ids = chat_ids(backend.tokenizer, "Tell me a long story about a dragon.")
@@ -313,7 +321,9 @@ async def test_a_seed_reproduces_sampling_only_on_a_fresh_worker(
     seeded = SamplingOptions(temperature=1.0, seed=1234)
 
     async def two_seeded_runs() -> list[list[int]]:
-        backend = CT2Backend.from_directory(test_model_dir, inter_threads=1, batch_wait_ms=0)
+        backend = CT2Backend.from_directory(
+            test_model_dir, inter_threads=1, batching=BatchingOptions(batch_wait_ms=0)
+        )
         await backend.load()
         ids = chat_ids(backend.tokenizer, "Tell me a story.")
         runs: list[list[int]] = []
