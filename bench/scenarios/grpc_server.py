@@ -80,6 +80,7 @@ def _server_settings() -> dict[str, object]:
         "intra_threads": runtime.intra_threads,
         "max_batch_size": runtime.max_batch_size,
         "batch_wait_ms": runtime.batch_wait_ms,
+        "busy_batch_wait_ms": runtime.busy_batch_wait_ms,
         "log_level": settings.logging.level,
     }
 
