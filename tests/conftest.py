@@ -196,6 +196,14 @@ def _write_certificates(directory: Path) -> Certificates:
         )
         for extension, critical in extensions:
             builder = builder.add_extension(extension, critical=critical)
+        # Key identifiers as a real CA writes them: Python 3.13's default TLS contexts
+        # verify strictly (VERIFY_X509_STRICT) and refuse certificates without them.
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        ).add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
         return builder.sign(issuer_key, hashes.SHA256()), key
 
     def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Path:
@@ -211,7 +219,21 @@ def _write_certificates(directory: Path) -> Certificates:
         return path
 
     ca_extensions: list[tuple[x509.ExtensionType, bool]] = [
-        (x509.BasicConstraints(ca=True, path_length=None), True)
+        (x509.BasicConstraints(ca=True, path_length=None), True),
+        (
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        ),
     ]
     ca_cert, ca_key = issue("llm-local test CA", None, ca_extensions)
     server_cert, server_key = issue(

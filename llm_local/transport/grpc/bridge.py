@@ -15,12 +15,14 @@ import on Python 3.14), only this module changes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import grpclib.utils
 import trio
 import trio_asyncio
 from grpclib.const import Status
@@ -31,6 +33,12 @@ from h2.exceptions import StreamClosedError
 from llm_local.serving import ClientGone
 
 GrpclibHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
+
+# On Python 3.12+ asyncio.current_task is C code that cannot see trio-asyncio's loop;
+# trio-asyncio replaces asyncio.current_task with a version that can, but grpclib keeps
+# the function it found when it was first imported, which may be before trio_asyncio was
+# (then every request fails with "no running event loop"). Point grpclib at the patched one.
+grpclib.utils._current_task = asyncio.current_task
 
 
 @asynccontextmanager
@@ -175,8 +183,18 @@ class AsyncioGrpcServer:
         if listener is not None:
             listener.close()
 
-    async def close(self) -> None:
-        """Cancel every call still running and wait until all handlers have returned."""
+    async def close(self, timeout_s: float) -> bool:
+        """Cancel every call still running and wait, at most `timeout_s`, until all
+        handlers have returned; False if they had not by then."""
+        listener = self._server._server
         self._server.close()
-        with trio.CancelScope(shield=True):
+        # From Python 3.12 asyncio's wait_closed also waits for every client connection
+        # to end, and a gateway keeps its channel open: close them (3.13 has the API).
+        close_clients = getattr(listener, "close_clients", None)
+        if close_clients is not None:
+            close_clients()
+        # Shielded so that a stop already being cancelled still waits for the handlers,
+        # bounded so that a connection that never closes cannot hold the process.
+        with trio.move_on_after(timeout_s, shield=True) as scope:
             await trio_asyncio.aio_as_trio(self._server.wait_closed)()
+        return not scope.cancelled_caught

@@ -101,11 +101,12 @@ async def _stop(
             cancelled,
             extra={"cancelled": cancelled},
         )
-    with trio.move_on_after(CLOSE_TIMEOUT_S) as timeout:
+    closed = False
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
         # Until every generation call has sent its final status; then the rest (health
         # watches) is cancelled.
         await tracker.wait_idle()
-        await server.close()
-    if timeout.cancelled_caught:
+        closed = await server.close(CLOSE_TIMEOUT_S)
+    if not closed:
         log.warning("gRPC calls did not close within %.0f s; leaving them", CLOSE_TIMEOUT_S)
     log.info("gRPC server stopped")
