@@ -106,11 +106,19 @@ class IncrementalDetokenizer:
         """Whether a run of byte pieces is still open (and may still change) after `token_id`."""
         if token_id in self._byte_ids:
             self._in_byte_run = True
-        elif self._in_byte_run and not self._tokenizer.decode((token_id,)):
+        elif self._in_byte_run and self._adds_no_text():
             pass  # a skipped special token does not end the run in the full decode
         else:
             self._in_byte_run = False
         return self._in_byte_run
+
+    def _adds_no_text(self) -> bool:
+        """Whether the last id leaves the decode unchanged (a skipped special token).
+
+        Judged in context, not alone: a lone "▁" also decodes to "" under a decoder that
+        strips the first leading space, yet after other pieces it is a real space."""
+        window = self._ids[self._prefix_offset :]
+        return self._tokenizer.decode(window) == self._tokenizer.decode(window[:-1])
 
     def finish(self) -> str:
         """The text still held back; after it, the concatenation equals the full decode."""

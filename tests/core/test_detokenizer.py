@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -159,6 +159,9 @@ def test_llama_style_stray_byte_rewrites_the_whole_run(llama_tokenizer: Any) -> 
 
 @PROPERTY
 @given(text=unicode_text, sizes=group_sizes)
+# A space piece right after a byte piece: alone it decodes to "" (the decoder strips a
+# first leading space), yet it ends the byte run; found by hypothesis.
+@example(text="/ ", sizes=[1])
 def test_llama_style_text_round_trips(llama_tokenizer: Any, text: str, sizes: list[int]) -> None:
     ids = llama_tokenizer.encode(text)
     rest = check_invariants(llama_tokenizer, ids, sizes)
