@@ -55,18 +55,7 @@ def plot_throughput(table: Summaries, streams: tuple[int, ...], path: Path) -> b
     if not drew:
         plt.close(figure)
         return False
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(list(streams), [str(n) for n in streams])
-    axes.set_xlabel("concurrent streams (closed loop)")
-    axes.set_ylabel("aggregate tokens/s")
-    axes.set_ylim(bottom=0)
-    axes.set_title("Throughput, SmolLM2-135M, greedy")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, axes, streams, "aggregate tokens/s", "Throughput", path)
     return True
 
 
@@ -93,16 +82,29 @@ def plot_ttft(table: Summaries, streams: tuple[int, ...], path: Path) -> bool:
         return False
     target = f"target: p95 ≤ {TTFT_TARGET_MS:.0f} ms at {TTFT_TARGET_STREAMS} streams"
     axes.axhline(TTFT_TARGET_MS, color="red", linewidth=1, linestyle=":", label=target)
+    _save(plt, figure, axes, streams, "time to first token, ms", "Time to first token", path)
+    return True
+
+
+def _save(
+    plt: Any,
+    figure: Any,
+    axes: Any,
+    streams: tuple[int, ...],
+    ylabel: str,
+    title: str,
+    path: Path,
+) -> None:
+    """The layout both plots share: log-2 concurrency axis, zero-based y, legend; saved."""
     axes.set_xscale("log", base=2)
     axes.set_xticks(list(streams), [str(n) for n in streams])
     axes.set_xlabel("concurrent streams (closed loop)")
-    axes.set_ylabel("time to first token, ms")
+    axes.set_ylabel(ylabel)
     axes.set_ylim(bottom=0)
-    axes.set_title("Time to first token, SmolLM2-135M, greedy")
+    axes.set_title(f"{title}, SmolLM2-135M, greedy")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    return True
