@@ -196,5 +196,13 @@ class AsyncioGrpcServer:
         # Shielded so that a stop already being cancelled still waits for the handlers,
         # bounded so that a connection that never closes cannot hold the process.
         with trio.move_on_after(timeout_s, shield=True) as scope:
-            await trio_asyncio.aio_as_trio(self._server.wait_closed)()
+            await trio_asyncio.aio_as_trio(self._handlers_closed)()
         return not scope.cancelled_caught
+
+    async def _handlers_closed(self) -> None:
+        # What grpclib's Server.wait_closed waits for, minus asyncio's own wait_closed,
+        # which from Python 3.12 also waits for every client connection to end (and
+        # Python 3.12 has no close_clients to end them).
+        handlers = list(self._server._handlers)
+        if handlers:
+            await asyncio.gather(*(handler.wait_closed() for handler in handlers))
