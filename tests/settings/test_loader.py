@@ -33,7 +33,7 @@ def test_development_is_the_default_environment_and_runs_smollm2() -> None:
     settings = load_settings()
     assert settings.env == "development"
     assert settings.model.name == SMOLLM2
-    assert settings.generation.temperature == 0.7
+    assert settings.generation.temperature == 0.0  # greedy: the tiny model wanders when sampled
     assert settings.server.host == "0.0.0.0"
     assert (settings.server.http_port, settings.server.grpc_port) == (16060, 16061)
 
@@ -257,3 +257,7 @@ def test_the_selected_backends_own_table_reaches_it_through_raw(
     monkeypatch.setenv("LLM_LOCAL_SERVICE_FAKE__TOKEN_DELAY_S", "0.25")
     settings = load_settings(env="test")
     assert settings.raw["fake"] == {"token_delay_s": 0.25}
+
+
+def test_production_keeps_sampling_at_the_default_temperature() -> None:
+    assert load_settings(env="production").generation.temperature == 0.7
