@@ -6,13 +6,25 @@ hardware offers; a request the hardware cannot honour is a SettingsError naming 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from llm_local.settings.errors import Problem, SettingsError
 from llm_local.settings.schema import ModelSettings, RuntimeSettings
 
 _AUTO_TYPE_BY_DEVICE = {"cpu": "int8", "cuda": "float16"}
 
 
+# Where the NVIDIA kernel driver shows itself (on the host, and in a container given a GPU
+# by the NVIDIA container runtime). Without it CUDA cannot run.
+NVIDIA_DRIVER_DIR = Path("/proc/driver/nvidia")
+
+
 def cuda_device_count() -> int:
+    """GPUs CTranslate2 can use. Without an NVIDIA driver the answer is 0 without
+    importing CTranslate2: some of its CPU kernel choices (CT2_USE_MKL) are fixed when
+    it is imported, and the ct2 backend may still have to set them (autotune.py)."""
+    if not NVIDIA_DRIVER_DIR.exists():
+        return 0
     import ctranslate2
 
     count: int = ctranslate2.get_cuda_device_count()

@@ -27,6 +27,7 @@ from llm_local.settings.schema import (
     GenerationDefaults,
     LoggingSettings,
     ModelSettings,
+    NumericsSettings,
     RuntimeSettings,
     ServerSettings,
     TLSSettings,
@@ -45,6 +46,7 @@ _NON_ENV_TABLES = frozenset({"default", "global", "dynaconf"})
 _TABLE_TYPES: dict[str, type[Any]] = {
     "model": ModelSettings,
     "runtime": RuntimeSettings,
+    "numerics": NumericsSettings,
     "generation": GenerationDefaults,
     "capacity": CapacitySettings,
     "server": ServerSettings,
