@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from llm_local.core.numerics import Bounds, Reference, choose
+
+if TYPE_CHECKING:
+    from llm_local.backends.ct2.autotune import Verdict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llm_local.backends.ct2 import autotune
-    from llm_local.backends.ct2.threads import usable_cpus
     from llm_local.convert.api import find_converted
     from llm_local.convert.reference import read_reference
-    from llm_local.core.numerics import Bounds, Measurement, choose
+    from llm_local.core.numerics import Bounds
     from llm_local.settings.device import resolve_device
     from llm_local.settings.errors import SettingsError
     from llm_local.settings.loader import load_settings
@@ -51,45 +55,46 @@ def run(args: argparse.Namespace) -> int:
         return 2
     bounds = Bounds(settings.numerics.max_nll_ratio, settings.numerics.min_agreement_ratio)
     index = settings.runtime.device_index
-    identity = autotune.machine_identity(device, index)
-    verdict = (
-        None if args.remeasure else autotune.read_verdict(model_dir, autotune.verdict_key(identity))
-    )
+    key = autotune.verdict_key(autotune.machine_identity(device, index))
+    verdict = None if args.remeasure else autotune.read_verdict(model_dir, key)
     cached = verdict is not None
     if verdict is None:
         print(
             "measuring every candidate compute type (once; cached beside the model)...",
             file=sys.stderr,
         )
+        verdict = autotune.measure_verdict(model_dir, device, index, reference, bounds)
+    summary = verdict_summary(verdict, reference, bounds, cached=cached)
+    summary["model_dir"] = str(model_dir)
+    print(json.dumps(summary, indent=2) if args.json else render_table(summary))
+    return 0 if summary["auto_chooses"] is not None else 1
 
-        def fastest_faithful(measurements: list[Measurement]) -> Measurement | None:
-            return choose(measurements, reference, bounds).chosen
 
-        verdict = autotune.new_verdict(model_dir, device, index, fastest_faithful)
-        autotune.write_verdict(model_dir, verdict)
+def verdict_summary(
+    verdict: Verdict, reference: Reference, bounds: Bounds, *, cached: bool
+) -> dict[str, Any]:
+    """The verdict table as plain data (doctor's --json, and `make bench`)."""
     choice = choose(verdict.measurements, reference, bounds)
-    fastest = choice.fastest
-    rows: list[dict[str, Any]] = []
-    for measurement, judgement in choice.ranked:
-        rows.append(
-            {
-                "candidate": measurement.label,
-                "runs_as": measurement.effective_type,
-                "nll_ratio": round(judgement.nll_ratio, 3),
-                "agreement": round(measurement.agreement, 3),
-                "agreement_ratio": round(judgement.agreement_ratio, 3),
-                "equal_answers": f"{measurement.equal_answers}/{len(reference.items)}",
-                "batch_tok_s": round(measurement.batch_tokens_per_s, 1),
-                "single_tok_s": round(measurement.single_tokens_per_s, 1),
-                "load_s": round(measurement.load_seconds, 2),
-                "faithful": judgement.passed,
-                "why_not": judgement.reason,
-            }
-        )
-    inter, intra = verdict.layout() if device == "cpu" else (1, 1)
-    summary = {
+    rows = [
+        {
+            "candidate": measurement.label,
+            "runs_as": measurement.effective_type,
+            "nll_ratio": round(judgement.nll_ratio, 3),
+            "agreement": round(measurement.agreement, 3),
+            "agreement_ratio": round(judgement.agreement_ratio, 3),
+            "equal_answers": f"{measurement.equal_answers}/{len(reference.items)}",
+            "batch_tok_s": round(measurement.batch_tokens_per_s, 1),
+            "single_tok_s": round(measurement.single_tokens_per_s, 1),
+            "load_s": round(measurement.load_seconds, 2),
+            "faithful": judgement.passed,
+            "why_not": judgement.reason,
+        }
+        for measurement, judgement in choice.ranked
+    ]
+    chosen, fastest = choice.chosen, choice.fastest
+    inter, intra = verdict.layout() if verdict.identity.get("device") == "cpu" else (1, 1)
+    return {
         "machine": verdict.identity,
-        "model_dir": str(model_dir),
         "bounds": {
             "max_nll_ratio": bounds.max_nll_ratio,
             "min_agreement_ratio": bounds.min_agreement_ratio,
@@ -100,29 +105,26 @@ def run(args: argparse.Namespace) -> int:
             "anchor_agreement": round(reference.anchor.agreement, 3),
         },
         "candidates": rows,
-        "auto_chooses": None if choice.chosen is None else choice.chosen.label,
+        "auto_chooses": None if chosen is None else chosen.label,
         "speed_vs_fastest": (
             None
-            if choice.chosen is None or fastest is None
-            else round(choice.chosen.batch_tokens_per_s / fastest.batch_tokens_per_s, 3)
+            if chosen is None or fastest is None
+            else round(chosen.batch_tokens_per_s / fastest.batch_tokens_per_s, 3)
         ),
         "threads": {
-            "usable_cpus": usable_cpus(),
-            "single_tok_s_by_intra_threads": verdict.single_speed_by_threads,
+            "usable_cpus": verdict.cpus,
+            "single_tok_s_by_intra_threads": {
+                k: round(v, 1) for k, v in verdict.single_speed_by_threads.items()
+            },
             "inter_threads": inter,
             "intra_threads": intra,
         },
         "verdict_cached": cached,
         "measuring_seconds": verdict.seconds,
     }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(_table(summary))
-    return 0 if choice.chosen is not None else 1
 
 
-def _table(summary: dict[str, Any]) -> str:
+def render_table(summary: dict[str, Any]) -> str:
     headers = (
         "candidate",
         "runs_as",

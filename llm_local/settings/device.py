@@ -11,7 +11,7 @@ from pathlib import Path
 from llm_local.settings.errors import Problem, SettingsError
 from llm_local.settings.schema import ModelSettings, RuntimeSettings
 
-_AUTO_TYPE_BY_DEVICE = {"cpu": "int8", "cuda": "float16"}
+AUTO_TYPE_BY_DEVICE = {"cpu": "int8", "cuda": "float16"}
 
 
 # Where the NVIDIA kernel driver shows itself (on the host, and in a container given a GPU
@@ -74,7 +74,7 @@ def supported_compute_types(device: str, device_index: int = 0) -> set[str]:
 def resolve_compute_type(runtime: RuntimeSettings, device: str) -> str:
     """What the model computes in: auto = int8 on CPU, float16 on CUDA."""
     if runtime.compute_type == "auto":
-        return _AUTO_TYPE_BY_DEVICE[device]
+        return AUTO_TYPE_BY_DEVICE[device]
     supported = supported_compute_types(device, runtime.device_index)
     if runtime.compute_type not in supported:
         raise SettingsError(
@@ -99,4 +99,4 @@ def resolve_quantization(model: ModelSettings, runtime: RuntimeSettings, device:
         return model.quantization
     if runtime.compute_type != "auto":
         return runtime.compute_type
-    return _AUTO_TYPE_BY_DEVICE[device]
+    return AUTO_TYPE_BY_DEVICE[device]

@@ -24,7 +24,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -35,7 +35,7 @@ from llm_local.backends.base import BackendLoadError
 from llm_local.backends.ct2.measure import KERNEL_ENV
 from llm_local.backends.ct2.threads import choose_layout, intra_candidates, usable_cpus
 from llm_local.convert.reference import PROBE_VERSION
-from llm_local.core.numerics import Measurement
+from llm_local.core.numerics import Bounds, Measurement, Reference, choose
 
 log = logging.getLogger("llm_local.backends.ct2.autotune")
 
@@ -212,7 +212,7 @@ def new_verdict(
     model_dir: Path,
     device: str,
     device_index: int,
-    fastest_faithful: Any,
+    fastest_faithful: Callable[[list[Measurement]], Measurement | None],
 ) -> Verdict:
     """Measure on this machine (tens of seconds for a small model). `fastest_faithful`
     picks, from the measurements, the candidate whose thread scaling is measured."""
@@ -239,6 +239,19 @@ def new_verdict(
         seconds=round(time.perf_counter() - started, 2),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+
+
+def measure_verdict(
+    model_dir: Path, device: str, device_index: int, reference: Reference, bounds: Bounds
+) -> Verdict:
+    """Measure now and cache the verdict beside the model (best effort)."""
+
+    def fastest_faithful(measurements: list[Measurement]) -> Measurement | None:
+        return choose(measurements, reference, bounds).chosen
+
+    verdict = new_verdict(model_dir, device, device_index, fastest_faithful)
+    write_verdict(model_dir, verdict)
+    return verdict
 
 
 def _run_child(request: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:

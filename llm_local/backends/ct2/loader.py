@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
+from llm_local.settings.device import AUTO_TYPE_BY_DEVICE
 
 if TYPE_CHECKING:
     import ctranslate2
@@ -55,7 +56,7 @@ class LoadedModel:
 
 
 # Without a reference to judge by, "auto" means what it meant before references existed.
-FALLBACK_COMPUTE_TYPES = {"cpu": "int8", "cuda": "float16"}
+FALLBACK_COMPUTE_TYPES = AUTO_TYPE_BY_DEVICE
 
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:

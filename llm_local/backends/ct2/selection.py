@@ -103,12 +103,9 @@ def _verdict(plan: LoadPlan, reference: Reference) -> autotune.Verdict:
         log.info("numerics verdict for this machine found (%s): not measuring again", key)
         return cached
     log.info("measuring compute types on this machine (once; cached beside the model)")
-
-    def fastest_faithful(measurements: list[Measurement]) -> Measurement | None:
-        return choose(measurements, reference, bounds).chosen
-
-    verdict = autotune.new_verdict(plan.model_dir, plan.device, plan.device_index, fastest_faithful)
-    autotune.write_verdict(plan.model_dir, verdict)
+    verdict = autotune.measure_verdict(
+        plan.model_dir, plan.device, plan.device_index, reference, bounds
+    )
     log.info("measured %d compute types in %.1f s", len(verdict.measurements), verdict.seconds)
     return verdict
 
