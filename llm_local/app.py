@@ -268,8 +268,9 @@ def describe_numerics(info: ModelInfo) -> str:
     if numerics.nll_ratio is None or numerics.agreement_ratio is None:
         return f", numerics unverified: {numerics.warning}"
     verdict = "verified" if numerics.verified else f"UNVERIFIED ({numerics.warning})"
+    kernels = "".join(f", {key}={value}" for key, value in sorted(numerics.env.items()))
     return (
-        f", chosen by {numerics.chosen_by}, numerics {verdict}: NLL ratio "
+        f"{kernels}, chosen by {numerics.chosen_by}, numerics {verdict}: NLL ratio "
         f"{numerics.nll_ratio:.3f}, greedy agreement {numerics.agreement_ratio:.2f} of float32's"
     )
 
