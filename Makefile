@@ -50,7 +50,11 @@ typecheck: install
 docker-check: install
 	bash docker/check.sh
 
-unit: install docker-check
+.PHONY: k8s-check
+k8s-check: install
+	bash deploy/kubernetes/check.sh
+
+unit: install docker-check k8s-check
 	$(BIN)/pytest -m "not e2e"
 
 e2e: install
@@ -59,7 +63,7 @@ e2e: install
 
 test: install
 	ENV=test $(BIN)/llm-local convert
-	$(MAKE) --no-print-directory lint typecheck docker-check
+	$(MAKE) --no-print-directory lint typecheck docker-check k8s-check
 	$(BIN)/pytest
 
 run: install
