@@ -72,6 +72,12 @@ def test_service_serves_on_every_interface_from_the_prepared_cache_only(
     assert settings["model"]["convert_on_start"] is False
     assert settings["model"]["offline"] is True
     assert service.mounts[settings["model"]["cache_dir"]][2], "service mounts the cache rw"
+    # ... but keeps auto's numerics verdicts on a writable part of the same volume.
+    verdicts = settings["numerics"]["verdict_dir"]
+    assert verdicts is not None
+    kind, source, read_only = service.mounts[verdicts]
+    assert (kind, read_only) == ("persistentVolumeClaim", False)
+    assert source == service.mounts[settings["model"]["cache_dir"]][1]
     assert converter.command == ["llm-local", "convert"]
     assert service.command == ["llm-local", "serve"]
 
