@@ -14,6 +14,7 @@ A second signal skips what is left of the grace period.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import subprocess
@@ -146,7 +147,23 @@ async def _start_listeners(
             grpc_done.set()
 
     grpc_port: int = await _start(nursery, f"gRPC on port {server.grpc_port}", grpc_task)
+    if loopback_only(server.host):
+        log.info(
+            "only this machine can connect (%s); to listen on every interface, set "
+            "LLM_LOCAL_SERVICE_SERVER__HOST=0.0.0.0",
+            server.host,
+        )
     return _Listeners(grpc_port, grpc_stop, grpc_done, http_stop)
+
+
+def loopback_only(host: str) -> bool:
+    """Whether a server listening on `host` accepts connections from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: whatever it resolves to
+        return False
 
 
 async def _start(nursery: trio.Nursery, what: str, task: Callable[..., Awaitable[None]]) -> Any:
