@@ -128,15 +128,16 @@ async def _start_listeners(
 ) -> _Listeners:
     server = service.settings.server
     http_stop, grpc_stop, grpc_done = trio.Event(), trio.Event(), trio.Event()
+    # Each name says where, and which variable moves it: a taken port is the usual cause.
     await _start(
         nursery,
-        f"HTTP on port {server.http_port}",
+        f"HTTP on {server.host}:{server.http_port} (LLM_LOCAL_SERVICE_HTTP_PORT)",
         partial(serve_http, service, shutdown_event=http_stop),
     )
     if server.metrics_port not in (0, server.http_port):
         await _start(
             nursery,
-            f"metrics on port {server.metrics_port}",
+            f"metrics on {server.host}:{server.metrics_port} (LLM_LOCAL_SERVICE_METRICS_PORT)",
             partial(serve_metrics, service, shutdown_event=http_stop),
         )
 
@@ -146,7 +147,11 @@ async def _start_listeners(
         finally:
             grpc_done.set()
 
-    grpc_port: int = await _start(nursery, f"gRPC on port {server.grpc_port}", grpc_task)
+    grpc_port: int = await _start(
+        nursery,
+        f"gRPC on {server.host}:{server.grpc_port} (LLM_LOCAL_SERVICE_GRPC_PORT)",
+        grpc_task,
+    )
     if loopback_only(server.host):
         log.info(
             "only this machine can connect (%s); to listen on every interface, set "

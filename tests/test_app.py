@@ -162,7 +162,9 @@ async def test_a_taken_port_is_a_startup_error_naming_it(settings_for: SettingsF
 
     startup, _ = caught.value.split(StartupError)
     assert startup is not None
-    assert f"gRPC on port {port} could not start" in describe_error(startup)
+    message = describe_error(startup)
+    assert f"gRPC on 127.0.0.1:{port} (LLM_LOCAL_SERVICE_GRPC_PORT) could not start" in message
+    assert "address already in use" in message.lower()
 
 
 async def _ignore(chunk: Any) -> None:
