@@ -133,14 +133,23 @@ def _load_auto(
             judgement.agreement_ratio,
             measurement.batch_tokens_per_s,
         )
-    faithful = [m for m, judgement in choice.ranked if judgement.passed]
+    faithful = [(m, judgement) for m, judgement in choice.ranked if judgement.passed]
     reasons = [j.reason for _, j in choice.ranked if j.reason]
-    for candidate in faithful:
+    for candidate, judgement in faithful:
         if not _apply_env(candidate):
             continue
         generator = open_generator(plan, candidate.compute_type, layout)
         status = _check(plan, generator, tokenizer, reference, bounds, candidate.compute_type)
-        if status is not None and status.verified:
+        if status is None:  # numerics.check_at_load is off: the cached verdict vouches
+            log.info("numerics.check_at_load is off: trusting the verdict for %s", candidate.label)
+            status = NumericsStatus(
+                str(generator.compute_type),
+                True,
+                judgement.nll_ratio,
+                judgement.agreement_ratio,
+                "auto",
+            )
+        if status.verified:
             return generator, _chosen_by_auto(status, candidate), layout
         _unload(generator)
         reasons.append(f"{candidate.label} failed the check at load")

@@ -189,14 +189,19 @@ def test_auto_takes_threads_from_the_verdict(model_dir: Path, no_measuring: None
     write_fake_verdict(
         model_dir, fake_measurement("float32", agreement=reference.anchor.agreement, batch=50)
     )
+    # Without the check at load: the cached verdict vouches for the candidate.
+    trusting = dataclasses.replace(CHECKED, check_at_load=False)
     auto_threads = dataclasses.replace(
-        plan(model_dir, "auto"), inter_threads="auto", intra_threads="auto", numerics=CHECKED
+        plan(model_dir, "auto"), inter_threads="auto", intra_threads="auto", numerics=trusting
     )
     model = load_model(auto_threads)
     try:
         # The fake verdict: 2 CPUs, one thread faster than two for one stream.
         assert model.info.threads == (2, 1)
         assert model.generator.num_generators == 2
+        status = model.info.numerics
+        assert status is not None
+        assert (status.compute_type, status.verified, status.chosen_by) == ("float32", True, "auto")
     finally:
         unload(model)
 
@@ -225,7 +230,8 @@ def test_a_read_only_model_cache_keeps_its_verdict_in_the_verdict_dir(
         verdict_dir=verdicts,
     )
     assert not (model_dir / autotune.VERDICT_DIR).exists()
-    model = load(model_dir, "auto", dataclasses.replace(CHECKED, verdict_dir=verdicts))
+    trusting = dataclasses.replace(CHECKED, verdict_dir=verdicts, check_at_load=False)
+    model = load(model_dir, "auto", trusting)
     try:
         assert model.info.numerics is not None
         assert model.info.numerics.chosen_by == "auto"
