@@ -27,6 +27,7 @@ from llm_local.settings.schema import (
     GenerationDefaults,
     LoggingSettings,
     ModelSettings,
+    OpenAISettings,
     RuntimeSettings,
     ServerSettings,
     TLSSettings,
@@ -49,6 +50,7 @@ _TABLE_TYPES: dict[str, type[Any]] = {
     "capacity": CapacitySettings,
     "server": ServerSettings,
     "tls": TLSSettings,
+    "openai": OpenAISettings,
     "logging": LoggingSettings,
 }
 
