@@ -55,7 +55,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
         )
     import grpc
 
-    context.details[GRPC] = {"grpcio": grpc.__version__, **_server_settings()}
+    context.details[GRPC] = {"grpcio": grpc.__version__, **server_settings()}
     port = free_port()
     command = [sys.executable, "-m", "llm_local", "serve"]
     environment = server_environment(config, port)
@@ -67,7 +67,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
         context.details[GRPC]["exit_status"] = status
 
 
-def _server_settings() -> dict[str, object]:
+def server_settings() -> dict[str, object]:
     """The settings the child runs with (ENV=test; our overrides touch only ports/limits)."""
     from llm_local.settings.loader import load_settings
 
