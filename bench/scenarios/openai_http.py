@@ -1,10 +1,13 @@
-"""The real server's OpenAI API: one stream through `/v1/chat/completions` (SSE).
+"""The real server's OpenAI API: one stream through `/v1/chat/completions` (SSE),
+measured against gRPC on the same server in the same minutes.
 
-Set beside the gRPC scenario (same settings, same prompts as the user turn, greedy,
-same lengths), so that the report can put HTTP/SSE against gRPC in one run: tokens/s
-as a ratio, time to first token as a difference. One stream only: what the API layer
-costs a single client; concurrency is the gRPC scenario's subject. Token counts come
-from the usage chunk (``stream_options.include_usage``).
+One client alternates: the same prompt through `/v1/chat/completions` (streamed, usage
+asked for) and through LlamaService/GenerateStream, greedy, the same lengths as the
+gRPC scenario, who goes first swapping every pair. On a machine whose load drifts
+(shared CI runners, a busy laptop) only such pairs resolve a few per cent. Each
+protocol's requests become a row (``http-sse``, ``grpc-paired``); as the two take
+turns, their rows give the rate per stream (first token to last) and the time to first
+token, not an aggregate.
 """
 
 from __future__ import annotations
@@ -15,20 +18,29 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 
 from bench.config import BenchConfig
 from bench.http_stream import PeerError, stream_events
-from bench.loops import measure_server_levels
+from bench.loops import MAX_CONSECUTIVE_ERRORS
 from bench.models import server_model_available
 from bench.processes import ServerProcess, free_port, wait_until
-from bench.records import OPENAI_HTTP, RequestRecord
+from bench.records import GRPC_PAIRED, OPENAI_HTTP, LevelRun, RequestRecord
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
-from bench.scenarios.grpc_server import START_TIMEOUT_S, server_environment, server_settings
+from bench.scenarios.grpc_server import (
+    START_TIMEOUT_S,
+    TENANT,
+    generate_method,
+    one_request,
+    server_environment,
+    server_settings,
+)
 
 PATH = "/v1/chat/completions"
-HEADERS = {"x-tenant-id": "bench"}
-STREAMS = (1,)
+HEADERS = dict(TENANT)
+NOTE = "alternating request by request with the other protocol on the same server"
+
+Send = Callable[[int, int], Awaitable[RequestRecord]]  # (sequence, max new tokens)
 
 
 def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
@@ -37,14 +49,15 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
             "the ENV=test model is not in the cache: run `ENV=test llm-local convert` first"
         )
     context.details[OPENAI_HTTP] = {"path": PATH, **server_settings()}
-    port = free_port()
-    environment = server_environment(config, free_port())
-    environment["LLM_LOCAL_SERVICE_SERVER__HTTP_PORT"] = str(port)
+    http_port, grpc_port = free_port(), free_port()
+    environment = server_environment(config, grpc_port)
+    environment["LLM_LOCAL_SERVICE_SERVER__HTTP_PORT"] = str(http_port)
     command = [sys.executable, "-m", "llm_local", "serve"]
     with ServerProcess(command, environment, context.run_dir / "http-server.log") as server:
-        wait_until(lambda: _ready(port), server, START_TIMEOUT_S, "llm-local serve")
-        context.log(f"  llm-local serve is ready on HTTP port {port} (pid {server.pid})")
-        asyncio.run(_measure(config, server, port, collect))
+        wait_until(lambda: _ready(http_port), server, START_TIMEOUT_S, "llm-local serve")
+        context.log(f"  llm-local serve is ready on HTTP port {http_port} (pid {server.pid})")
+        asyncio.run(_measure(config, http_port, grpc_port, collect))
+        server.check_alive()
         context.details[OPENAI_HTTP]["exit_status"] = server.stop()
 
 
@@ -56,25 +69,63 @@ def _ready(port: int) -> bool:
         return False  # 503 while the model loads, refused before it listens
 
 
-async def _measure(config: BenchConfig, server: ServerProcess, port: int, collect: Collect) -> None:
-    async def send(client: int, sequence: int, max_new_tokens: int) -> RequestRecord:
-        body: dict[str, object] = {
-            "messages": [
-                {"role": "user", "content": config.prompts[config.prompt_for(client, sequence)]}
-            ],
-            "max_tokens": max_new_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        return await _one_request(port, body, client)
+async def _measure(config: BenchConfig, http_port: int, grpc_port: int, collect: Collect) -> None:
+    import grpc
 
-    await measure_server_levels(
-        replace(config, streams=STREAMS), OPENAI_HTTP, server, send, collect
-    )
+    from llm_local.proto.sentiric.llm.v1 import llama_pb2
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        generate = generate_method(channel)
+
+        async def via_grpc(sequence: int, max_new_tokens: int) -> RequestRecord:
+            request = llama_pb2.GenerateStreamRequest(
+                user_prompt=config.prompts[config.prompt_for(0, sequence)],
+                params=llama_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0),
+            )
+            return await one_request(generate, request, 0)
+
+        async def via_http(sequence: int, max_new_tokens: int) -> RequestRecord:
+            body: dict[str, object] = {
+                "messages": [
+                    {"role": "user", "content": config.prompts[config.prompt_for(0, sequence)]}
+                ],
+                "max_tokens": max_new_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            return await _one_request(http_port, body)
+
+        for send in (via_http, via_grpc):  # warm-up
+            warm = await send(0, 4)
+            if not warm.ok:
+                raise RuntimeError(f"the warm-up request failed: {warm.error}")
+        records = await _alternate(config, {OPENAI_HTTP: via_http, GRPC_PAIRED: via_grpc})
+    for scenario, kept in records.items():
+        # No aggregate (the window is empty): the two protocols took turns.
+        start = kept[0].start
+        collect(LevelRun(scenario, 1, tuple(kept), (start, start), notes=(NOTE,)))
 
 
-async def _one_request(port: int, body: dict[str, object], client: int) -> RequestRecord:
+async def _alternate(config: BenchConfig, sends: dict[str, Send]) -> dict[str, list[RequestRecord]]:
+    """Pairs of requests, one per protocol, for twice the level duration (each protocol
+    then gets about one level's worth)."""
+    records: dict[str, list[RequestRecord]] = {name: [] for name in sends}
+    order = list(sends)
+    deadline = time.perf_counter() + 2 * config.duration_s
+    sequence = failures = 0
+    while sequence == 0 or time.perf_counter() < deadline:
+        for name in order if sequence % 2 == 0 else reversed(order):
+            record = await sends[name](sequence, config.max_new_tokens)
+            records[name].append(record)
+            failures = 0 if record.ok else failures + 1
+        if failures >= MAX_CONSECUTIVE_ERRORS:
+            break
+        sequence += 1
+    return records
+
+
+async def _one_request(port: int, body: dict[str, object]) -> RequestRecord:
     arrivals: list[float] = []
     tokens: int | None = None
     reason: str | None = None
@@ -100,5 +151,5 @@ async def _one_request(port: int, body: dict[str, object], client: int) -> Reque
     if error is None and tokens is None:
         error = "the stream ended without a usage chunk"
     return RequestRecord.streamed(
-        client, start, end, arrivals, tokens=tokens, finish_reason=reason, error=error
+        0, start, end, arrivals, tokens=tokens, finish_reason=reason, error=error
     )
