@@ -10,11 +10,23 @@ import asyncio
 import contextlib
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 
 from bench.sse import ChunkedDecoder, ServerSentEvent, SSEParser, parse_response_head
 
 READ_SIZE = 65536
+
+
+def healthy(port: int) -> bool:
+    """True once GET /health answers 200 (503 while a model loads; refused before the
+    server listens)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 class PeerError(Exception):

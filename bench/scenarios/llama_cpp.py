@@ -20,12 +20,10 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from bench.config import LLAMA_CPP_CONTEXT, LLAMA_CPP_SLOTS, LLAMA_CPP_THREADS, BenchConfig
-from bench.http_stream import PeerError, stream_events
+from bench.http_stream import PeerError, healthy, stream_events
 from bench.loops import measure_server_levels
 from bench.processes import ServerProcess, environment_with, free_port, wait_until
 from bench.records import LLAMA_CPP, RequestRecord
@@ -99,7 +97,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
     }
     log_path = context.run_dir / "llama-server.log"
     with ServerProcess(command, environment_with({}), log_path) as server:
-        wait_until(lambda: _healthy(port), server, START_TIMEOUT_S, "llama-server")
+        wait_until(lambda: healthy(port), server, START_TIMEOUT_S, "llama-server")
         context.log(f"  llama-server is ready on port {port} (pid {server.pid})")
         asyncio.run(_measure(config, context, server, port, collect))
 
@@ -114,14 +112,6 @@ def _version(binary: Path) -> str:
     lines = (done.stdout + done.stderr).splitlines()
     found = [line.strip() for line in lines if line.startswith("version")]
     return found[0] if found else "unknown"
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False  # 503 while the model loads, refused before it listens
 
 
 async def _measure(

@@ -16,12 +16,10 @@ import asyncio
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 
 from bench.config import BenchConfig
-from bench.http_stream import PeerError, stream_events
+from bench.http_stream import PeerError, healthy, stream_events
 from bench.loops import MAX_CONSECUTIVE_ERRORS
 from bench.models import server_model_available
 from bench.processes import ServerProcess, free_port, wait_until
@@ -54,19 +52,11 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
     environment["LLM_LOCAL_SERVICE_SERVER__HTTP_PORT"] = str(http_port)
     command = [sys.executable, "-m", "llm_local", "serve"]
     with ServerProcess(command, environment, context.run_dir / "http-server.log") as server:
-        wait_until(lambda: _ready(http_port), server, START_TIMEOUT_S, "llm-local serve")
+        wait_until(lambda: healthy(http_port), server, START_TIMEOUT_S, "llm-local serve")
         context.log(f"  llm-local serve is ready on HTTP port {http_port} (pid {server.pid})")
         asyncio.run(_measure(config, http_port, grpc_port, collect))
         server.check_alive()
         context.details[OPENAI_HTTP]["exit_status"] = server.stop()
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False  # 503 while the model loads, refused before it listens
 
 
 async def _measure(config: BenchConfig, http_port: int, grpc_port: int, collect: Collect) -> None:
