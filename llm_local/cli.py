@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("llm_local.convert.command", "download and convert the configured model"),
     "generate": ("llm_local.commands.generate", "ask a running server and stream the answer"),
     "settings": ("llm_local.commands.show_settings", "validate and print the effective settings"),
+    "doctor": (
+        "llm_local.commands.doctor",
+        "measure every compute type against the model's numerics reference on this machine",
+    ),
 }
 
 

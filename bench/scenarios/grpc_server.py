@@ -9,6 +9,7 @@ tokens it really generated (`FinishDetails.completion_tokens`) and rates use tho
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from bench.loops import measure_server_levels
 from bench.models import server_model_available
 from bench.processes import ServerProcess, environment_with, free_port, wait_until
 from bench.records import GRPC, RequestRecord
-from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped, inprocess
 
 METHOD = "/sentiric.llm.v1.LlamaService/GenerateStream"
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
@@ -44,6 +45,12 @@ def server_environment(config: BenchConfig, grpc_port: int) -> dict[str, str]:
             "LLM_LOCAL_SERVICE_CAPACITY__MAX_QUEUED": str(max(128, most_streams)),
             # The benchmark measures serving; converting belongs to `make bench`'s first step.
             "LLM_LOCAL_SERVICE_MODEL__CONVERT_ON_START": "false",
+            # The same computation as the in-process scenarios it is judged against (the
+            # test environment's float32 is for answer-text tests); a compute type set in
+            # the environment (make gpu-check) wins.
+            "LLM_LOCAL_SERVICE_RUNTIME__COMPUTE_TYPE": os.environ.get(
+                "LLM_LOCAL_SERVICE_RUNTIME__COMPUTE_TYPE", inprocess.COMPUTE_TYPE
+            ),
         }
     )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from llm_local.core.numerics import NumericsStatus
 from llm_local.core.types import SamplingOptions
 
 if TYPE_CHECKING:
@@ -27,6 +28,15 @@ class BackendError(Exception):
 
 class BackendLoadError(Exception):
     """The model could not be loaded; the message says what and why."""
+
+    # False when loading again cannot help (the numerics check is deterministic).
+    retryable = True
+
+
+class NumericsRejected(BackendLoadError):
+    """The compute type does not compute what the unquantized model computes."""
+
+    retryable = False
 
 
 @runtime_checkable
@@ -65,6 +75,8 @@ class ModelInfo:
     device: str  # "cpu" or "cuda:N"
     compute_type: str  # what the device really runs, e.g. "int8" or "float16"
     context_limit: int  # prompt + completion tokens the model can hold
+    numerics: NumericsStatus | None = None  # None: the backend does not check numerics
+    threads: tuple[int, int] | None = None  # (workers, threads per worker), when known
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,9 +30,14 @@ def run(args: argparse.Namespace) -> int:
         shown = redact(settings.raw)
         if not args.no_device_check:
             device = resolve_device(settings.runtime)
+            compute_type = settings.runtime.compute_type
             shown["resolved"] = {
                 "device": device,
-                "compute_type": resolve_compute_type(settings.runtime, device),
+                "compute_type": (
+                    "auto: the fastest faithful type, measured at load (`llm-local doctor`)"
+                    if compute_type == "auto"
+                    else resolve_compute_type(settings.runtime, device)
+                ),
             }
     except SettingsError as exc:
         print(f"llm-local settings: {exc}", file=sys.stderr)

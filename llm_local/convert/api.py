@@ -89,7 +89,7 @@ def ensure_converted(
     plan = plan_conversion(settings)
     if not force:
         manifest = cache.read_complete(plan.model_dir, plan.key)
-        if manifest is not None:
+        if manifest is not None and has_reference(plan.model_dir):
             _clean_orphans_if_idle(plan.cache_dir)
             return ConversionResult(plan.model_dir, False, time.monotonic() - started, manifest)
     report = _stderr_report if progress else _silent
@@ -98,6 +98,8 @@ def ensure_converted(
             # Another process may have converted it while this one waited for the lock.
             manifest = None if force else cache.read_complete(plan.model_dir, plan.key)
             if manifest is not None:
+                if not has_reference(plan.model_dir):
+                    manifest = _add_reference(plan, settings, report, progress)
                 return ConversionResult(plan.model_dir, False, time.monotonic() - started, manifest)
             cache.remove_stale_tmp(plan.cache_dir)
             work_dir = cache.new_work_dir(plan.cache_dir)
@@ -128,13 +130,17 @@ def _convert_into(
     started: float,
 ) -> dict[str, object]:
     from llm_local.convert.converter import check_architecture, convert_to_ct2
+    from llm_local.convert.reference import record_reference, write_reference
 
     with _quiet_libraries(progress):
         hf_dir, preloaded, resolved_revision = _materialize(plan, settings, work_dir, report)
         facts = check_architecture(hf_dir)
         report(f"converting to CTranslate2 ({plan.quantization})")
         output = work_dir / "model"
-        convert_to_ct2(hf_dir, output, plan.quantization, preloaded_model=preloaded)
+        model = convert_to_ct2(hf_dir, output, plan.quantization, preloaded_model=preloaded)
+        report("recording the numerics reference (unquantized answers to the probe set)")
+        write_reference(output, record_reference(model, output))
+        del model
     manifest: dict[str, object] = {
         "key": plan.key,
         "inputs": plan.inputs,
@@ -154,6 +160,40 @@ def _convert_into(
     }
     cache.write_manifest(output, manifest)  # last: its presence marks the model complete
     return manifest
+
+
+def has_reference(model_dir: Path) -> bool:
+    """Whether the converted model carries a numerics reference of the current probe."""
+    from llm_local.convert.reference import read_reference
+
+    return read_reference(model_dir) is not None
+
+
+def _add_reference(
+    plan: ConversionPlan, settings: AppSettings, report: Report, progress: bool
+) -> dict[str, object]:
+    """Give an entry converted before references existed (or with an older probe) its
+    reference: the source is loaded once more, nothing is converted again."""
+    from llm_local.convert.reference import record_reference, write_reference
+
+    report("the cached model has no numerics reference yet: recording it")
+    work_dir = cache.new_work_dir(plan.cache_dir)
+    try:
+        with _quiet_libraries(progress):
+            hf_dir, preloaded, _ = _materialize(plan, settings, work_dir, report)
+            model = preloaded if preloaded is not None else _load_unquantized(hf_dir)
+            write_reference(plan.model_dir, record_reference(model, plan.model_dir))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    manifest = cache.read_complete(plan.model_dir, plan.key)
+    assert manifest is not None  # held under the lock: nobody removed it meanwhile
+    return manifest
+
+
+def _load_unquantized(hf_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(hf_dir)
 
 
 def _materialize(

@@ -81,9 +81,12 @@ def convert_to_ct2(
     quantization: str,
     *,
     preloaded_model: Any = None,
-) -> None:
+) -> Any:
     """Convert `hf_dir` (or `preloaded_model`, with `hf_dir` giving its config and
-    tokenizer) to a CTranslate2 model in `output_dir`, tokenizer files included."""
+    tokenizer) to a CTranslate2 model in `output_dir`, tokenizer files included.
+
+    Returns the transformers model the converter read (its weights unquantized), for
+    the numerics reference."""
     from transformers import AutoTokenizer
 
     try:
@@ -99,6 +102,7 @@ def convert_to_ct2(
     except (ValueError, NotImplementedError) as exc:
         raise ConversionError(f"CTranslate2 cannot convert this model: {first_line(exc)}") from exc
     _complete_tokenizer_files(tokenizer, output_dir)
+    return converter.loaded_model
 
 
 def _converter_class() -> Any:
@@ -109,13 +113,13 @@ def _converter_class() -> Any:
 
         def __init__(self, path: str, *, model: Any, tokenizer: Any, **kwargs: Any) -> None:
             super().__init__(path, **kwargs)
-            self._preloaded_model = model
             self._preloaded_tokenizer = tokenizer
+            self.loaded_model = model
 
         def load_model(self, model_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
-            if self._preloaded_model is not None:
-                return self._preloaded_model
-            return super().load_model(model_class, model_name_or_path, **kwargs)
+            if self.loaded_model is None:
+                self.loaded_model = super().load_model(model_class, model_name_or_path, **kwargs)
+            return self.loaded_model
 
         def load_tokenizer(
             self, tokenizer_class: Any, model_name_or_path: str, **kwargs: Any

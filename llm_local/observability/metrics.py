@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
+    from llm_local.backends.base import ModelInfo
     from llm_local.service import Service
 
 PREFIX = "llm_local"
@@ -230,6 +231,7 @@ class Metrics:
             )
             model.add_metric([info.backend, info.model_name, info.device, info.compute_type], 1.0)
             yield model
+            yield from _numerics_metrics(info)
             try:
                 stats = service.backend.stats()
             except Exception:  # a scrape must never fail because the backend is unwell
@@ -253,3 +255,34 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition: (body, content type)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _numerics_metrics(info: ModelInfo) -> Iterator[Metric]:
+    """The numerics verdict of the serving compute type (core/numerics.py)."""
+    numerics = info.numerics
+    if numerics is None:
+        return
+    verified = GaugeMetricFamily(
+        f"{PREFIX}_numerics_verified",
+        "1 when the serving compute type passed the numerics check against the unquantized "
+        "model, 0 when it serves unverified.",
+        labels=["compute_type", "chosen_by"],
+    )
+    verified.add_metric(
+        [numerics.compute_type, numerics.chosen_by], 1.0 if numerics.verified else 0.0
+    )
+    yield verified
+    if numerics.nll_ratio is not None:
+        yield GaugeMetricFamily(
+            f"{PREFIX}_numerics_nll_ratio",
+            "NLL of the unquantized model's probe answers under the serving compute type, "
+            "over their NLL under the unquantized weights (1 = identical).",
+            value=numerics.nll_ratio,
+        )
+    if numerics.agreement_ratio is not None:
+        yield GaugeMetricFamily(
+            f"{PREFIX}_numerics_agreement_ratio",
+            "Greedy agreement with the unquantized model's probe answers, over float32's on "
+            "the same weights (1 = as good as float32).",
+            value=numerics.agreement_ratio,
+        )

@@ -6,13 +6,25 @@ hardware offers; a request the hardware cannot honour is a SettingsError naming 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from llm_local.settings.errors import Problem, SettingsError
 from llm_local.settings.schema import ModelSettings, RuntimeSettings
 
-_AUTO_TYPE_BY_DEVICE = {"cpu": "int8", "cuda": "float16"}
+AUTO_TYPE_BY_DEVICE = {"cpu": "int8", "cuda": "float16"}
+
+
+# Where the NVIDIA kernel driver shows itself (on the host, and in a container given a GPU
+# by the NVIDIA container runtime). Without it CUDA cannot run.
+NVIDIA_DRIVER_DIR = Path("/proc/driver/nvidia")
 
 
 def cuda_device_count() -> int:
+    """GPUs CTranslate2 can use. Without an NVIDIA driver the answer is 0 without
+    importing CTranslate2: some of its CPU kernel choices (CT2_USE_MKL) are fixed when
+    it is imported, and the ct2 backend may still have to set them (autotune.py)."""
+    if not NVIDIA_DRIVER_DIR.exists():
+        return 0
     import ctranslate2
 
     count: int = ctranslate2.get_cuda_device_count()
@@ -62,7 +74,7 @@ def supported_compute_types(device: str, device_index: int = 0) -> set[str]:
 def resolve_compute_type(runtime: RuntimeSettings, device: str) -> str:
     """What the model computes in: auto = int8 on CPU, float16 on CUDA."""
     if runtime.compute_type == "auto":
-        return _AUTO_TYPE_BY_DEVICE[device]
+        return AUTO_TYPE_BY_DEVICE[device]
     supported = supported_compute_types(device, runtime.device_index)
     if runtime.compute_type not in supported:
         raise SettingsError(
@@ -87,4 +99,4 @@ def resolve_quantization(model: ModelSettings, runtime: RuntimeSettings, device:
         return model.quantization
     if runtime.compute_type != "auto":
         return runtime.compute_type
-    return _AUTO_TYPE_BY_DEVICE[device]
+    return AUTO_TYPE_BY_DEVICE[device]

@@ -63,6 +63,16 @@ def integer(key: str, minimum: int, maximum: int | None = None) -> Field:
     return Field(key, accepts, allowed, _identity)
 
 
+def integer_or_auto(key: str, minimum: int) -> Field:
+    def accepts(value: object) -> bool:
+        return value == "auto" or (_is_int(value) and int(str(value)) >= minimum)
+
+    def to_typed(value: object) -> object:
+        return "auto" if value == "auto" else int(str(value))
+
+    return Field(key, accepts, f'"auto" or an integer >= {minimum}', to_typed)
+
+
 def number(
     key: str,
     minimum: float,
@@ -238,11 +248,15 @@ FIELDS: tuple[Field, ...] = (
     choice("runtime.device", DEVICES),
     integer("runtime.device_index", 0),
     choice("runtime.compute_type", COMPUTE_TYPES),
-    integer("runtime.inter_threads", 1),
-    integer("runtime.intra_threads", 0),
+    integer_or_auto("runtime.inter_threads", 1),
+    integer_or_auto("runtime.intra_threads", 0),
     integer("runtime.max_batch_size", 1),
     number("runtime.batch_wait_ms", 0),
     number("runtime.busy_batch_wait_ms", 0),
+    number("numerics.max_nll_ratio", 1),
+    number("numerics.min_agreement_ratio", 0, maximum=1),
+    boolean("numerics.accept_unverified"),
+    boolean("numerics.check_at_load"),
     integer("generation.max_new_tokens", 1),
     integer("generation.max_new_tokens_limit", 1),
     number("generation.temperature", 0),

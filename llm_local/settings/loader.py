@@ -27,6 +27,7 @@ from llm_local.settings.schema import (
     GenerationDefaults,
     LoggingSettings,
     ModelSettings,
+    NumericsSettings,
     OpenAISettings,
     RuntimeSettings,
     ServerSettings,
@@ -46,6 +47,7 @@ _NON_ENV_TABLES = frozenset({"default", "global", "dynaconf"})
 _TABLE_TYPES: dict[str, type[Any]] = {
     "model": ModelSettings,
     "runtime": RuntimeSettings,
+    "numerics": NumericsSettings,
     "generation": GenerationDefaults,
     "capacity": CapacitySettings,
     "server": ServerSettings,

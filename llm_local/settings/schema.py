@@ -22,6 +22,7 @@ ComputeType = Literal[
     "float32",
 ]
 LogFormat = Literal["text", "json"]
+Threads = int | Literal["auto"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +51,25 @@ class RuntimeSettings:
     device: Device
     device_index: int
     compute_type: ComputeType
-    inter_threads: int  # parallel batches (workers)
-    intra_threads: int  # threads inside one batch; 0 = CTranslate2's default
+    # "auto" (both): from the CPUs this process may use and measured thread scaling
+    # (backends/ct2/threads.py); numbers win.
+    inter_threads: Threads  # parallel batches (workers)
+    intra_threads: Threads  # threads inside one batch; 0 = CTranslate2's default
     max_batch_size: int  # requests decoded together in one batch
     batch_wait_ms: float  # how long a lone request waits for company before decoding
     # The same wait while a batch is already decoding (under load company comes soon).
     busy_batch_wait_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class NumericsSettings:
+    """How a compute type is checked against the unquantized model (core/numerics.py)."""
+
+    max_nll_ratio: float  # NLL of the reference answers over the reference's own
+    min_agreement_ratio: float  # greedy agreement over float32's on the same weights
+    # An explicit compute_type that fails the check serves anyway, with a warning.
+    accept_unverified: bool
+    check_at_load: bool  # run the check at every load (off: trust the cached verdict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +143,7 @@ class AppSettings:
     backend: str
     model: ModelSettings
     runtime: RuntimeSettings
+    numerics: NumericsSettings
     generation: GenerationDefaults
     capacity: CapacitySettings
     server: ServerSettings

@@ -24,6 +24,7 @@ import tokenizers
 from llm_local.convert import converter as converter_module
 from llm_local.convert.api import ensure_converted, find_converted
 from llm_local.convert.errors import ConversionError
+from llm_local.convert.reference import PROBE_PROMPTS, REFERENCE_FILE, read_reference
 from llm_local.convert.sources import resolve_source
 from llm_local.settings.loader import load_settings
 from llm_local.settings.schema import AppSettings
@@ -153,7 +154,10 @@ def test_rerun_after_a_kill_converts_and_removes_the_leftovers(
 def test_converted_model_generates_paris_greedily(converted_model_dir: Path) -> None:
     tokenizer = tokenizers.Tokenizer.from_file(str(converted_model_dir / "tokenizer.json"))
     prompt = tokenizer.encode(CHATML_QUESTION, add_special_tokens=False).tokens
-    generator = ctranslate2.Generator(str(converted_model_dir), device="cpu")
+    # float32 on the converted weights: int8's greedy near-ties depend on the CPU.
+    generator = ctranslate2.Generator(
+        str(converted_model_dir), device="cpu", compute_type="float32"
+    )
     result = generator.generate_batch(
         [prompt], max_length=24, include_prompt_in_result=False, end_token=["<|im_end|>"]
     )[0]
@@ -288,3 +292,39 @@ def test_failure_midway_keeps_the_previous_model_and_leaves_no_scratch(
     assert find_converted(settings) == previous
     ctranslate2.Generator(str(previous), device="cpu")  # still whole
     assert list((tmp_path / "cache").glob(".tmp-*")) == []
+
+
+# -- the numerics reference ----------------------------------------------------------------
+
+
+def test_conversion_records_the_numerics_reference(converted_model_dir: Path) -> None:
+    reference = read_reference(converted_model_dir)
+    assert reference is not None
+    assert len(reference.items) == len(PROBE_PROMPTS)
+    # The unquantized model's greedy answer to the README's first question.
+    tokenizer = tokenizers.Tokenizer.from_file(str(converted_model_dir / "tokenizer.json"))
+    assert "Paris" in tokenizer.decode(list(reference.items[0].answer_ids))
+    # float32 on the stored int8 weights loses a little, never more than the reference.
+    assert 0 < reference.nll <= reference.anchor.nll < 2 * reference.nll
+    assert 0 < reference.anchor.agreement <= 1
+
+
+def test_an_entry_without_a_reference_gets_one_without_being_converted_again(
+    converted_model_dir: Path, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    relative = converted_model_dir.relative_to(converted_model_dir.parent.parent)
+    entry = cache_dir / relative
+    shutil.copytree(converted_model_dir, entry)
+    recorded = read_reference(entry)
+    (entry / REFERENCE_FILE).unlink()
+    weights_before = (entry / "model.bin").stat().st_mtime_ns
+    settings = settings_for(cache_dir)
+    assert find_converted(settings) == entry
+
+    result = ensure_converted(settings, progress=False)
+
+    assert not result.converted
+    assert (entry / "model.bin").stat().st_mtime_ns == weights_before
+    assert read_reference(entry) == recorded  # the same weights answer the same way
+    assert ensure_converted(settings, progress=False).seconds < 5  # now a plain cache hit

@@ -214,6 +214,9 @@ def service(
     # 0.0.0.0 inside a container is that container's own network; here it would be
     # every interface of a shared machine.
     overrides["LLM_LOCAL_SERVICE_SERVER__HOST"] = "127.0.0.1"
+    # As an operator may set in .env: compose's default `auto` measures every compute
+    # type at the first start (a minute here; tests/e2e/test_numerics.py covers it).
+    overrides["LLM_LOCAL_SERVICE_COMPUTE_TYPE"] = "float32"
     environ = host.environment(service_container, overrides)
     log_path = host.home / "service.log"
     with log_path.open("wb") as log:
@@ -292,7 +295,7 @@ def test_service_becomes_healthy_with_the_compose_settings(
     assert effective["env"] == "production"
     assert effective["model"]["quantization"] == "int8"
     assert effective["device"] == "cpu"
-    assert effective["compute_type"] == "int8"
+    assert effective["compute_type"] == "float32"
 
 
 def test_service_answers_a_grpc_generate_stream_call(

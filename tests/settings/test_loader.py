@@ -234,6 +234,7 @@ def test_raw_is_plain_json_ready_data_of_the_effective_values(
     assert set(raw) == {
         "env",
         "backend",
+        "numerics",
         "model",
         "runtime",
         "generation",

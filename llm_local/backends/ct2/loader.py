@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
+from llm_local.settings.device import AUTO_TYPE_BY_DEVICE
 
 if TYPE_CHECKING:
     import ctranslate2
 
-    from llm_local.settings.schema import AppSettings
+    from llm_local.settings.schema import AppSettings, NumericsSettings, Threads
 
 BACKEND_NAME = "ct2"
 MODEL_FILE = "model.bin"
@@ -40,10 +41,11 @@ class LoadPlan:
     model_name: str
     device: str  # "cpu" or "cuda"
     device_index: int
-    compute_type: str  # what to ask CTranslate2 for; it may run something close to it
-    inter_threads: int  # batches decoded in parallel (model replicas)
-    intra_threads: int  # threads inside one batch; 0 = CTranslate2's default
+    compute_type: str  # "auto" (see autotune.py) or what to ask CTranslate2 for
+    inter_threads: Threads  # batches decoded in parallel (model replicas)
+    intra_threads: Threads  # threads inside one batch; 0 = CTranslate2's default
     context_limit: int  # 0 = what the model's config.json says
+    numerics: NumericsSettings | None = None  # None: no numerics check (tests, benches)
 
 
 @dataclass(slots=True)
@@ -51,6 +53,10 @@ class LoadedModel:
     generator: ctranslate2.Generator
     tokenizer: HFTokenizer
     info: ModelInfo
+
+
+# Without a reference to judge by, "auto" means what it meant before references existed.
+FALLBACK_COMPUTE_TYPES = AUTO_TYPE_BY_DEVICE
 
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
@@ -67,7 +73,9 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
     runtime = settings.runtime
     try:
         device = resolve_device(runtime)
-        compute_type = resolve_compute_type(runtime, device)
+        compute_type = (
+            "auto" if runtime.compute_type == "auto" else resolve_compute_type(runtime, device)
+        )
     except SettingsError as exc:
         reasons = "; ".join(str(problem) for problem in exc.problems)
         raise BackendLoadError(f"runtime settings cannot be used: {reasons}") from exc
@@ -80,33 +88,22 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
         inter_threads=runtime.inter_threads,
         intra_threads=runtime.intra_threads,
         context_limit=settings.model.context_limit,
+        numerics=settings.numerics,
     )
 
 
 def load_model(plan: LoadPlan) -> LoadedModel:
-    """Load the plan's model and tokenizer (seconds to minutes: call it on a thread)."""
-    import ctranslate2
-
+    """Load the plan's model and tokenizer (seconds to minutes: call it on a thread),
+    choosing and checking the compute type as `plan.numerics` says."""
     if not (plan.model_dir / MODEL_FILE).is_file():
         raise BackendLoadError(f"{plan.model_dir} holds no converted model ({MODEL_FILE})")
     try:
         tokenizer = HFTokenizer.from_directory(plan.model_dir)
     except TokenizerLoadError as exc:
         raise BackendLoadError(f"tokenizer: {exc}") from exc
-    try:
-        generator = ctranslate2.Generator(
-            str(plan.model_dir),
-            device=plan.device,
-            device_index=plan.device_index,
-            compute_type=plan.compute_type,
-            inter_threads=plan.inter_threads,
-            intra_threads=plan.intra_threads,
-        )
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise BackendLoadError(
-            f"CTranslate2 cannot load {plan.model_dir} on {plan.device}"
-            f" as {plan.compute_type}: {exc}"
-        ) from exc
+    from llm_local.backends.ct2.selection import load_checked
+
+    generator, status, layout = load_checked(plan, tokenizer)
     device = "cpu" if plan.device == "cpu" else f"{plan.device}:{plan.device_index}"
     info = ModelInfo(
         backend=BACKEND_NAME,
@@ -114,8 +111,31 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         device=device,
         compute_type=str(generator.compute_type),
         context_limit=plan.context_limit or read_context_limit(plan.model_dir),
+        numerics=status,
+        threads=layout,
     )
     return LoadedModel(generator=generator, tokenizer=tokenizer, info=info)
+
+
+def open_generator(
+    plan: LoadPlan, compute_type: str, layout: tuple[int, int]
+) -> ctranslate2.Generator:
+    import ctranslate2
+
+    inter, intra = layout
+    try:
+        return ctranslate2.Generator(
+            str(plan.model_dir),
+            device=plan.device,
+            device_index=plan.device_index,
+            compute_type=compute_type,
+            inter_threads=inter,
+            intra_threads=intra,
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise BackendLoadError(
+            f"CTranslate2 cannot load {plan.model_dir} on {plan.device} as {compute_type}: {exc}"
+        ) from exc
 
 
 def read_context_limit(model_dir: Path) -> int:

@@ -63,6 +63,7 @@ def config_body(service: Service) -> dict[str, Any]:
         "device": settings.runtime.device,
         "compute_type": settings.runtime.compute_type,
         "runtime": _typed_section(settings, "runtime"),
+        "numerics": _typed_section(settings, "numerics"),
         "generation": _typed_section(settings, "generation"),
         "capacity": _typed_section(settings, "capacity"),
         "ports": {
@@ -81,6 +82,12 @@ def config_body(service: Service) -> dict[str, Any]:
             "device": info.device,
             "compute_type": info.compute_type,
             "context_limit": info.context_limit,
+            "numerics": None if info.numerics is None else info.numerics.to_json(),
+            "threads": (
+                None
+                if info.threads is None
+                else {"inter_threads": info.threads[0], "intra_threads": info.threads[1]}
+            ),
         }
     return {
         "effective": effective,

@@ -31,6 +31,7 @@ def health(service: Service) -> HealthAnswer:
             "device": info.device,
             "compute_type": info.compute_type,
             "backend": info.backend,
+            "numerics": None if info.numerics is None else info.numerics.to_json(),
         }
     # READY without model info cannot happen (mark_ready takes it); say "loading" if it did.
     status = Phase.LOADING if state.phase is Phase.READY else state.phase

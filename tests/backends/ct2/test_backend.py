@@ -31,8 +31,10 @@ STORY = "Tell me a long story about a dragon who learns to cook."
 
 
 @pytest.fixture
-async def backend(int8_model: LoadedModel) -> AsyncIterator[CT2Backend]:
-    backend = CT2Backend.from_loaded(int8_model, batching=BatchingOptions(batch_wait_ms=0))
+async def backend(float32_model: LoadedModel) -> AsyncIterator[CT2Backend]:
+    # float32: these tests read answer text, which int8's greedy near-ties make depend on
+    # the CPU (docs/FINDINGS.md).
+    backend = CT2Backend.from_loaded(float32_model, batching=BatchingOptions(batch_wait_ms=0))
     await backend.load()
     yield backend
     await backend.aclose()

@@ -154,9 +154,10 @@ CAPITALS = {
 }
 
 
-async def test_int8_batched_answers_each_belong_to_their_own_question(
-    int8_model: LoadedModel,
+async def test_batched_answers_each_belong_to_their_own_question(
+    float32_model: LoadedModel,
 ) -> None:
+    # float32: the assertions read answer text; int8's greedy near-ties differ by CPU.
     events: list[BatchStarted] = []
     requests = [
         GenerationRequest(
@@ -165,7 +166,7 @@ async def test_int8_batched_answers_each_belong_to_their_own_question(
         )
         for index, country in enumerate(CAPITALS)
     ]
-    async with serving(int8_model, events, batch_wait_ms=50, min_split_size=8) as backend:
+    async with serving(float32_model, events, batch_wait_ms=50, min_split_size=8) as backend:
         outcomes = await generate_all(backend, requests)
     assert [event.size for event in events] == [len(CAPITALS)]
     for (country, city), outcome in zip(CAPITALS.items(), outcomes, strict=True):

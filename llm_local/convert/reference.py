@@ -1,0 +1,162 @@
+"""The numerics reference a converted model carries (reference.json beside model.bin).
+
+Recorded once, when the model is converted, from the *unquantized* weights still in
+memory: the greedy answers of the float32 transformers model to a small probe set of
+plain questions, and the mean negative log-likelihood per token of those answers. Then
+the same probe is run in float32 on the converted (possibly quantized) weights: the
+anchor, what any compute type can at best reproduce from them. At every load the
+serving compute type is judged against both (`llm_local.core.numerics`).
+
+An entry converted before references existed gets one on the next `llm-local convert`
+without being converted again (`ensure_converted` loads the source once for it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llm_local.core.numerics import Anchor, ProbeItem, Reference
+
+REFERENCE_FILE = "reference.json"
+# Bump when the prompts or the way answers are produced change: entries then get a new
+# reference on the next `llm-local convert`.
+PROBE_VERSION = 1
+PROBE_MAX_NEW_TOKENS = 24
+# Plain questions, the kind users ask first; the README's examples come first. Short
+# factual answers make greedy agreement meaningful even for a 135M model.
+PROBE_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "Name a colour",
+    "What is the capital of Germany?",
+    "How many legs does a spider have?",
+    "Who wrote Romeo and Juliet?",
+    "What is 12 plus 7?",
+    "What planet is closest to the Sun?",
+    "What does a bee make?",
+    "Translate 'good morning' into Spanish.",
+    "What is the largest ocean on Earth?",
+    "Name three primary colours.",
+    "What is water made of?",
+    "What is the boiling point of water in Celsius?",
+    "Who painted the Mona Lisa?",
+    "What is the opposite of hot?",
+    "How many days are in a week?",
+)
+
+
+def reference_path(model_dir: Path) -> Path:
+    return model_dir / REFERENCE_FILE
+
+
+def read_reference(model_dir: Path) -> Reference | None:
+    """The model's reference, or None when it has none (or one of an older probe)."""
+    try:
+        data = json.loads(reference_path(model_dir).read_text(encoding="utf-8"))
+        reference = Reference.from_json(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return reference if reference.probe_version == PROBE_VERSION else None
+
+
+def write_reference(model_dir: Path, reference: Reference) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    partial = model_dir / f"{REFERENCE_FILE}.partial"
+    partial.write_text(json.dumps(reference.to_json()) + "\n", encoding="utf-8")
+    with partial.open("rb") as handle:
+        os.fsync(handle.fileno())
+    partial.replace(reference_path(model_dir))
+
+
+def probe_prompt_ids(model_dir: Path) -> list[tuple[int, ...]]:
+    """The probe prompts as the server would send them to this model (its template,
+    its default system prompt when the template adds one)."""
+    from llm_local.backends.hf_tokenizer import HFTokenizer
+    from llm_local.core.prompt import build_prompt
+    from llm_local.core.types import GenerationRequest
+
+    tokenizer = HFTokenizer.from_directory(model_dir)
+    return [
+        tuple(tokenizer.encode(build_prompt(GenerationRequest(user_prompt=prompt), tokenizer)))
+        for prompt in PROBE_PROMPTS
+    ]
+
+
+def record_reference(model: Any, model_dir: Path) -> Reference:
+    """Answer the probe with `model` (a transformers causal LM holding the unquantized
+    weights), then run the anchor on the converted model in `model_dir`."""
+    from llm_local.backends.ct2.canary import measure_anchor
+    from llm_local.backends.hf_tokenizer import HFTokenizer
+
+    end_ids = sorted(HFTokenizer.from_directory(model_dir).end_token_ids)
+    prompts = probe_prompt_ids(model_dir)
+    answers = _greedy_answers(model, prompts, end_ids, PROBE_MAX_NEW_TOKENS)
+    items = tuple(
+        ProbeItem(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True)
+    )
+    nll = _mean_nll(model, items)
+    anchor: Anchor = measure_anchor(model_dir, items, PROBE_MAX_NEW_TOKENS)
+    return Reference(PROBE_VERSION, PROBE_MAX_NEW_TOKENS, items, nll, anchor)
+
+
+def _float32(model: Any) -> Any:
+    import torch
+
+    if next(model.parameters()).dtype != torch.float32:
+        model = model.float()
+    return model.eval()
+
+
+def _greedy_answers(
+    model: Any, prompts: list[tuple[int, ...]], end_ids: list[int], max_new_tokens: int
+) -> list[tuple[int, ...]]:
+    """Greedy continuations of every prompt, decoded as one left-padded batch (one
+    prompt at a time costs ~16x the time: transformers' per-step overhead dominates a
+    small model). The padding is masked; it moves logits by float32 rounding only.
+    A fresh generation config: the model's own may sample or penalise repetition."""
+    import torch
+    from transformers import GenerationConfig
+
+    model = _float32(model)
+    pad = end_ids[0] if end_ids else 0
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=end_ids, pad_token_id=pad
+    )
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )
+    answers = []
+    for row in output[:, width:].tolist():
+        answer: list[int] = []
+        for token in row:
+            if token in end_ids:
+                break
+            answer.append(int(token))
+        answers.append(tuple(answer))
+    return answers
+
+
+def _mean_nll(model: Any, items: tuple[ProbeItem, ...]) -> float:
+    """Mean negative log-likelihood per answer token, teacher-forced."""
+    import torch
+
+    model = _float32(model)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for item in items:
+            if not item.answer_ids:
+                continue
+            ids = torch.tensor([list(item.prompt_ids) + list(item.answer_ids)])
+            logits = model(input_ids=ids).logits[0].double()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            start = len(item.prompt_ids) - 1
+            for offset, token in enumerate(item.answer_ids):
+                total -= float(log_probs[start + offset, token])
+                count += 1
+    return total / count if count else 0.0

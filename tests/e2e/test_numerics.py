@@ -1,0 +1,163 @@
+"""The numerics check through a real `llm-local serve` on the real SmolLM2 model.
+
+- `compute_type = auto` on a cache of its own: the first start measures every candidate
+  on this machine and caches the verdict beside the model; the second start reuses it;
+  both serve a verified type, and the README's first example answers correctly.
+- An explicit type that fails the check keeps the service "failed" with the reason on
+  /health (and does not retry); accepting unverified numerics serves it with a warning
+  on /health, /config and /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CHECKED = {"LLM_LOCAL_SERVICE_NUMERICS__CHECK_AT_LOAD": "true"}
+README_QUESTION = "What is the capital of France?"
+MEASURE_TIMEOUT_S = 600.0
+
+
+@pytest.fixture(scope="module")
+def own_cache(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache of this module's own, linking the test model's files: verdicts
+    written there do not leak into the shared cache (a second `make test` would then
+    find the first one's verdict)."""
+    cache_dir = tmp_path_factory.mktemp("numerics-cache")
+    entry = cache_dir / test_model_dir.parent.name / test_model_dir.name
+    entry.mkdir(parents=True)
+    for path in test_model_dir.iterdir():
+        if path.is_file():
+            (entry / path.name).symlink_to(path)
+    return cache_dir
+
+
+def readme_answer(server: Any) -> subprocess.CompletedProcess[str]:
+    command = ["generate", README_QUESTION, "--port", str(server.grpc_port)]
+    return subprocess.run(
+        [sys.executable, "-m", "llm_local", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_auto_measures_once_serves_a_verified_type_and_reuses_the_verdict(
+    serve: Callable[..., Any], own_cache: Path
+) -> None:
+    env = {
+        **CHECKED,
+        "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(own_cache),
+        "LLM_LOCAL_SERVICE_RUNTIME__COMPUTE_TYPE": "auto",
+        "LLM_LOCAL_SERVICE_RUNTIME__INTER_THREADS": "auto",
+        "LLM_LOCAL_SERVICE_RUNTIME__INTRA_THREADS": "auto",
+    }
+    first = serve(env=env, wait="listening")
+    first.wait("ready", timeout=MEASURE_TIMEOUT_S)
+    code, health = first.http_json("/health")
+    assert code == 200
+    numerics = health["numerics"]
+    assert numerics["verified"] is True
+    assert numerics["chosen_by"] == "auto"
+    assert numerics["nll_ratio"] <= 1.25
+    assert numerics["agreement_ratio"] >= 0.6
+    assert "measuring compute types on this machine" in first.log_text()
+    assert list(own_cache.rglob("verdicts/*.json")), "the verdict was not cached"
+    # The README's first example, with the default greedy decoding: a faithful type
+    # answers it as the unquantized model does.
+    answer = readme_answer(first)
+    assert answer.returncode == 0, answer.stderr
+    assert "Paris" in answer.stdout
+    _, config = first.http_json("/config")
+    threads = config["effective"]["loaded_model"]["threads"]
+    assert threads["inter_threads"] >= 1 and threads["intra_threads"] >= 1
+    assert first.stop() == 0
+
+    second = serve(env=env)
+    log = second.log_text()
+    assert "numerics verdict for this machine found" in log
+    assert "measuring compute types" not in log
+    assert second.http_json("/health")[1]["numerics"] == numerics | {
+        "nll_ratio": pytest.approx(numerics["nll_ratio"], rel=1e-3),
+        "agreement_ratio": pytest.approx(numerics["agreement_ratio"], rel=1e-3),
+    }
+
+
+def wait_for(condition: Callable[[], bool], limit_s: float = 120.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.2)
+
+
+def test_an_explicit_type_failing_the_check_keeps_the_service_failed_with_the_reason(
+    serve: Callable[..., Any],
+) -> None:
+    # float32 on the stored int8 weights scores the unquantized answers a little worse
+    # than the unquantized model: a bound of exactly 1 fails it on purpose.
+    server = serve(
+        env={**CHECKED, "LLM_LOCAL_SERVICE_NUMERICS__MAX_NLL_RATIO": "1.0"}, wait="listening"
+    )
+    wait_for(lambda: server.http_json("/health")[1]["status"] == "failed")
+    code, body = server.http_json("/health")
+    assert code == 503
+    assert body["model_ready"] is False
+    assert "compute_type float32 is not faithful on this machine" in body["reason"]
+    assert "numerics.max_nll_ratio" in body["reason"]
+    assert "retrying" not in body["reason"]  # loading again cannot help
+    assert server.http_json("/health/live")[0] == 503
+
+
+def test_accepting_unverified_numerics_serves_with_a_warning_everywhere(
+    serve: Callable[..., Any],
+) -> None:
+    server = serve(
+        env={
+            **CHECKED,
+            "LLM_LOCAL_SERVICE_NUMERICS__MAX_NLL_RATIO": "1.0",
+            "LLM_LOCAL_SERVICE_NUMERICS__ACCEPT_UNVERIFIED": "true",
+        }
+    )
+    _, health = server.http_json("/health")
+    assert health["numerics"]["verified"] is False
+    assert "numerics.max_nll_ratio" in health["numerics"]["warning"]
+    _, config = server.http_json("/config")
+    assert config["effective"]["loaded_model"]["numerics"] == health["numerics"]
+    assert config["effective"]["numerics"]["accept_unverified"] is True
+    labels = {"compute_type": "float32", "chosen_by": "settings"}
+    assert server.metric("llm_local_numerics_verified", labels) == 0.0
+    ratio = server.metric("llm_local_numerics_nll_ratio")
+    assert ratio is not None and ratio > 1.0
+    assert "serving unverified numerics (numerics.accept_unverified)" in server.log_text()
+
+
+def test_doctor_prints_the_verdict_table_from_the_cached_verdict(own_cache: Path) -> None:
+    # After the auto test above (pytest keeps a module's order): its verdict is cached.
+    result = subprocess.run(
+        [sys.executable, "-m", "llm_local", "doctor", "--json"],
+        env={**os.environ, "ENV": "test", "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(own_cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert table["verdict_cached"] is True
+    candidates = {row["candidate"]: row for row in table["candidates"]}
+    assert "float32" in candidates and candidates["float32"]["faithful"]
+    assert table["auto_chooses"] in candidates
+    assert candidates[table["auto_chooses"]]["faithful"]
+    assert 0 < table["speed_vs_fastest"] <= 1
