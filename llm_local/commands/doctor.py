@@ -56,14 +56,15 @@ def run(args: argparse.Namespace) -> int:
     bounds = Bounds(settings.numerics.max_nll_ratio, settings.numerics.min_agreement_ratio)
     index = settings.runtime.device_index
     key = autotune.verdict_key(autotune.machine_identity(device, index))
-    verdict = None if args.remeasure else autotune.read_verdict(model_dir, key)
+    verdict_dir = settings.numerics.verdict_dir
+    verdict = None if args.remeasure else autotune.read_verdict(model_dir, key, verdict_dir)
     cached = verdict is not None
     if verdict is None:
         print(
             "measuring every candidate compute type (once; cached beside the model)...",
             file=sys.stderr,
         )
-        verdict = autotune.measure_verdict(model_dir, device, index, reference, bounds)
+        verdict = autotune.measure_verdict(model_dir, device, index, reference, bounds, verdict_dir)
     summary = verdict_summary(verdict, reference, bounds, cached=cached)
     summary["model_dir"] = str(model_dir)
     print(json.dumps(summary, indent=2) if args.json else render_table(summary))

@@ -72,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"llm-local generate: {exc.status.name}: {exc.message}", file=sys.stderr)
         return 1
     except (TimeoutError, OSError) as exc:
-        print(f"llm-local generate: cannot reach {args.host}:{port}: {exc}", file=sys.stderr)
+        print(
+            f"llm-local generate: cannot reach {args.host}:{port}: {exc} "
+            "(is `llm-local serve` or `make run` running, on that address and port?)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("\nllm-local generate: interrupted", file=sys.stderr)

@@ -129,18 +129,37 @@ def _convert_into(
     progress: bool,
     started: float,
 ) -> dict[str, object]:
-    from llm_local.convert.converter import check_architecture, convert_to_ct2
-    from llm_local.convert.reference import record_reference, write_reference
+    from llm_local.convert.converter import (
+        check_architecture,
+        convert_to_ct2,
+        write_tokenizer_files,
+    )
+    from llm_local.convert.reference import answer_probe, complete_reference, write_reference
+    from llm_local.core.numerics import ProbeItem
 
     with _quiet_libraries(progress):
         hf_dir, preloaded, resolved_revision = _materialize(plan, settings, work_dir, report)
         facts = check_architecture(hf_dir)
         report(f"converting to CTranslate2 ({plan.quantization})")
         output = work_dir / "model"
-        model = convert_to_ct2(hf_dir, output, plan.quantization, preloaded_model=preloaded)
-        report("recording the numerics reference (unquantized answers to the probe set)")
-        write_reference(output, record_reference(model, output))
-        del model
+        answered: list[tuple[tuple[ProbeItem, ...], float]] = []
+
+        def answer_before_converting(model: Any, tokenizer: Any) -> None:
+            report("recording the numerics reference (unquantized answers to the probe set)")
+            probe_tokenizer = work_dir / "probe-tokenizer"
+            write_tokenizer_files(tokenizer, hf_dir, probe_tokenizer)
+            answered.append(answer_probe(model, probe_tokenizer))
+
+        convert_to_ct2(
+            hf_dir,
+            output,
+            plan.quantization,
+            preloaded_model=preloaded,
+            on_model=answer_before_converting,
+        )
+        del preloaded
+        items, nll = answered[0]
+        write_reference(output, complete_reference(items, nll, output))
     manifest: dict[str, object] = {
         "key": plan.key,
         "inputs": plan.inputs,

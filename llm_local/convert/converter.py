@@ -8,6 +8,7 @@ The output holds the CTranslate2 model and every tokenizer file serving needs
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,14 @@ def convert_to_ct2(
     quantization: str,
     *,
     preloaded_model: Any = None,
-) -> Any:
+    on_model: Callable[[Any, Any], None] | None = None,
+) -> None:
     """Convert `hf_dir` (or `preloaded_model`, with `hf_dir` giving its config and
     tokenizer) to a CTranslate2 model in `output_dir`, tokenizer files included.
 
-    Returns the transformers model the converter read (its weights unquantized), for
-    the numerics reference."""
+    `on_model(model, tokenizer)` sees the transformers model with its unquantized weights
+    before the converter reads them: the converter takes the model apart as it goes, so
+    nothing can use it afterwards."""
     from transformers import AutoTokenizer
 
     try:
@@ -95,31 +98,59 @@ def convert_to_ct2(
         raise ConversionError(f"cannot load the tokenizer in {hf_dir}: {first_line(exc)}") from exc
     present = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
     converter = _converter_class()(
-        str(hf_dir), copy_files=present, model=preloaded_model, tokenizer=tokenizer
+        str(hf_dir),
+        copy_files=present,
+        model=preloaded_model,
+        tokenizer=tokenizer,
+        on_model=on_model,
     )
     try:
         converter.convert(str(output_dir), quantization=quantization, force=True)
     except (ValueError, NotImplementedError) as exc:
         raise ConversionError(f"CTranslate2 cannot convert this model: {first_line(exc)}") from exc
     _complete_tokenizer_files(tokenizer, output_dir)
-    return converter.loaded_model
+    missing = [name for name in REQUIRED_FILES if not (output_dir / name).is_file()]
+    if missing:
+        raise ConversionError(f"the converted model lacks {', '.join(missing)}")
+
+
+def write_tokenizer_files(tokenizer: Any, hf_dir: Path, target: Path) -> None:
+    """The tokenizer files serving reads, as a conversion leaves them beside model.bin."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file() and not (target / name).exists():
+            shutil.copy(hf_dir / name, target / name)
+    _complete_tokenizer_files(tokenizer, target)
 
 
 def _converter_class() -> Any:
     from ctranslate2.converters import TransformersConverter
 
     class PreloadedConverter(TransformersConverter):  # type: ignore[misc]
-        """Uses a model and tokenizer already in memory instead of loading them again."""
+        """Uses a model and tokenizer already in memory instead of loading them again,
+        and shows the model to `on_model` before converting it."""
 
-        def __init__(self, path: str, *, model: Any, tokenizer: Any, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            path: str,
+            *,
+            model: Any,
+            tokenizer: Any,
+            on_model: Callable[[Any, Any], None] | None,
+            **kwargs: Any,
+        ) -> None:
             super().__init__(path, **kwargs)
+            self._preloaded_model = model
             self._preloaded_tokenizer = tokenizer
-            self.loaded_model = model
+            self._on_model = on_model
 
         def load_model(self, model_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
-            if self.loaded_model is None:
-                self.loaded_model = super().load_model(model_class, model_name_or_path, **kwargs)
-            return self.loaded_model
+            model = self._preloaded_model
+            if model is None:
+                model = super().load_model(model_class, model_name_or_path, **kwargs)
+            if self._on_model is not None:
+                self._on_model(model, self._preloaded_tokenizer)
+            return model
 
         def load_tokenizer(
             self, tokenizer_class: Any, model_name_or_path: str, **kwargs: Any
@@ -141,6 +172,3 @@ def _complete_tokenizer_files(tokenizer: Any, output_dir: Path) -> None:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and not (output_dir / "chat_template.jinja").exists():
         (output_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
-    missing = [name for name in REQUIRED_FILES if not (output_dir / name).is_file()]
-    if missing:
-        raise ConversionError(f"the converted model lacks {', '.join(missing)}")

@@ -84,21 +84,33 @@ def probe_prompt_ids(model_dir: Path) -> list[tuple[int, ...]]:
     ]
 
 
-def record_reference(model: Any, model_dir: Path) -> Reference:
-    """Answer the probe with `model` (a transformers causal LM holding the unquantized
-    weights), then run the anchor on the converted model in `model_dir`."""
-    from llm_local.backends.ct2.canary import measure_anchor
+def answer_probe(model: Any, tokenizer_dir: Path) -> tuple[tuple[ProbeItem, ...], float]:
+    """The unquantized model's greedy answers to the probe, and their mean NLL per
+    token; the prompts rendered with the tokenizer files in `tokenizer_dir`."""
     from llm_local.backends.hf_tokenizer import HFTokenizer
 
-    end_ids = sorted(HFTokenizer.from_directory(model_dir).end_token_ids)
-    prompts = probe_prompt_ids(model_dir)
+    end_ids = sorted(HFTokenizer.from_directory(tokenizer_dir).end_token_ids)
+    prompts = probe_prompt_ids(tokenizer_dir)
     answers = _greedy_answers(model, prompts, end_ids, PROBE_MAX_NEW_TOKENS)
-    items = tuple(
-        ProbeItem(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True)
-    )
-    nll = _mean_nll(model, items)
+    items = tuple(ProbeItem(p, a) for p, a in zip(prompts, answers, strict=True))
+    return items, _mean_nll(model, items)
+
+
+def complete_reference(items: tuple[ProbeItem, ...], nll: float, model_dir: Path) -> Reference:
+    """Add the anchor, run on the converted model in `model_dir`."""
+    from llm_local.backends.ct2.canary import measure_anchor
+
+    if [item.prompt_ids for item in items] != probe_prompt_ids(model_dir):
+        raise ValueError(f"the probe renders differently with the tokenizer in {model_dir}")
     anchor: Anchor = measure_anchor(model_dir, items, PROBE_MAX_NEW_TOKENS)
     return Reference(PROBE_VERSION, PROBE_MAX_NEW_TOKENS, items, nll, anchor)
+
+
+def record_reference(model: Any, model_dir: Path) -> Reference:
+    """Both steps for a model already converted into `model_dir` (`model` holding the
+    unquantized weights, loaded again from the source)."""
+    items, nll = answer_probe(model, model_dir)
+    return complete_reference(items, nll, model_dir)
 
 
 def _float32(model: Any) -> Any:

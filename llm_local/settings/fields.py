@@ -257,6 +257,7 @@ FIELDS: tuple[Field, ...] = (
     number("numerics.min_agreement_ratio", 0, maximum=1),
     boolean("numerics.accept_unverified"),
     boolean("numerics.check_at_load"),
+    optional_path("numerics.verdict_dir"),
     integer("generation.max_new_tokens", 1),
     integer("generation.max_new_tokens_limit", 1),
     number("generation.temperature", 0),

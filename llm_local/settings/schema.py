@@ -70,6 +70,9 @@ class NumericsSettings:
     # An explicit compute_type that fails the check serves anyway, with a warning.
     accept_unverified: bool
     check_at_load: bool  # run the check at every load (off: trust the cached verdict)
+    # Where auto's verdicts are cached; None = beside the model (a read-only model cache
+    # needs a writable directory here, or every start measures again).
+    verdict_dir: Path | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ PORT_KEYS = (
     "LLM_LOCAL_SERVICE_GRPC_PORT",
     "LLM_LOCAL_SERVICE_METRICS_PORT",
 )
+HOST_KEY = "LLM_LOCAL_SERVICE_SERVER__HOST"
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 ContainerOf = Callable[[str, str], Any]
@@ -101,6 +102,18 @@ def test_service_publishes_the_ports_it_listens_on(
         else:  # compose v2 long syntax
             published.add(int(port["target"]))
     assert published == listening
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_service_listens_on_every_interface_of_its_container_by_explicit_setting(
+    compose_container: ContainerOf, variant: str
+) -> None:
+    # Outside a container llm-local listens on 127.0.0.1 unless told otherwise; inside,
+    # only 0.0.0.0 lets the published ports reach it. Compose and each service image say
+    # so themselves rather than lean on a settings default.
+    service = compose_container(variant, SERVICE)
+    assert service.config["environment"].get(HOST_KEY) == "0.0.0.0"
+    assert service.image.env.get(HOST_KEY) == "0.0.0.0", service.image.dockerfile.name
 
 
 def test_gpu_variant_runs_the_cuda_image_on_a_reserved_nvidia_gpu(

@@ -176,9 +176,10 @@ _LIVE: list[ServerProcess] = []
 
 
 def start_server_process(
-    log_dir: Path, env: Mapping[str, str] | None = None, wait: Wait = "ready"
+    log_dir: Path, env: Mapping[str, str | None] | None = None, wait: Wait = "ready"
 ) -> ServerProcess:
-    """Start `python -m llm_local serve` with ENV=test, free ports and `env` on top."""
+    """Start `python -m llm_local serve` with ENV=test, free ports and `env` on top
+    (a variable given as None is left unset)."""
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     environment = {
         **os.environ,
@@ -188,8 +189,12 @@ def start_server_process(
         "LLM_LOCAL_SERVICE_SERVER__HTTP_PORT": str(http_port),
         "LLM_LOCAL_SERVICE_SERVER__GRPC_PORT": str(grpc_port),
         "LLM_LOCAL_SERVICE_SERVER__METRICS_PORT": str(metrics_port),
-        **(env or {}),
     }
+    for name, value in (env or {}).items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
     log_path = log_dir / f"serve-{grpc_port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -227,7 +232,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeFactory]:
     started: list[ServerProcess] = []
     log_dir = tmp_path_factory.mktemp("serve-logs")
 
-    def start(env: Mapping[str, str] | None = None, wait: Wait = "ready") -> ServerProcess:
+    def start(env: Mapping[str, str | None] | None = None, wait: Wait = "ready") -> ServerProcess:
         server = start_server_process(log_dir, env, wait)
         started.append(server)
         return server

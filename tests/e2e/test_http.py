@@ -260,6 +260,10 @@ def test_metrics_count_a_real_generation(server: Any, rpc: Any) -> None:
     assert grew("llm_local_request_duration_seconds_count") == 1
     assert counter(server, "llm_local_requests_total", code="OK", **SERVICE) == ok_before + 1
     assert counter(server, "llm_local_inter_token_latency_seconds_count") > gaps_before
+    # Counters and histograms that have seen a request, yet no `*_created` timestamps.
+    _, body = server.http_get("/metrics")
+    assert b"llm_local_requests_total{" in body
+    assert b"_created" not in body
 
 
 def test_metrics_port_serves_the_same_metrics(server: Any) -> None:

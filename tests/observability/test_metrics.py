@@ -88,3 +88,30 @@ def test_two_instances_do_not_share_series() -> None:
     assert ("llm_local_requests_rejected_total", (("service", "LlamaService"),)) not in samples(
         second
     )
+
+
+def test_counters_and_histograms_have_no_created_series() -> None:
+    metrics = Metrics()
+    metrics.observe_request(
+        service="LlamaService",
+        code="OK",
+        prompt_tokens=3,
+        completion_tokens=2,
+        ttft_s=0.05,
+        duration_s=0.2,
+    )
+    metrics.observe_inter_token(0.01)
+    metrics.rejected("LlamaService")
+    metrics.set_model_state("failed", None)
+    body, _ = metrics.render()
+    names = {name for name, _ in samples(metrics)}
+    assert [name for name in names if name.endswith("_created")] == []
+    assert b"_created" not in body
+    # Only the timestamps went: the values they sat beside are all still there.
+    assert {
+        "llm_local_requests_total",
+        "llm_local_requests_rejected_total",
+        "llm_local_model_load_failures_total",
+        "llm_local_inter_token_latency_seconds_count",
+        "llm_local_time_to_first_token_seconds_bucket",
+    } <= names

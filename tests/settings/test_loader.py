@@ -34,7 +34,7 @@ def test_development_is_the_default_environment_and_runs_smollm2() -> None:
     assert settings.env == "development"
     assert settings.model.name == SMOLLM2
     assert settings.generation.temperature == 0.0  # greedy: the tiny model wanders when sampled
-    assert settings.server.host == "0.0.0.0"
+    assert settings.server.host == "127.0.0.1"  # loopback only unless told otherwise
     assert (settings.server.http_port, settings.server.grpc_port) == (16060, 16061)
 
 
@@ -53,6 +53,24 @@ def test_production_keeps_phi3_and_tightens_the_server() -> None:
     assert settings.model.cache_dir == Path("/var/cache/llm-local/models")
     assert settings.server.require_tenant_id is True
     assert settings.logging.format == "json"
+
+
+def test_production_listens_on_every_interface_unless_configured_otherwise(
+    monkeypatch: pytest.MonkeyPatch, workdir: Path
+) -> None:
+    assert load_settings("production").server.host == "0.0.0.0"
+    monkeypatch.setenv("LLM_LOCAL_SERVICE_SERVER__HOST", "10.1.2.3")
+    assert load_settings("production").server.host == "10.1.2.3"
+    monkeypatch.delenv("LLM_LOCAL_SERVICE_SERVER__HOST")
+    write(workdir / "settings.toml", '[production.server]\nhost = "::"\n')
+    assert load_settings("production").server.host == "::"
+
+
+def test_an_environment_a_deployment_defines_gets_loopback_unless_it_says_otherwise(
+    tmp_path: Path,
+) -> None:
+    staging = write(tmp_path / "staging.toml", "[staging.capacity]\nmax_concurrent = 4\n")
+    assert load_settings("staging", settings_files=[staging]).server.host == "127.0.0.1"
 
 
 def test_production_table_merges_with_default_instead_of_replacing_it() -> None:

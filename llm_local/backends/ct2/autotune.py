@@ -132,29 +132,35 @@ def verdict_key(identity: Mapping[str, str]) -> str:
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
-def verdict_path(model_dir: Path, key: str) -> Path:
-    return model_dir / VERDICT_DIR / f"{key}.json"
+def verdict_path(model_dir: Path, key: str, verdict_dir: Path | None = None) -> Path:
+    """Beside the model, or in `verdict_dir` (numerics.verdict_dir) when the model cache
+    is mounted read-only: then named after the model's cache entry as well."""
+    if verdict_dir is None:
+        return model_dir / VERDICT_DIR / f"{key}.json"
+    return verdict_dir / f"{model_dir.parent.name}--{model_dir.name}--{key}.json"
 
 
-def read_verdict(model_dir: Path, key: str) -> Verdict | None:
+def read_verdict(model_dir: Path, key: str, verdict_dir: Path | None = None) -> Verdict | None:
+    path = verdict_path(model_dir, key, verdict_dir)
     try:
-        verdict = Verdict.from_json(json.loads(verdict_path(model_dir, key).read_text("utf-8")))
+        verdict = Verdict.from_json(json.loads(path.read_text("utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return verdict if verdict.key == key else None
 
 
-def write_verdict(model_dir: Path, verdict: Verdict) -> bool:
-    """Best effort: a server may see the cache read-only; it then measures every start."""
-    path = verdict_path(model_dir, verdict.key)
+def write_verdict(model_dir: Path, verdict: Verdict, verdict_dir: Path | None = None) -> bool:
+    """Best effort: where it cannot be written, the next start measures again."""
+    path = verdict_path(model_dir, verdict.key, verdict_dir)
     try:
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(verdict.to_json(), indent=1) + "\n", encoding="utf-8")
         partial.replace(path)
     except OSError as exc:
         log.warning(
-            "cannot cache the numerics verdict in %s (%s): the next start measures again",
+            "cannot cache the numerics verdict in %s (%s): the next start measures again; "
+            "set numerics.verdict_dir to a writable directory",
             path.parent,
             exc,
         )
@@ -242,15 +248,20 @@ def new_verdict(
 
 
 def measure_verdict(
-    model_dir: Path, device: str, device_index: int, reference: Reference, bounds: Bounds
+    model_dir: Path,
+    device: str,
+    device_index: int,
+    reference: Reference,
+    bounds: Bounds,
+    verdict_dir: Path | None = None,
 ) -> Verdict:
-    """Measure now and cache the verdict beside the model (best effort)."""
+    """Measure now and cache the verdict (best effort; see `verdict_path`)."""
 
     def fastest_faithful(measurements: list[Measurement]) -> Measurement | None:
         return choose(measurements, reference, bounds).chosen
 
     verdict = new_verdict(model_dir, device, device_index, fastest_faithful)
-    write_verdict(model_dir, verdict)
+    write_verdict(model_dir, verdict, verdict_dir)
     return verdict
 
 

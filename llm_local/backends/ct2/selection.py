@@ -98,13 +98,18 @@ def _verdict(plan: LoadPlan, reference: Reference) -> autotune.Verdict:
     bounds = Bounds(plan.numerics.max_nll_ratio, plan.numerics.min_agreement_ratio)
     identity = autotune.machine_identity(plan.device, plan.device_index)
     key = autotune.verdict_key(identity)
-    cached = autotune.read_verdict(plan.model_dir, key)
+    cached = autotune.read_verdict(plan.model_dir, key, plan.numerics.verdict_dir)
     if cached is not None:
         log.info("numerics verdict for this machine found (%s): not measuring again", key)
         return cached
     log.info("measuring compute types on this machine (once; cached beside the model)")
     verdict = autotune.measure_verdict(
-        plan.model_dir, plan.device, plan.device_index, reference, bounds
+        plan.model_dir,
+        plan.device,
+        plan.device_index,
+        reference,
+        bounds,
+        plan.numerics.verdict_dir,
     )
     log.info("measured %d compute types in %.1f s", len(verdict.measurements), verdict.seconds)
     return verdict

@@ -25,7 +25,11 @@ from .conftest import plan
 pytestmark = pytest.mark.model
 
 CHECKED = NumericsSettings(
-    max_nll_ratio=1.25, min_agreement_ratio=0.6, accept_unverified=False, check_at_load=True
+    max_nll_ratio=1.25,
+    min_agreement_ratio=0.6,
+    accept_unverified=False,
+    check_at_load=True,
+    verdict_dir=None,
 )
 
 
@@ -61,7 +65,9 @@ def fake_measurement(compute_type: str, *, agreement: float, batch: float) -> Me
     )
 
 
-def write_fake_verdict(model_dir: Path, *measurements: Measurement) -> None:
+def write_fake_verdict(
+    model_dir: Path, *measurements: Measurement, verdict_dir: Path | None = None
+) -> None:
     identity = autotune.machine_identity("cpu", 0)
     verdict = autotune.Verdict(
         key=autotune.verdict_key(identity),
@@ -70,7 +76,7 @@ def write_fake_verdict(model_dir: Path, *measurements: Measurement) -> None:
         cpus=2,
         single_speed_by_threads={1: 20.0, 2: 18.0},
     )
-    assert autotune.write_verdict(model_dir, verdict)
+    assert autotune.write_verdict(model_dir, verdict, verdict_dir)
 
 
 @pytest.fixture
@@ -203,5 +209,25 @@ def test_without_a_reference_auto_serves_the_old_default_unverified(model_dir: P
         assert status is not None
         assert (status.compute_type, status.verified) == ("int8_float32", False)
         assert status.warning is not None and "llm-local convert" in status.warning
+    finally:
+        unload(model)
+
+
+def test_a_read_only_model_cache_keeps_its_verdict_in_the_verdict_dir(
+    model_dir: Path, tmp_path: Path, no_measuring: None
+) -> None:
+    reference = read_reference(model_dir)
+    assert reference is not None
+    verdicts = tmp_path / "verdicts"
+    write_fake_verdict(
+        model_dir,
+        fake_measurement("float32", agreement=reference.anchor.agreement, batch=50),
+        verdict_dir=verdicts,
+    )
+    assert not (model_dir / autotune.VERDICT_DIR).exists()
+    model = load(model_dir, "auto", dataclasses.replace(CHECKED, verdict_dir=verdicts))
+    try:
+        assert model.info.numerics is not None
+        assert model.info.numerics.chosen_by == "auto"
     finally:
         unload(model)
