@@ -178,6 +178,13 @@ def test_over_capacity_is_a_rate_limit_and_closed_streams_stop_decoding(
     for stream in streams:
         stream.close()  # the client goes away midway
     server.wait_for_metric("llm_local_requests_running", 0)
+    # Cut short by the disconnect, not ended on their own before it.
+    cancelled = [
+        line
+        for line in server.log_text().splitlines()
+        if "rpc=openai.chat.completions status=CANCELLED" in line
+    ]
+    assert len(cancelled) == 2, server.log_tail()
     server.wait_for_metric("llm_local_backend_running", 0)
     time.sleep(0.5)  # let the cancellation reach the decoding thread
     before = server.cpu_seconds()
