@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 # Long enough for the streams below on a busy 2-core machine; they end well before.
 GRACE_PERIOD_S = 60.0
-COUNTING = "Count from 1 to 1000, separated by commas."
+COUNTING = "Write the numbers from 1 to 1000, separated by commas."
 STREAM_TOKENS = 96
 STREAMS = 4  # round robin: two on each replica
 NEXT_CALLS = 4

@@ -18,7 +18,7 @@ from llm_local.proto.sentiric.llm.v1 import llama_pb2
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 GRACE_PERIOD_S = 6.0  # long enough for a short stream on a busy 2-core machine
-COUNTING = "Count from 1 to 1000, separated by commas."
+COUNTING = "Write the numbers from 1 to 1000, separated by commas."
 
 
 @pytest.fixture(scope="module")

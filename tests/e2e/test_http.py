@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 # Greedy SmolLM2 counts on and on: it keeps the only generation slot busy.
-ENDLESS = "Count from 1 to 1000, separated by commas."
+ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
 SECRET_IN_FILE = "hf_secretsfile_7f3a9c1e5b"
 SECRET_IN_FILE_TOO = "sk-secretsfile-api-key-22d0"
 SECRET_IN_ENV = "env-password-9b8e41"

@@ -17,11 +17,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_local.backends.ct2.canary import greedy_answers, measure
 from llm_local.backends.hf_tokenizer import HFTokenizer
 from llm_local.convert.reference import read_reference
+
+if TYPE_CHECKING:
+    import ctranslate2
 
 # The variables whose values make a candidate differ (recorded with each measurement).
 KERNEL_ENV = ("CT2_USE_MKL", "CT2_FORCE_CPU_ISA")
@@ -47,14 +50,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
             skipped[compute_type] = f"not supported on {device} here"
             continue
         started = time.perf_counter()
-        generator = ctranslate2.Generator(
-            str(model_dir),
-            device=device,
-            device_index=device_index,
-            compute_type=compute_type,
-            inter_threads=1,
-            intra_threads=1,
-        )
+        generator = _open(model_dir, device, device_index, compute_type, threads=1)
         load_seconds = time.perf_counter() - started
         effective = str(generator.compute_type)
         if effective in seen_effective:
@@ -93,21 +89,12 @@ def single_speeds(
     tokenizer: HFTokenizer,
 ) -> dict[str, float]:
     """One-stream tokens/s of the first probe prompt at each intra-thread count."""
-    import ctranslate2
-
     reference = read_reference(model_dir)
     assert reference is not None
     prompt = reference.items[0].prompt_ids
     speeds: dict[str, float] = {}
     for threads in thread_counts:
-        generator = ctranslate2.Generator(
-            str(model_dir),
-            device=device,
-            device_index=device_index,
-            compute_type=compute_type,
-            inter_threads=1,
-            intra_threads=threads,
-        )
+        generator = _open(model_dir, device, device_index, compute_type, threads=threads)
         greedy_answers(generator, tokenizer, [prompt], 4)  # warm-up
         started = time.perf_counter()
         answer = greedy_answers(generator, tokenizer, [prompt], reference.max_new_tokens)[0]
@@ -115,6 +102,22 @@ def single_speeds(
         generator.unload_model()
         del generator
     return speeds
+
+
+def _open(
+    model_dir: Path, device: str, device_index: int, compute_type: str, *, threads: int
+) -> ctranslate2.Generator:
+    """One worker of `threads` threads: candidates are compared on equal terms."""
+    import ctranslate2
+
+    return ctranslate2.Generator(
+        str(model_dir),
+        device=device,
+        device_index=device_index,
+        compute_type=compute_type,
+        inter_threads=1,
+        intra_threads=threads,
+    )
 
 
 def main(argv: list[str]) -> int:
