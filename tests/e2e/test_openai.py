@@ -19,8 +19,9 @@ from llm_local.proto.sentiric.llm.v1 import llama_pb2
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 QUESTION = "What is the capital of France? Answer in one sentence."
-# Greedy SmolLM2 counts on and on: a generation that outlives any test's patience.
-ENDLESS = "Count from 1 to 1000, separated by commas."
+# Greedy SmolLM2 counts on and on (in float32 and int8): a generation that outlives any
+# test's patience.
+ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
 API_KEY = "sk-e2e-7c1d93f0"
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
