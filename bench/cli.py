@@ -32,6 +32,7 @@ from bench.records import (
     CT2_STREAM,
     GRPC,
     LLAMA_CPP,
+    OPENAI_HTTP,
     TRANSFORMERS,
     LevelRun,
     Skipped,
@@ -69,6 +70,10 @@ def _scenario(name: str) -> Scenario:
         from bench.scenarios import grpc_server
 
         return grpc_server.run
+    if name == OPENAI_HTTP:
+        from bench.scenarios import openai_http
+
+        return openai_http.run
     if name == LLAMA_CPP:
         from bench.scenarios import llama_cpp
 

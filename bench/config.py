@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.records import CT2_BATCH, CT2_STREAM, GRPC, LLAMA_CPP, TRANSFORMERS
+from bench.records import CT2_BATCH, CT2_STREAM, GRPC, LLAMA_CPP, OPENAI_HTTP, TRANSFORMERS
 
-ALL_SCENARIOS = (CT2_STREAM, CT2_BATCH, GRPC, LLAMA_CPP, TRANSFORMERS)
+ALL_SCENARIOS = (CT2_STREAM, CT2_BATCH, GRPC, OPENAI_HTTP, LLAMA_CPP, TRANSFORMERS)
 
 # Prompts that make a small instruct model write long answers: with greedy decoding
 # almost every request then runs to max_new_tokens in every scenario, so the engines do

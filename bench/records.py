@@ -13,14 +13,27 @@ from dataclasses import dataclass, field
 CT2_STREAM = "ct2-stream"
 CT2_BATCH = "ct2-batch"
 GRPC = "grpc"
+OPENAI_HTTP = "http-sse"
+# The gRPC requests the http-sse scenario alternates with its own (a row, not a scenario).
+GRPC_PAIRED = "grpc-paired"
 LLAMA_CPP = "llama.cpp"
 TRANSFORMERS = "transformers"
-SCENARIO_ORDER = (TRANSFORMERS, CT2_STREAM, CT2_BATCH, GRPC, LLAMA_CPP)
+SCENARIO_ORDER = (
+    TRANSFORMERS,
+    CT2_STREAM,
+    CT2_BATCH,
+    GRPC,
+    GRPC_PAIRED,
+    OPENAI_HTTP,
+    LLAMA_CPP,
+)
 
 SCENARIO_LABELS = {
     CT2_STREAM: "in-process CTranslate2, generate_tokens",
     CT2_BATCH: "in-process CTranslate2, generate_batch on 2 workers (ceiling)",
     GRPC: "llm-local gRPC server",
+    OPENAI_HTTP: "llm-local OpenAI API, /v1/chat/completions streamed (SSE), one stream",
+    GRPC_PAIRED: "llm-local gRPC, one stream, alternating with http-sse on the same server",
     LLAMA_CPP: "llama.cpp server (peer)",
     TRANSFORMERS: "transformers generate, float32 (reference)",
 }

@@ -14,7 +14,9 @@ from bench.records import (
     CT2_BATCH,
     CT2_STREAM,
     GRPC,
+    GRPC_PAIRED,
     LLAMA_CPP,
+    OPENAI_HTTP,
     SCENARIO_ORDER,
     TRANSFORMERS,
     Skipped,
@@ -84,6 +86,16 @@ def ratios_for(summary: LevelSummary, table: Summaries) -> list[Ratio]:
             quotient = summary.ttft_p95_ms / TTFT_TARGET_MS
             text = f"p95 TTFT {quotient:.2f}× the {TTFT_TARGET_MS:.0f} ms target"
             found.append(Ratio(text, quotient))
+    elif summary.scenario == OPENAI_HTTP:
+        paired = table.get(GRPC_PAIRED, streams)
+        found.append(
+            _ratio(
+                summary.stream_tps_p50,
+                None if paired is None else paired.stream_tps_p50,
+                "gRPC per stream",
+            )
+        )
+        found.append(_ttft_difference(summary, paired, "gRPC"))
     elif summary.scenario == LLAMA_CPP:
         if streams == 1:
             found.append(_ratio(rate, table.rate(CT2_STREAM, 1), "in-process 1 stream"))
@@ -92,11 +104,13 @@ def ratios_for(summary: LevelSummary, table: Summaries) -> list[Ratio]:
     return [ratio for ratio in found if ratio is not None]
 
 
-def _ttft_difference(grpc: LevelSummary, in_process: LevelSummary | None) -> Ratio | None:
-    if in_process is None or grpc.ttft_p50_ms is None or in_process.ttft_p50_ms is None:
+def _ttft_difference(
+    summary: LevelSummary, baseline: LevelSummary | None, baseline_name: str = "in-process"
+) -> Ratio | None:
+    if baseline is None or summary.ttft_p50_ms is None or baseline.ttft_p50_ms is None:
         return None
-    difference = grpc.ttft_p50_ms - in_process.ttft_p50_ms
-    return Ratio(f"TTFT p50 {difference:+.1f} ms vs in-process", difference)
+    difference = summary.ttft_p50_ms - baseline.ttft_p50_ms
+    return Ratio(f"TTFT p50 {difference:+.1f} ms vs {baseline_name}", difference)
 
 
 def evaluate_targets(table: Summaries) -> list[TargetResult]:
@@ -110,7 +124,19 @@ def evaluate_targets(table: Summaries) -> list[TargetResult]:
             table.rate(CT2_STREAM, 1),
             0.95,
         ),
-        _ttft_within(grpc_1, in_process, 5.0),
+        _ttft_within("one stream through gRPC: TTFT p50 vs in-process", grpc_1, in_process, 5.0),
+        _at_least(
+            "one stream through HTTP/SSE (/v1/chat/completions): tokens/s vs gRPC",
+            _stream_rate(table.get(OPENAI_HTTP, 1)),
+            _stream_rate(table.get(GRPC_PAIRED, 1)),
+            0.95,
+        ),
+        _ttft_within(
+            "one stream through HTTP/SSE: TTFT p50 vs gRPC",
+            table.get(OPENAI_HTTP, 1),
+            table.get(GRPC_PAIRED, 1),
+            5.0,
+        ),
         _at_least(
             "16 streams through gRPC: aggregate vs one gRPC stream",
             table.rate(GRPC, 16),
@@ -143,6 +169,10 @@ def evaluate_targets(table: Summaries) -> list[TargetResult]:
     return results
 
 
+def _stream_rate(summary: LevelSummary | None) -> float | None:
+    return None if summary is None else summary.stream_tps_p50
+
+
 def _at_least(
     name: str, value: float | None, baseline: float | None, factor: float
 ) -> TargetResult:
@@ -160,17 +190,16 @@ def _at_least(
 
 
 def _ttft_within(
-    grpc: LevelSummary | None, in_process: LevelSummary | None, limit_ms: float
+    name: str, measured: LevelSummary | None, baseline: LevelSummary | None, limit_ms: float
 ) -> TargetResult:
-    name = "one stream through gRPC: TTFT p50 vs in-process"
     required = f"≤ +{limit_ms:g} ms"
-    if grpc is None or in_process is None:
+    if measured is None or baseline is None:
         return TargetResult(name, required, "n/a", None)
-    if grpc.ttft_p50_ms is None or in_process.ttft_p50_ms is None:
+    if measured.ttft_p50_ms is None or baseline.ttft_p50_ms is None:
         return TargetResult(name, required, "n/a", None)
-    difference = grpc.ttft_p50_ms - in_process.ttft_p50_ms
-    measured = f"{difference:+.1f} ms ({grpc.ttft_p50_ms:.1f} vs {in_process.ttft_p50_ms:.1f} ms)"
-    return TargetResult(name, required, measured, difference <= limit_ms)
+    difference = measured.ttft_p50_ms - baseline.ttft_p50_ms
+    text = f"{difference:+.1f} ms ({measured.ttft_p50_ms:.1f} vs {baseline.ttft_p50_ms:.1f} ms)"
+    return TargetResult(name, required, text, difference <= limit_ms)
 
 
 # ---------------------------------------------------------------------------- rendering

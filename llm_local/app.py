@@ -132,7 +132,7 @@ async def _start_listeners(
     await _start(
         nursery,
         f"HTTP on {server.host}:{server.http_port} (LLM_LOCAL_SERVICE_HTTP_PORT)",
-        partial(serve_http, service, shutdown_event=http_stop),
+        partial(serve_http, service, flow, shutdown_event=http_stop),
     )
     if server.metrics_port not in (0, server.http_port):
         await _start(

@@ -63,12 +63,17 @@ class Code(enum.Enum):
 
 
 class CallError(Exception):
-    """The call ends with `code` and `message` (shown to the client as is)."""
+    """The call ends with `code` and `message` (shown to the client as is).
 
-    def __init__(self, code: Code, message: str) -> None:
+    For INVALID_ARGUMENT, `field` names the wrong field (core's name, e.g.
+    ``params.top_p``) and the message is ``<field>: <reason>``.
+    """
+
+    def __init__(self, code: Code, message: str, field: str | None = None) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
+        self.field = field
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -210,7 +215,7 @@ class GenerationFlow:
         except NotReady as exc:
             raise CallError(Code.UNAVAILABLE, str(exc)) from None
         except InvalidRequest as exc:
-            raise CallError(Code.INVALID_ARGUMENT, str(exc)) from None
+            raise CallError(Code.INVALID_ARGUMENT, str(exc), field=exc.field) from None
 
         metrics = service.metrics
 

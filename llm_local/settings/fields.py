@@ -140,6 +140,27 @@ def optional_text(key: str) -> Field:
     return Field(key, _is_optional_string, 'a string ("" = unset)', to_typed)
 
 
+def text_list(key: str) -> Field:
+    """A list of strings, or one string of comma-separated items (so that an environment
+    variable can hold several); blank items are dropped."""
+
+    def items(value: object) -> list[object]:
+        if isinstance(value, str):
+            return list(value.split(","))
+        assert isinstance(value, list | tuple)
+        return list(value)
+
+    def accepts(value: object) -> bool:
+        if isinstance(value, str):
+            return True
+        return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+
+    def to_typed(value: object) -> object:
+        return tuple(str(item).strip() for item in items(value) if str(item).strip())
+
+    return Field(key, accepts, "a list of strings or one comma-separated string", to_typed)
+
+
 def _is_optional_string(value: object) -> bool:
     return value is None or isinstance(value, str)
 
@@ -258,6 +279,11 @@ FIELDS: tuple[Field, ...] = (
     optional_path("tls.cert_path"),
     optional_path("tls.key_path"),
     optional_path("tls.ca_path"),
+    text_list("openai.api_keys"),
+    optional_text("openai.model_id"),
+    integer("openai.max_body_bytes", 1024),
+    integer("openai.max_messages", 1),
+    integer("openai.max_prompt_chars", 1),
     log_level("logging.level"),
     choice("logging.format", LOG_FORMATS),
 )

@@ -28,6 +28,7 @@ from llm_local.settings.schema import (
     LoggingSettings,
     ModelSettings,
     NumericsSettings,
+    OpenAISettings,
     RuntimeSettings,
     ServerSettings,
     TLSSettings,
@@ -51,6 +52,7 @@ _TABLE_TYPES: dict[str, type[Any]] = {
     "capacity": CapacitySettings,
     "server": ServerSettings,
     "tls": TLSSettings,
+    "openai": OpenAISettings,
     "logging": LoggingSettings,
 }
 

@@ -10,7 +10,7 @@ REDACTED = "***"
 # secrets; the key material inside them is, and is caught by _PEM_PRIVATE below.
 # Whole words between underscores, so `hf_token` is a secret but `max_new_tokens` is not.
 _SECRET_NAME = re.compile(
-    r"(?:^|_)(?:token|secret|password|passwd|api_?key|private(?:_?key)?|credentials?)(?:_|$)",
+    r"(?:^|_)(?:token|secret|password|passwd|api_?keys?|private(?:_?key)?|credentials?)(?:_|$)",
     re.I,
 )
 _PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
@@ -27,8 +27,13 @@ def redact(raw: Mapping[str, object]) -> dict[str, object]:
     return {str(key): _redact_value(str(key), value) for key, value in raw.items()}
 
 
+def _is_set(value: object) -> bool:
+    # An unset secret ("", no keys) is shown as such: knowing that none is set is no leak.
+    return value is not None and value != "" and value != () and value != []
+
+
 def _redact_value(key: str, value: object) -> object:
-    if value is not None and value != "" and is_secret(key, value):
+    if _is_set(value) and is_secret(key, value):
         return REDACTED
     if isinstance(value, Mapping):
         return redact(value)

@@ -123,6 +123,18 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenAISettings:
+    """The OpenAI-compatible HTTP API (/v1/*) on the HTTP port."""
+
+    # Bearer keys /v1/* accepts; empty = no key required. A secret: /config redacts it.
+    api_keys: tuple[str, ...]
+    model_id: str | None  # the id /v1/models lists; None = derived from model.name
+    max_body_bytes: int  # larger request bodies: 413
+    max_messages: int  # more chat messages: 400
+    max_prompt_chars: int  # a longer prompt (all message texts together): 400
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str
     format: LogFormat
@@ -139,6 +151,7 @@ class AppSettings:
     capacity: CapacitySettings
     server: ServerSettings
     tls: TLSSettings
+    openai: OpenAISettings
     logging: LoggingSettings
     # Everything as loaded (secrets included): the /config route redacts it.
     raw: dict[str, object]

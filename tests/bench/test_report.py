@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from bench.records import CT2_BATCH, CT2_STREAM, GRPC, LLAMA_CPP, TRANSFORMERS, Skipped
+from bench.records import (
+    CT2_BATCH,
+    CT2_STREAM,
+    GRPC,
+    GRPC_PAIRED,
+    LLAMA_CPP,
+    OPENAI_HTTP,
+    TRANSFORMERS,
+    Skipped,
+)
 from bench.report import (
     COLUMNS,
     Summaries,
@@ -23,6 +32,7 @@ def level(
     rate: float | None,
     ttft_p50: float | None = None,
     ttft_p95: float | None = None,
+    stream_tps: float | None = None,
 ) -> LevelSummary:
     return LevelSummary(
         scenario=scenario,
@@ -34,7 +44,7 @@ def level(
         aggregate_tps=rate,
         ttft_p50_ms=ttft_p50,
         ttft_p95_ms=ttft_p95,
-        stream_tps_p50=None,
+        stream_tps_p50=stream_tps,
         tokens_per_request=128.0,
         cpu_s_per_1k_tokens=None,
         client_cpu_s_per_1k_tokens=None,
@@ -56,6 +66,8 @@ def full_table(
             level(GRPC, 1, 96.0, ttft_p50=23.0),
             level(GRPC, 16, grpc_16, ttft_p95=ttft_16),
             level(GRPC, 32, grpc_32),
+            level(GRPC_PAIRED, 1, None, ttft_p50=23.0, stream_tps=100.0),
+            level(OPENAI_HTTP, 1, None, ttft_p50=29.0, stream_tps=97.0),
             level(LLAMA_CPP, 1, 180.0),
             level(LLAMA_CPP, 16, 320.0),
             level(LLAMA_CPP, 32, 400.0),
@@ -86,6 +98,13 @@ def test_concurrent_grpc_is_compared_with_one_stream_the_ceiling_and_the_peer() 
     ]
 
 
+def test_one_http_stream_is_compared_with_one_grpc_stream() -> None:
+    assert texts(full_table(), OPENAI_HTTP, 1) == [
+        "0.97× gRPC per stream",
+        "TTFT p50 +6.0 ms vs gRPC",
+    ]
+
+
 def test_baselines_of_the_other_scenarios() -> None:
     table = full_table()
     assert texts(table, CT2_STREAM, 1) == ["4.00× transformers"]
@@ -104,6 +123,8 @@ def test_targets_pass_and_fail_on_the_measured_ratios() -> None:
     assert verdicts == {
         "one stream through gRPC: tokens/s vs in-process": True,  # 0.96 ≥ 0.95
         "one stream through gRPC: TTFT p50 vs in-process": True,  # +3 ms ≤ 5
+        "one stream through HTTP/SSE (/v1/chat/completions): tokens/s vs gRPC": True,  # 0.97
+        "one stream through HTTP/SSE: TTFT p50 vs gRPC": False,  # +6 ms > 5
         "16 streams through gRPC: aggregate vs one gRPC stream": True,  # 8.33 ≥ 8
         "32 streams through gRPC: aggregate vs one gRPC stream": False,  # 10.4 < 12
         "32 streams: gRPC vs llama.cpp server": True,  # 2.5 ≥ 2
@@ -120,7 +141,7 @@ def test_targets_fail_when_the_server_misses_them() -> None:
 
 def test_targets_without_their_scenarios_are_not_measured() -> None:
     targets = evaluate_targets(Summaries([level(CT2_STREAM, 1, 100.0)]))
-    assert [t.passed for t in targets] == [None] * 6
+    assert [t.passed for t in targets] == [None] * 8
     assert {t.measured for t in targets} == {"n/a"}
 
 

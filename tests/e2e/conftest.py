@@ -94,6 +94,20 @@ class ServerProcess:
                     return float(sample.value)
         return None
 
+    def wait_for_metric(
+        self,
+        name: str,
+        wanted: float,
+        labels: Mapping[str, str] | None = None,
+        limit_s: float = 15.0,
+    ) -> None:
+        """Poll /metrics until the sample equals `wanted`; fail after `limit_s`."""
+        deadline = time.monotonic() + limit_s
+        while self.metric(name, labels) != wanted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        value = self.metric(name, labels)
+        assert value == wanted, f"{name} is {value}, not {wanted}"
+
     def channel(
         self, credentials: grpc.ChannelCredentials | None = None, **options: Any
     ) -> grpc.Channel:

@@ -143,26 +143,19 @@ def test_deadline_stops_generation_and_the_cpu_falls_idle(
     assert used < 0.4, f"the server used {used:.2f} s of CPU in 1.5 s after the deadline"
 
 
-def wait_for_metric(server: Any, name: str, wanted: float, limit_s: float = 15.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while server.metric(name) != wanted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.metric(name) == wanted, f"{name} is {server.metric(name)}, not {wanted}"
-
-
 def test_twenty_cancelled_streams_leave_no_generation_running(
     server: Any, channel: grpc.Channel, rpc: Any
 ) -> None:
     calls = [rpc.llama(channel, request(ENDLESS, max_new_tokens=1000)) for _ in range(20)]
-    wait_for_metric(server, "llm_local_requests_running", 20)  # all admitted
+    server.wait_for_metric("llm_local_requests_running", 20)  # all admitted
     next(calls[0])  # and decoding
 
     for call in calls:
         call.cancel()
 
-    wait_for_metric(server, "llm_local_requests_running", 0)
-    wait_for_metric(server, "llm_local_backend_running", 0)
-    wait_for_metric(server, "llm_local_backend_queued", 0)
+    server.wait_for_metric("llm_local_requests_running", 0)
+    server.wait_for_metric("llm_local_backend_running", 0)
+    server.wait_for_metric("llm_local_backend_queued", 0)
     follow_up = list(rpc.llama(channel, request(max_new_tokens=24), timeout=30))
     assert "Paris" in b"".join(r.token for r in follow_up[:-1]).decode()
     for call in calls:

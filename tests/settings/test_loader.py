@@ -259,6 +259,7 @@ def test_raw_is_plain_json_ready_data_of_the_effective_values(
         "capacity",
         "server",
         "tls",
+        "openai",
         "logging",
     }
 

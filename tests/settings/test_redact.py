@@ -44,3 +44,8 @@ def test_keys_that_merely_contain_a_secret_word_stay_visible() -> None:
     shown = redact(raw)
     assert shown["generation"] == {"max_new_tokens": 256, "max_new_tokens_limit": 2048}
     assert shown["hf_token"] == "***"
+
+
+def test_api_key_lists_are_hidden_whole_and_an_empty_one_shows_as_empty() -> None:
+    shown = redact({"openai": {"api_keys": ("k1", "k2"), "max_messages": 4}, "x": {"api_keys": ()}})
+    assert shown == {"openai": {"api_keys": REDACTED, "max_messages": 4}, "x": {"api_keys": []}}

@@ -52,6 +52,10 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("server.slow_start_s", -1),
     ("tls.cert_path", "/no/such/cert.pem"),
     ("logging.level", "chatty"),
+    ("openai.api_keys", 42),
+    ("openai.api_keys", ["ok", 1]),
+    ("openai.max_body_bytes", 10),
+    ("openai.max_messages", 0),
     ("logging.format", "xml"),
 ]
 
@@ -152,3 +156,13 @@ def test_accepted_spellings_are_normalized() -> None:
     assert settings.logging.level == "WARNING"
     assert settings.runtime.device == "cpu"
     assert settings.model.offline is True
+
+
+def test_api_keys_come_as_a_list_or_a_comma_separated_string(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings(overrides={"openai.api_keys": ["a", " b "]}).openai.api_keys == ("a", "b")
+    monkeypatch.setenv("LLM_LOCAL_SERVICE_OPENAI__API_KEYS", "k1, k2,")
+    assert load_settings().openai.api_keys == ("k1", "k2")
+    monkeypatch.setenv("LLM_LOCAL_SERVICE_OPENAI__API_KEYS", "")
+    assert load_settings().openai.api_keys == ()

@@ -10,15 +10,18 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from quart import Response, jsonify
+from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from llm_local.transport.http.config_view import config_body
 from llm_local.transport.http.health import health, liveness, readiness
+from llm_local.transport.http.openai.errors import OpenAIError
+from llm_local.transport.http.openai.routes import add_openai_routes, error_response
 
 if TYPE_CHECKING:
     from llm_local.service import Service
+    from llm_local.serving import GenerationFlow
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,10 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 
 def _http_error(error: HTTPException) -> Response:
     code = error.code or 500
+    if request.path.startswith("/v1/"):
+        # OpenAI's clients read only their own error shape (413, unknown route, 405...).
+        kind = "server_error" if code >= 500 else "invalid_request_error"
+        return error_response(OpenAIError(code, error.description or error.name, type=kind))
     response = _json(code, {"error": error.name, "message": error.description, "status": code})
     if code == 405 and error.response is None:
         # Werkzeug knows the allowed methods; keep the Allow header RFC 9110 asks for.
@@ -60,7 +67,8 @@ def _get(app: QuartTrio, rule: str, view: Callable[[], Awaitable[Response]]) -> 
     app.add_url_rule(rule, view.__name__, view, methods=["GET"])
 
 
-def create_app(service: Service) -> QuartTrio:
+def create_app(service: Service, flow: GenerationFlow | None = None) -> QuartTrio:
+    """Health, config and metrics; with `flow`, the OpenAI API on /v1/* as well."""
     app = QuartTrio(__name__)
     app.json.sort_keys = False
     app.register_error_handler(HTTPException, _http_error)
@@ -87,6 +95,8 @@ def create_app(service: Service) -> QuartTrio:
     _get(app, "/health/ready", get_ready)
     _get(app, "/config", get_config)
     _get(app, "/metrics", get_metrics)
+    if flow is not None:
+        add_openai_routes(app, service, flow)
     return app
 
 

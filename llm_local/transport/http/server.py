@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
     from llm_local.service import Service
+    from llm_local.serving import GenerationFlow
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,16 @@ async def _serve(
 
 async def serve_http(
     service: Service,
+    flow: GenerationFlow | None = None,
     *,
     shutdown_event: trio.Event,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve /health, /config and /metrics until `shutdown_event` is set."""
+    """Serve /health, /config, /metrics (and with `flow`, the OpenAI API) until
+    `shutdown_event` is set."""
     server = service.settings.server
     config = hypercorn_config(server.host, server.http_port, server.grace_period_s)
-    await _serve(create_app(service), config, "HTTP", shutdown_event, task_status)
+    await _serve(create_app(service, flow), config, "HTTP", shutdown_event, task_status)
 
 
 async def serve_metrics(

@@ -18,14 +18,21 @@ from llm_local.settings.schema import AppSettings
 
 @pytest.fixture
 def make_service(fake_settings: Callable[..., AppSettings]) -> Callable[..., Service]:
-    """A Service on the fake backend; `raw` replaces the settings as /config sees them."""
+    """A Service on the fake backend; `raw` replaces the settings as /config sees them,
+    `fake` configures the backend, other keywords are settings overrides."""
 
-    def make(raw: dict[str, object] | None = None, max_concurrent: int = 2) -> Service:
+    def make(
+        raw: dict[str, object] | None = None,
+        max_concurrent: int = 2,
+        fake: FakeConfig | None = None,
+        **overrides: object,
+    ) -> Service:
         settings = fake_settings(
             runtime__device="cpu",
             runtime__compute_type="int8",
             capacity__max_concurrent=max_concurrent,
             capacity__max_queued=0,
+            **overrides,
         )
         if raw is not None:
             settings = dataclasses.replace(settings, raw=raw)
@@ -33,7 +40,7 @@ def make_service(fake_settings: Callable[..., AppSettings]) -> Callable[..., Ser
         service = Service(
             settings=settings,
             state=ServiceState(),
-            backend=FakeBackend(FakeConfig()),
+            backend=FakeBackend(fake or FakeConfig()),
             admission=Admission(
                 capacity.max_concurrent, capacity.max_queued, capacity.queue_timeout_s
             ),

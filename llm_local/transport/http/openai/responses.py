@@ -1,0 +1,132 @@
+"""The JSON objects and SSE chunks of OpenAI's responses, pure.
+
+Non-streamed: one ``chat.completion`` (or ``text_completion``) with ``usage``.
+Streamed (``text/event-stream``), for a chat: a chunk with the assistant role, one
+chunk per text delta, a chunk with the finish reason, the usage chunk (empty
+``choices``) when ``stream_options.include_usage`` asked for it, then
+``data: [DONE]``. A completion streams the same way without the role chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_local.core.types import Finished, FinishReason
+from llm_local.transport.http.openai.errors import OpenAIError
+from llm_local.transport.http.openai.requests import Kind
+
+# OpenAI knows "stop" and "length": a full context is a length limit too, and a
+# generation cut short by a stopping server ended as far as the client can tell.
+FINISH_REASONS: dict[FinishReason, str] = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.CONTEXT_FULL: "length",
+    FinishReason.CANCELLED: "stop",
+    FinishReason.ERROR: "stop",
+}
+DONE = b"data: [DONE]\n\n"
+_OBJECTS: dict[Kind, tuple[str, str]] = {
+    "chat": ("chat.completion", "chat.completion.chunk"),
+    "completion": ("text_completion", "text_completion"),
+}
+_ID_PREFIXES: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-"}
+
+
+def usage(finished: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": finished.prompt_tokens,
+        "completion_tokens": finished.completion_tokens,
+        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+    }
+
+
+def sse_event(data: dict[str, Any]) -> bytes:
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return b"data: " + text.encode() + b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What every object of one response shares."""
+
+    kind: Kind
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", _ID_PREFIXES[self.kind] + uuid.uuid4().hex)
+
+    def _head(self, streamed: bool) -> dict[str, Any]:
+        whole, chunk = _OBJECTS[self.kind]
+        return {
+            "id": self.id,
+            "object": chunk if streamed else whole,
+            "created": self.created,
+            "model": self.model,
+        }
+
+    def _choice(
+        self, text: str | None, finish_reason: str | None, streamed: bool
+    ) -> dict[str, Any]:
+        if self.kind == "completion":
+            body: dict[str, Any] = {"index": 0, "text": text or ""}
+        elif streamed:
+            body = {"index": 0, "delta": {} if text is None else {"content": text}}
+        else:
+            body = {"index": 0, "message": {"role": "assistant", "content": text or ""}}
+        body.update(logprobs=None, finish_reason=finish_reason)
+        return body
+
+    def whole(self, text: str, finished: Finished) -> dict[str, Any]:
+        """The non-streamed response."""
+        return {
+            **self._head(streamed=False),
+            "choices": [self._choice(text, FINISH_REASONS[finished.reason], streamed=False)],
+            "usage": usage(finished),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEncoder:
+    """The SSE bytes of one streamed response, event by event."""
+
+    completion: Completion
+    include_usage: bool = False
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = {**self.completion._head(streamed=True), "choices": choices}
+        if self.include_usage:
+            body["usage"] = None  # every chunk but the last carries "usage": null
+        body.update(extra)
+        return sse_event(body)
+
+    def opening(self) -> bytes:
+        """A chat stream starts with the assistant's role; a completion with nothing."""
+        if self.completion.kind != "chat":
+            return b""
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+        choice.update(logprobs=None, finish_reason=None)
+        return self._chunk([choice])
+
+    def text(self, text: str) -> bytes:
+        if not text:
+            return b""
+        return self._chunk([self.completion._choice(text, None, streamed=True)])
+
+    def finish(self, finished: Finished) -> bytes:
+        reason = FINISH_REASONS[finished.reason]
+        events = [self._chunk([self.completion._choice(None, reason, streamed=True)])]
+        if self.include_usage:
+            events.append(self._chunk([], usage=usage(finished)))
+        events.append(DONE)
+        return b"".join(events)
+
+    def error(self, error: OpenAIError) -> bytes:
+        """A failure after the stream started: an error event, then the end."""
+        return sse_event(error.body()) + DONE
