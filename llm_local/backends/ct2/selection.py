@@ -50,8 +50,11 @@ def load_checked(
     settings = plan.numerics
     reference = read_reference(plan.model_dir) if settings is not None else None
     verdict = None
-    if reference is not None and (plan.compute_type == "auto" or "auto" in _threads(plan)):
+    if reference is not None and plan.compute_type == "auto":
         verdict = _verdict(plan, reference)
+    elif reference is not None and "auto" in _threads(plan):
+        # An explicit type measures nothing: auto threads use a verdict if one is cached.
+        verdict = _cached_verdict(plan)
     layout = _layout(plan, verdict)
     if settings is None:
         compute_type = FALLBACK_COMPUTE_TYPES[plan.device]
@@ -93,14 +96,18 @@ def _layout(plan: LoadPlan, verdict: autotune.Verdict | None) -> tuple[int, int]
     return inter, intra
 
 
+def _cached_verdict(plan: LoadPlan) -> autotune.Verdict | None:
+    assert plan.numerics is not None
+    key = autotune.verdict_key(autotune.machine_identity(plan.device, plan.device_index))
+    return autotune.read_verdict(plan.model_dir, key, plan.numerics.verdict_dir)
+
+
 def _verdict(plan: LoadPlan, reference: Reference) -> autotune.Verdict:
     assert plan.numerics is not None
     bounds = Bounds(plan.numerics.max_nll_ratio, plan.numerics.min_agreement_ratio)
-    identity = autotune.machine_identity(plan.device, plan.device_index)
-    key = autotune.verdict_key(identity)
-    cached = autotune.read_verdict(plan.model_dir, key, plan.numerics.verdict_dir)
+    cached = _cached_verdict(plan)
     if cached is not None:
-        log.info("numerics verdict for this machine found (%s): not measuring again", key)
+        log.info("numerics verdict for this machine found (%s): not measuring again", cached.key)
         return cached
     log.info("measuring compute types on this machine (once; cached beside the model)")
     verdict = autotune.measure_verdict(

@@ -16,6 +16,7 @@ import pytest
 from llm_local.backends.base import NumericsRejected
 from llm_local.backends.ct2 import autotune, selection
 from llm_local.backends.ct2.loader import LoadedModel, load_model
+from llm_local.backends.ct2.threads import usable_cpus
 from llm_local.convert.reference import REFERENCE_FILE, read_reference
 from llm_local.core.numerics import Measurement
 from llm_local.settings.schema import NumericsSettings
@@ -235,5 +236,20 @@ def test_a_read_only_model_cache_keeps_its_verdict_in_the_verdict_dir(
     try:
         assert model.info.numerics is not None
         assert model.info.numerics.chosen_by == "auto"
+    finally:
+        unload(model)
+
+
+def test_an_explicit_type_with_auto_threads_measures_nothing(
+    model_dir: Path, no_measuring: None
+) -> None:
+    unchecked = dataclasses.replace(CHECKED, check_at_load=False)
+    explicit = dataclasses.replace(
+        plan(model_dir, "float32"), inter_threads="auto", intra_threads="auto", numerics=unchecked
+    )
+    model = load_model(explicit)
+    try:
+        # No verdict cached: every usable CPU is a worker of one thread.
+        assert model.info.threads == (usable_cpus(), 1)
     finally:
         unload(model)
