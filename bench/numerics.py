@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from llm_local.convert.reference import PROBE_MAX_NEW_TOKENS, PROBE_PROMPTS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -112,7 +114,8 @@ def render(result: dict[str, Any], command: str) -> str:
         f"Written by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: "
         f"{machine.get('cpu_model')} ({platform.machine()}, {summary['threads']['usable_cpus']} "
         f"usable CPUs), CTranslate2 {machine.get('ctranslate2')}; model: SmolLM2-135M-Instruct, "
-        "int8 weights, probe of 16 prompts x up to 24 greedy tokens. Figures hold for the "
+        f"int8 weights, probe of {len(PROBE_PROMPTS)} prompts x up to {PROBE_MAX_NEW_TOKENS} "
+        "greedy tokens. Figures hold for the "
         "machine they were measured on; compare the ratios.",
         "",
         "| what | seconds | ratio |",

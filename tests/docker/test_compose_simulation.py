@@ -215,8 +215,10 @@ def service(
     # every interface of a shared machine.
     overrides["LLM_LOCAL_SERVICE_SERVER__HOST"] = "127.0.0.1"
     # As an operator may set in .env: compose's default `auto` measures every compute
-    # type at the first start (a minute here; tests/e2e/test_numerics.py covers it).
+    # type at the first start, and the check at load costs seconds (a minute and ~7 s
+    # here; tests/e2e/test_numerics.py covers both). This test is about the wiring.
     overrides["LLM_LOCAL_SERVICE_COMPUTE_TYPE"] = "float32"
+    overrides["LLM_LOCAL_SERVICE_NUMERICS__CHECK_AT_LOAD"] = "false"
     environ = host.environment(service_container, overrides)
     log_path = host.home / "service.log"
     with log_path.open("wb") as log:

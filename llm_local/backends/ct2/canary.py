@@ -7,7 +7,7 @@ Two passes over the reference's probe set (see `llm_local.core.numerics`):
 - one teacher-forced `score_batch` over prompt + reference answer: the NLL per token of
   the unquantized model's answers under this compute type.
 
-For SmolLM2-135M that is ~16 x 24 generated tokens and one scoring pass: a few seconds
+For SmolLM2-135M that is ~12 x 16 generated tokens and one scoring pass: a few seconds
 at most, cheap enough to repeat at every load.
 """
 
