@@ -1,13 +1,14 @@
 """`python -m llm_local.backends.ct2.measure REQUEST_JSON`: measure compute types.
 
 Runs in a child process because some CPU kernels are chosen once per process from the
-environment (CTranslate2 reads CT2_USE_MKL the first time it picks a GEMM backend): a
+environment (CTranslate2 fixes its CT2_USE_MKL choice when it is imported): a
 candidate such as "int8 with CT2_USE_MKL=0" can only be measured in a process started
 with that environment. The parent (autotune.py) starts one child per environment.
 
-Request: {"model_dir", "device", "device_index", "compute_types": [...],
-"thread_counts": [...]}. Prints one JSON line: {"measurements": [...],
-"single_speed_by_threads": {type: {threads: tokens/s}}, "skipped": {type: why}}.
+Request: {"model_dir", "device", "device_index", "compute_types": [...], and for the
+thread scaling "thread_types": [...], "thread_counts": [...]}. Prints one JSON line:
+{"measurements": [...], "single_speed_by_threads": {type: {threads: tokens/s}},
+"skipped": {type: why}}.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_local.backends.ct2.canary import greedy_answers, measure
+from llm_local.backends.ct2.canary import THREAD_RUNS, decode_speed, measure
 from llm_local.backends.hf_tokenizer import HFTokenizer
 from llm_local.convert.reference import read_reference
 
@@ -95,10 +96,7 @@ def single_speeds(
     speeds: dict[str, float] = {}
     for threads in thread_counts:
         generator = _open(model_dir, device, device_index, compute_type, threads=threads)
-        greedy_answers(generator, tokenizer, [prompt], 4)  # warm-up
-        started = time.perf_counter()
-        answer = greedy_answers(generator, tokenizer, [prompt], reference.max_new_tokens)[0]
-        speeds[str(threads)] = (len(answer) + 1) / max(time.perf_counter() - started, 1e-9)
+        speeds[str(threads)] = decode_speed(generator, tokenizer, [prompt], runs=THREAD_RUNS)
         generator.unload_model()
         del generator
     return speeds

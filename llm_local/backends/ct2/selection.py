@@ -220,9 +220,7 @@ def _check(
     if plan.numerics is None or not plan.numerics.check_at_load:
         return None
     started = time.perf_counter()
-    measurement = measure(
-        generator, tokenizer, reference, compute_type=compute_type, time_single=False
-    )
+    measurement = measure(generator, tokenizer, reference, compute_type=compute_type, timed=False)
     judgement = judge(measurement, reference, bounds)
     log.info(
         "numerics check of %s in %.1f s: NLL ratio %.3f (bound %g), greedy agreement %.2f of "
