@@ -35,7 +35,7 @@ from llm_local.backends.base import BackendLoadError
 from llm_local.backends.ct2.measure import KERNEL_ENV
 from llm_local.backends.ct2.threads import choose_layout, intra_candidates, usable_cpus
 from llm_local.convert.reference import PROBE_VERSION
-from llm_local.core.numerics import Bounds, Measurement, Reference, choose
+from llm_local.core.numerics import Bounds, Measurement, Reference, candidate_label, choose
 
 log = logging.getLogger("llm_local.backends.ct2.autotune")
 
@@ -174,7 +174,7 @@ def measure_candidates(
     device_index: int,
     identity: Mapping[str, str],
 ) -> tuple[list[Measurement], dict[str, str]]:
-    """Every candidate in every environment; (measurements, skipped type -> why)."""
+    """Every candidate in every environment; (measurements, skipped candidate -> why)."""
     measurements: list[Measurement] = []
     skipped: dict[str, str] = {}
     for env in environments_for(device, identity):
@@ -188,7 +188,8 @@ def measure_candidates(
             env,
         )
         measurements.extend(Measurement.from_json(m) for m in result["measurements"])
-        skipped.update(result.get("skipped", {}))
+        for compute_type, why in result.get("skipped", {}).items():
+            skipped[candidate_label(compute_type, env)] = why
     return measurements, skipped
 
 
@@ -225,8 +226,8 @@ def new_verdict(
     started = time.perf_counter()
     identity = machine_identity(device, device_index)
     measurements, skipped = measure_candidates(model_dir, device, device_index, identity)
-    for compute_type, why in skipped.items():
-        log.info("compute type %s not measured: %s", compute_type, why)
+    for label, why in skipped.items():
+        log.info("compute type %s not measured: %s", label, why)
     if not measurements:
         raise BackendLoadError(f"no compute type of {', '.join(candidates_for(device))} runs here")
     cpus = usable_cpus()
