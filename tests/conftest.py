@@ -41,6 +41,26 @@ def test_model_dir() -> Path:
     return found
 
 
+LinkTestModel = Callable[[Path], Path]
+
+
+@pytest.fixture(scope="session")
+def link_test_model(test_model_dir: Path) -> LinkTestModel:
+    """`link_test_model(cache_dir)`: the test model's files linked into a cache of the
+    caller's own, at the same entry path; returns the entry. What a test writes there
+    (verdicts, a reference) stays out of the shared cache."""
+
+    def link(cache_dir: Path) -> Path:
+        entry = cache_dir / test_model_dir.parent.name / test_model_dir.name
+        entry.mkdir(parents=True)
+        for path in test_model_dir.iterdir():
+            if path.is_file():
+                (entry / path.name).symlink_to(path)
+        return entry
+
+    return link
+
+
 FakeSettings = Callable[..., "AppSettings"]
 
 

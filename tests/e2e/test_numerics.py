@@ -30,16 +30,13 @@ MEASURE_TIMEOUT_S = 600.0
 
 
 @pytest.fixture(scope="module")
-def own_cache(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model cache of this module's own, linking the test model's files: verdicts
-    written there do not leak into the shared cache (a second `make test` would then
-    find the first one's verdict)."""
+def own_cache(
+    link_test_model: Callable[[Path], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A model cache of this module's own: verdicts written there do not leak into the
+    shared cache (a second `make test` would then find the first one's verdict)."""
     cache_dir = tmp_path_factory.mktemp("numerics-cache")
-    entry = cache_dir / test_model_dir.parent.name / test_model_dir.name
-    entry.mkdir(parents=True)
-    for path in test_model_dir.iterdir():
-        if path.is_file():
-            (entry / path.name).symlink_to(path)
+    link_test_model(cache_dir)
     return cache_dir
 
 

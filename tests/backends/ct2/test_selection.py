@@ -9,6 +9,7 @@ measuring step); the measuring itself runs for real in tests/e2e/test_numerics.p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,14 +36,9 @@ CHECKED = NumericsSettings(
 
 
 @pytest.fixture
-def model_dir(test_model_dir: Path, tmp_path: Path) -> Path:
+def model_dir(link_test_model: Callable[[Path], Path], tmp_path: Path) -> Path:
     """The test model's files, linked into a directory of this test's own."""
-    directory = tmp_path / "model"
-    directory.mkdir()
-    for path in test_model_dir.iterdir():
-        if path.is_file():
-            (directory / path.name).symlink_to(path)
-    return directory
+    return link_test_model(tmp_path / "cache")
 
 
 def load(model_dir: Path, compute_type: str, numerics: NumericsSettings = CHECKED) -> LoadedModel:
