@@ -46,7 +46,7 @@ def conversion_inputs(source: ModelSource, quantization: str) -> dict[str, str]:
         "fingerprint": source.fingerprint,
         "quantization": quantization,
         # A model converted by one CTranslate2 major version may not load in another.
-        "ctranslate2_major": _installed_version("ctranslate2").split(".")[0],
+        "ctranslate2_major": installed_version("ctranslate2").split(".")[0],
     }
 
 
@@ -146,7 +146,8 @@ def _fsync_dir(path: Path) -> None:
         _fsync_file(path)
 
 
-def _installed_version(dist: str) -> str:
+def installed_version(dist: str) -> str:
+    """The installed distribution's version, or "none"."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from llm_local.backends.base import BackendLoadError
 from llm_local.backends.ct2.measure import KERNEL_ENV
 from llm_local.backends.ct2.threads import choose_layout, intra_candidates, usable_cpus
+from llm_local.convert.cache import installed_version
 from llm_local.convert.reference import PROBE_VERSION
 from llm_local.core.numerics import Bounds, Measurement, Reference, candidate_label, choose
 
@@ -114,7 +114,7 @@ def machine_identity(device: str, device_index: int) -> dict[str, str]:
         "cpu_vendor": cpu.get("vendor_id", "unknown"),
         "cpu_flags": hashlib.sha256(cpu.get("flags", "").encode()).hexdigest()[:12],
         "machine": platform.machine(),
-        "ctranslate2": _version("ctranslate2"),
+        "ctranslate2": installed_version("ctranslate2"),
         "usable_cpus": str(usable_cpus()),
         "probe_version": str(PROBE_VERSION),
     }
@@ -310,10 +310,3 @@ def _gpu_name(device_index: int) -> str:
                     return line.partition(":")[2].strip()
         device_index -= 1
     return "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "none"

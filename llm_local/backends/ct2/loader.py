@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
-from llm_local.settings.device import AUTO_TYPE_BY_DEVICE
 
 if TYPE_CHECKING:
     import ctranslate2
@@ -53,10 +52,6 @@ class LoadedModel:
     generator: ctranslate2.Generator
     tokenizer: HFTokenizer
     info: ModelInfo
-
-
-# Without a reference to judge by, "auto" means what it meant before references existed.
-FALLBACK_COMPUTE_TYPES = AUTO_TYPE_BY_DEVICE
 
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:

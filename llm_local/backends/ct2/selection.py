@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from llm_local.backends.base import BackendLoadError, NumericsRejected
 from llm_local.backends.ct2 import autotune
 from llm_local.backends.ct2.canary import measure
-from llm_local.backends.ct2.loader import FALLBACK_COMPUTE_TYPES, LoadPlan, open_generator
+from llm_local.backends.ct2.loader import LoadPlan, open_generator
 from llm_local.backends.ct2.measure import KERNEL_ENV
 from llm_local.backends.ct2.threads import usable_cpus
 from llm_local.backends.hf_tokenizer import HFTokenizer
@@ -35,6 +35,7 @@ from llm_local.core.numerics import (
     choose,
     judge,
 )
+from llm_local.settings.device import AUTO_TYPE_BY_DEVICE
 
 if TYPE_CHECKING:
     import ctranslate2
@@ -56,23 +57,22 @@ def load_checked(
         # An explicit type measures nothing: auto threads use a verdict if one is cached.
         verdict = _cached_verdict(plan)
     layout = _layout(plan, verdict)
-    if settings is None:
-        compute_type = FALLBACK_COMPUTE_TYPES[plan.device]
-        if plan.compute_type != "auto":
-            compute_type = plan.compute_type
-        return open_generator(plan, compute_type, layout), None, layout
-    bounds = Bounds(settings.max_nll_ratio, settings.min_agreement_ratio)
     if reference is None:
-        compute_type = plan.compute_type
-        chosen_by = "settings"
-        if compute_type == "auto":
-            compute_type, chosen_by = FALLBACK_COMPUTE_TYPES[plan.device], "auto"
-        log.warning("%s: serving %s unverified", NO_REFERENCE, compute_type)
-        generator = open_generator(plan, compute_type, layout)
+        # Nothing to judge by: "auto" means what it meant before references existed.
+        unchecked = plan.compute_type
+        if unchecked == "auto":
+            unchecked = AUTO_TYPE_BY_DEVICE[plan.device]
+        generator = open_generator(plan, unchecked, layout)
+        if settings is None:  # no check asked for (tests, benches)
+            return generator, None, layout
+        log.warning("%s: serving %s unverified", NO_REFERENCE, unchecked)
+        chosen_by = "auto" if plan.compute_type == "auto" else "settings"
         status = NumericsStatus(
             str(generator.compute_type), False, None, None, chosen_by, warning=NO_REFERENCE
         )
         return generator, status, layout
+    assert settings is not None  # a reference is only read when a check is asked for
+    bounds = Bounds(settings.max_nll_ratio, settings.min_agreement_ratio)
     if plan.compute_type == "auto":
         assert verdict is not None
         return _load_auto(plan, tokenizer, reference, verdict, bounds, layout)
