@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +74,13 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         del generator
     speeds = {
         compute_type: single_speeds(
-            model_dir, device, device_index, compute_type, request["thread_counts"], tokenizer
+            model_dir,
+            device,
+            device_index,
+            compute_type,
+            request["thread_counts"],
+            tokenizer,
+            reference.items[0].prompt_ids,
         )
         for compute_type in request.get("thread_types", [])
         if compute_type in supported
@@ -88,11 +95,9 @@ def single_speeds(
     compute_type: str,
     thread_counts: list[int],
     tokenizer: HFTokenizer,
+    prompt: Sequence[int],
 ) -> dict[str, float]:
-    """One-stream tokens/s of the first probe prompt at each intra-thread count."""
-    reference = read_reference(model_dir)
-    assert reference is not None
-    prompt = reference.items[0].prompt_ids
+    """One-stream tokens/s of `prompt` at each intra-thread count."""
     speeds: dict[str, float] = {}
     for threads in thread_counts:
         generator = _open(model_dir, device, device_index, compute_type, threads=threads)
