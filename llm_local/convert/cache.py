@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from llm_local.convert.sources import ModelSource
 
@@ -109,10 +110,18 @@ def new_work_dir(cache_dir: Path) -> Path:
 
 
 def write_manifest(model_dir: Path, manifest: Mapping[str, object]) -> None:
-    partial = model_dir / f"{MANIFEST_NAME}.partial"
-    partial.write_text(json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n", "utf-8")
+    write_json_atomically(model_dir / MANIFEST_NAME, manifest, indent=2, sort_keys=True)
+
+
+def write_json_atomically(
+    path: Path, data: Mapping[str, Any], *, indent: int | None = None, sort_keys: bool = False
+) -> None:
+    """A reader (or a power cut) sees the old file or the new one, never half of one."""
+    partial = path.with_name(f"{path.name}.partial")
+    text = json.dumps(dict(data), indent=indent, sort_keys=sort_keys) + "\n"
+    partial.write_text(text, encoding="utf-8")
     _fsync_file(partial)
-    partial.rename(model_dir / MANIFEST_NAME)
+    partial.replace(path)
 
 
 def install(built: Path, target: Path, work_dir: Path) -> None:

@@ -14,10 +14,10 @@ without being converted again (`ensure_converted` loads the source once for it).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from llm_local.convert.cache import write_json_atomically
 from llm_local.core.numerics import Anchor, ProbeItem, Reference
 
 REFERENCE_FILE = "reference.json"
@@ -60,12 +60,7 @@ def read_reference(model_dir: Path) -> Reference | None:
 
 
 def write_reference(model_dir: Path, reference: Reference) -> None:
-    """Atomically: a reader sees the old file or the new one, never half of one."""
-    partial = model_dir / f"{REFERENCE_FILE}.partial"
-    partial.write_text(json.dumps(reference.to_json()) + "\n", encoding="utf-8")
-    with partial.open("rb") as handle:
-        os.fsync(handle.fileno())
-    partial.replace(reference_path(model_dir))
+    write_json_atomically(reference_path(model_dir), reference.to_json())
 
 
 def probe_prompt_ids(model_dir: Path) -> list[tuple[int, ...]]:

@@ -33,7 +33,7 @@ from typing import Any
 from llm_local.backends.base import BackendLoadError
 from llm_local.backends.ct2.measure import KERNEL_ENV
 from llm_local.backends.ct2.threads import choose_layout, intra_candidates, usable_cpus
-from llm_local.convert.cache import installed_version
+from llm_local.convert.cache import installed_version, write_json_atomically
 from llm_local.convert.reference import PROBE_VERSION
 from llm_local.core.numerics import Bounds, Measurement, Reference, candidate_label, choose
 
@@ -154,9 +154,7 @@ def write_verdict(model_dir: Path, verdict: Verdict, verdict_dir: Path | None = 
     path = verdict_path(model_dir, verdict.key, verdict_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(verdict.to_json(), indent=1) + "\n", encoding="utf-8")
-        partial.replace(path)
+        write_json_atomically(path, verdict.to_json(), indent=1)
     except OSError as exc:
         log.warning(
             "cannot cache the numerics verdict in %s (%s): the next start measures again; "
