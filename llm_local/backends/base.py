@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from llm_local.core.numerics import NumericsStatus
-from llm_local.core.types import SamplingOptions
+from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
 
 if TYPE_CHECKING:
     from llm_local.settings.schema import AppSettings
@@ -112,8 +112,12 @@ class Backend(Protocol):
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: SamplingOptions,
+        hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
         """Stream generated token ids in groups (whatever is ready at each wake-up).
+
+        `hints` (tenant, shared prompt prefix) may guide scheduling and caching; the
+        tokens generated must not depend on them.
 
         The stream ends after `max_new_tokens` ids or after an end token, which is
         yielded too. Leaving the context (normally, by an exception or by

@@ -24,7 +24,7 @@ from llm_local.backends.ct2.item import BatchItem
 from llm_local.backends.ct2.loader import LoadedModel, LoadPlan, load_model, plan_from_settings
 from llm_local.backends.ct2.scheduler import BatchScheduler, BatchStarted
 from llm_local.backends.hf_tokenizer import HFTokenizer
-from llm_local.core.types import SamplingOptions
+from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
 
 if TYPE_CHECKING:
     import ctranslate2
@@ -179,7 +179,9 @@ class CT2Backend:
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: SamplingOptions,
+        hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
+        # The hints do not steer this backend yet: one batch queue, in arrival order.
         return self._generate(prompt_ids, max_new_tokens, sampling)
 
     def stats(self) -> BackendStats:
