@@ -63,8 +63,13 @@ def build_service(settings: AppSettings) -> Service:
         settings=settings,
         state=ServiceState(),
         backend=create_backend(settings),
-        admission=Admission(capacity.max_concurrent, capacity.max_queued, capacity.queue_timeout_s),
-        metrics=Metrics(),
+        admission=Admission(
+            capacity.max_concurrent,
+            capacity.max_queued,
+            capacity.queue_timeout_s,
+            capacity.max_per_tenant,
+        ),
+        metrics=Metrics(settings.server.metrics_tenant_labels),
     )
     service.metrics.bind(service)
     return service

@@ -12,6 +12,7 @@ model loading / failed / stopping  UNAVAILABLE           what the state says
 a field is wrong                   INVALID_ARGUMENT      ``<field>: <why>``
 prompt too long for the context    INVALID_ARGUMENT      ``<prompt field>: ...``
 no slot and no queue place         RESOURCE_EXHAUSTED    server at capacity ...
+the tenant holds its limit         RESOURCE_EXHAUSTED    tenant '...' at its limit ...
 the client's deadline passed       DEADLINE_EXCEEDED     generation stopped
 server stopping, grace period over UNAVAILABLE           server is shutting down
 a bug                              INTERNAL              generic, with the request id
@@ -19,6 +20,12 @@ a bug                              INTERNAL              generic, with the reque
 
 When the transport cancels the call (client went away) the trio scope is cancelled,
 generation stops, and `trio.Cancelled` propagates after the request is logged.
+
+A client that stops reading makes the transport's send wait (the HTTP/2 flow-control
+window or the socket buffer is full; the HTTP stream's bounded channel is full). Once
+one chunk has waited ``server.stall_timeout_s`` the generation is cancelled, its slot
+freed, a warning logged and `ClientStalled` raised: a stalled reader holds neither a
+slot nor more than one chunk (plus the transport's bounded buffers) for long.
 """
 
 from __future__ import annotations
@@ -81,6 +88,10 @@ class CallError(Exception):
 
 class ClientGone(Exception):
     """Sending failed because the client closed the call or the connection."""
+
+
+class ClientStalled(ClientGone):
+    """The client took no text for ``server.stall_timeout_s``: it stopped reading."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +183,11 @@ class GenerationFlow:
             if error.code is Code.RESOURCE_EXHAUSTED:
                 self._service.metrics.rejected(rpc)
             raise
+        except ClientStalled as stalled:
+            record.code, record.message = Code.CANCELLED, str(stalled)
+            self._service.metrics.stalled(rpc)
+            log.warning("%s: stream cancelled, slot freed", stalled, extra={"rpc": rpc})
+            raise
         except ClientGone as gone:
             record.code, record.message = Code.CANCELLED, f"client went away: {gone}"
             raise
@@ -194,7 +210,7 @@ class GenerationFlow:
             self._calls.discard(shutdown_scope)
             self._call_ended.set()
             self._call_ended = trio.Event()
-            self._report(rpc, record, log)
+            self._report(rpc, record, log, context.tenant_id)
 
     async def _serve(
         self,
@@ -218,6 +234,7 @@ class GenerationFlow:
             raise CallError(Code.INVALID_ARGUMENT, str(exc), field=exc.field) from None
 
         metrics = service.metrics
+        stall_timeout_s = service.settings.server.stall_timeout_s
 
         async def counted(chunk: TextChunk) -> None:
             now = time.perf_counter()
@@ -230,10 +247,16 @@ class GenerationFlow:
                     metrics.observe_inter_token(gap)
             record.last_text_at = now
             record.completion_tokens += chunk.token_count
-            await on_text(chunk)
+            with trio.move_on_after(stall_timeout_s) as waiting:
+                await on_text(chunk)
+            if waiting.cancelled_caught:
+                raise ClientStalled(
+                    f"client stopped reading: a chunk waited {stall_timeout_s:g} s to be "
+                    "sent (server.stall_timeout_s)"
+                )
 
         try:
-            async with service.admission.slot():
+            async with service.admission.slot(context.tenant_id):
                 record.prompt_tokens = len(prepared.ids)  # counted once admitted
                 finished = await run_generation(service.backend, valid, prepared, counted)
         except CapacityExceeded as exc:
@@ -246,7 +269,11 @@ class GenerationFlow:
         return finished
 
     def _report(
-        self, rpc: str, record: _Record, log: logging.LoggerAdapter[logging.Logger]
+        self,
+        rpc: str,
+        record: _Record,
+        log: logging.LoggerAdapter[logging.Logger],
+        tenant: str | None,
     ) -> None:
         ended = time.perf_counter()
         duration = ended - record.started
@@ -258,6 +285,7 @@ class GenerationFlow:
             completion_tokens=record.completion_tokens,
             ttft_s=ttft,
             duration_s=duration,
+            tenant=tenant,
         )
         fields: dict[str, object] = {
             "rpc": rpc,

@@ -5,7 +5,12 @@ services as they like without "duplicated timeseries" errors, and /metrics shows
 this service's series (no process-global default registry).
 
 Counters and histograms are fed by the request path (`observe_request`,
-`observe_inter_token`, `rejected`) and the model loader (`set_model_state`). The gauges
+`observe_inter_token`, `rejected`, `stalled`) and the model loader (`set_model_state`).
+
+Per-tenant series (``llm_local_tenant_*``) carry a `tenant` label from a bounded set
+(core/fairness.TenantLabels): the first ``server.metrics_tenant_labels`` tenant ids seen
+get their own value, later ones share ``other``, calls without one are ``none``; a client
+inventing tenant ids cannot grow /metrics without bound. The gauges
 that describe "now" (running, queued, batches, model state) are read at scrape time from
 the bound `Service`, so they can never drift from the truth.
 """
@@ -28,6 +33,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from llm_local.core.fairness import TenantLabels
+
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
@@ -35,6 +42,7 @@ if TYPE_CHECKING:
     from llm_local.service import Service
 
 PREFIX = "llm_local"
+DEFAULT_TENANT_LABELS = 32
 
 MODEL_PHASES = ("loading", "ready", "failed", "stopping")
 
@@ -99,8 +107,9 @@ class _WithoutCreated(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_labels: int = DEFAULT_TENANT_LABELS) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.tenant_labels = TenantLabels(tenant_labels)
         self._service: Service | None = None
         self._phase = "loading"
         registry = self.registry
@@ -149,6 +158,24 @@ class Metrics:
             ["service"],
             registry=registry,
         )
+        self.stalled_streams = Counter(
+            f"{PREFIX}_streams_stalled",
+            "Streams cancelled because their client stopped reading (server.stall_timeout_s).",
+            ["service"],
+            registry=registry,
+        )
+        self.tenant_requests = Counter(
+            f"{PREFIX}_tenant_requests",
+            "Finished generation requests by tenant (bounded label set) and status code.",
+            ["tenant", "code"],
+            registry=registry,
+        )
+        self.tenant_completion_tokens = Counter(
+            f"{PREFIX}_tenant_completion_tokens",
+            "Tokens generated, by tenant (bounded label set).",
+            ["tenant"],
+            registry=registry,
+        )
         self.model_load_seconds = Gauge(
             f"{PREFIX}_model_load_seconds",
             "How long the last successful model load took.",
@@ -172,9 +199,12 @@ class Metrics:
         completion_tokens: int,
         ttft_s: float | None,
         duration_s: float,
+        tenant: str | None = None,
     ) -> None:
         """One finished request. `ttft_s` is None when no text was sent."""
         self.requests.labels(service=service, code=code).inc()
+        tenant_label = self.tenant_labels.label(tenant)
+        self.tenant_requests.labels(tenant=tenant_label, code=code).inc()
         self.request_duration.labels(service=service).observe(duration_s)
         if ttft_s is not None:
             self.time_to_first_token.labels(service=service).observe(ttft_s)
@@ -182,12 +212,16 @@ class Metrics:
             self.prompt_tokens.labels(service=service).inc(prompt_tokens)
         if completion_tokens > 0:
             self.completion_tokens.labels(service=service).inc(completion_tokens)
+            self.tenant_completion_tokens.labels(tenant=tenant_label).inc(completion_tokens)
 
     def observe_inter_token(self, seconds: float) -> None:
         self.inter_token_latency.observe(seconds)
 
     def rejected(self, service: str) -> None:
         self.rejections.labels(service=service).inc()
+
+    def stalled(self, service: str) -> None:
+        self.stalled_streams.labels(service=service).inc()
 
     # -- fed by the model loader ------------------------------------------------------
 

@@ -94,6 +94,8 @@ class CapacitySettings:
     max_concurrent: int  # generations decoding at once
     max_queued: int  # generations waiting; beyond this: RESOURCE_EXHAUSTED
     queue_timeout_s: float  # the longest a request waits for a slot
+    # Running + queued generations one tenant (x-tenant-id) may hold; 0 = no limit.
+    max_per_tenant: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,11 @@ class ServerSettings:
     require_tenant_id: bool
     grace_period_s: float  # on SIGTERM, how long running streams may finish
     slow_start_s: float  # test-only: delay before loading, to observe "loading"
+    # A stream whose client has not taken a text chunk for this long (it stopped
+    # reading) is cancelled and its slot freed.
+    stall_timeout_s: float
+    # Tenants with their own label in /metrics (the first seen); later ones are "other".
+    metrics_tenant_labels: int
 
 
 @dataclass(frozen=True, slots=True)

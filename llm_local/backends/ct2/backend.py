@@ -181,8 +181,9 @@ class CT2Backend:
         sampling: SamplingOptions,
         hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
-        # The hints do not steer this backend yet: one batch queue, in arrival order.
-        return self._generate(prompt_ids, max_new_tokens, sampling)
+        # The tenant orders the waiting list (tenants take turns); the shared prefix
+        # length is not used yet.
+        return self._generate(prompt_ids, max_new_tokens, sampling, hints.tenant_id)
 
     def stats(self) -> BackendStats:
         if self._scheduler is None:
@@ -254,6 +255,7 @@ class CT2Backend:
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: SamplingOptions,
+        tenant_id: str | None,
     ) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
         scheduler = self._scheduler
         if self._closed:
@@ -272,6 +274,7 @@ class CT2Backend:
             sampling,
             arrived_at=trio.current_time(),
             relay=scheduler.relay,
+            tenant_id=tenant_id,
         )
         async with scheduler.generation(item) as stream:
             yield stream

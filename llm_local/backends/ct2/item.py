@@ -42,6 +42,7 @@ class BatchItem:
         *,
         arrived_at: float,
         relay: WakeupRelay,
+        tenant_id: str | None = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
@@ -52,6 +53,7 @@ class BatchItem:
         self._batch_key = sampling.batch_key()
         self._arrived_at = arrived_at
         self._relay = relay
+        self.tenant_id = tenant_id  # who asked: waiting items are planned tenant by tenant
 
         # Shared with the decoding thread; guarded by _lock.
         self._lock = threading.Lock()

@@ -34,6 +34,7 @@ import trio
 from llm_local.backends.base import BackendError, BackendStats
 from llm_local.backends.ct2.grouping import RunningBatch, plan_dispatch, plan_merges
 from llm_local.backends.ct2.item import BatchItem, TokenStream, WakeupRelay
+from llm_local.core.fairness import in_tenant_turns
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,8 @@ class BatchScheduler:
             wake_at: float | None = None
             if not self._closing:
                 plan = plan_dispatch(
-                    self._waiting,
+                    # Tenants take turns at the batch places (core/fairness.py).
+                    in_tenant_turns(self._waiting, lambda item: item.tenant_id),
                     free_workers=self._workers - len(self._running),
                     max_batch_size=self._max_batch_size,
                     wait_s=self._batch_wait_s,

@@ -19,10 +19,8 @@ import grpc
 import pytest
 import trio
 
-from llm_local.backends.fake import FakeBackend, create_backend
-from llm_local.core.admission import Admission
-from llm_local.core.state import ServiceState
-from llm_local.observability.metrics import Metrics
+from llm_local.app import build_service
+from llm_local.backends.fake import FakeBackend
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
 from llm_local.service import Service
 from llm_local.serving import GenerationFlow
@@ -92,17 +90,7 @@ async def start_server(
         fake: dict[str, object] | None = None, *, ready: bool = True, **overrides: object
     ) -> GrpcHarness:
         settings = fake_settings(fake, **{"server__grace_period_s": 1.0, **overrides})
-        capacity = settings.capacity
-        service = Service(
-            settings=settings,
-            state=ServiceState(),
-            backend=create_backend(settings),
-            admission=Admission(
-                capacity.max_concurrent, capacity.max_queued, capacity.queue_timeout_s
-            ),
-            metrics=Metrics(),
-        )
-        service.metrics.bind(service)
+        service = build_service(settings)
         if ready:
             await service.backend.load()
             service.state.mark_ready(service.backend.info)

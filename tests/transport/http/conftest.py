@@ -42,9 +42,12 @@ def make_service(fake_settings: Callable[..., AppSettings]) -> Callable[..., Ser
             state=ServiceState(),
             backend=FakeBackend(fake or FakeConfig()),
             admission=Admission(
-                capacity.max_concurrent, capacity.max_queued, capacity.queue_timeout_s
+                capacity.max_concurrent,
+                capacity.max_queued,
+                capacity.queue_timeout_s,
+                capacity.max_per_tenant,
             ),
-            metrics=Metrics(),
+            metrics=Metrics(settings.server.metrics_tenant_labels),
         )
         service.metrics.bind(service)
         return service

@@ -8,7 +8,9 @@ A streamed generation runs in a task of the app's nursery and feeds the response
 through a memory channel; the response starts with the first text (or the end), so
 that a refusal (400, 429, 503) is still an HTTP status. When the client disconnects,
 Quart cancels the body, whose `finally` cancels the generation: decoding stops within
-one step, as for a cancelled gRPC call.
+one step, as for a cancelled gRPC call. A client that stops reading fills the channel;
+the flow then cancels the generation after ``server.stall_timeout_s`` (serving.py), and
+should the client read again it finds an error event where the rest would have been.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from llm_local.core.validation import RawRequest
 from llm_local.serving import CallError, CallMetadata, ClientGone, GenerationFlow
 from llm_local.transport.http.openai.auth import authorized
 from llm_local.transport.http.openai.errors import (
+    SERVER_ERROR,
     OpenAIError,
     from_call_error,
     model_not_found,
@@ -54,6 +57,9 @@ RPC_NAMES: dict[Kind, str] = {"chat": "openai.chat.completions", "completion": "
 STREAM_BUFFER = 64
 
 StreamItem = TextChunk | Finished | CallError
+STALLED_MESSAGE = (
+    "the stream was cancelled: the client stopped reading for longer than server.stall_timeout_s"
+)
 
 
 def error_response(error: OpenAIError) -> Response:
@@ -238,7 +244,13 @@ async def _events(
             else:
                 yield encoder.error(from_call_error(item, translate))
                 return
-            item = await receive.receive()
+            try:
+                item = await receive.receive()
+            except trio.EndOfChannel:
+                # The generation ended without a last item: it stopped because this
+                # client stopped reading (a client that left never reads this).
+                yield encoder.error(OpenAIError(408, STALLED_MESSAGE, type=SERVER_ERROR))
+                return
     finally:
         # Also when Quart cancels or closes the body because the client went away.
         scope.cancel()
