@@ -177,3 +177,84 @@ def test_limits_must_make_sense() -> None:
         Admission(max_concurrent=0, max_queued=1, queue_timeout_s=1.0)
     with pytest.raises(ValueError, match="max_queued"):
         Admission(max_concurrent=1, max_queued=-1, queue_timeout_s=1.0)
+
+
+async def test_a_flooding_tenant_does_not_hold_back_another_tenants_request() -> None:
+    admission = Admission(max_concurrent=1, max_queued=20, queue_timeout_s=60.0)
+    order: list[str] = []
+    holder_may_leave = trio.Event()
+
+    async def holder() -> None:
+        async with admission.slot("flood"):
+            await holder_may_leave.wait()
+
+    async def request(tenant: str, name: str) -> None:
+        async with admission.slot(tenant):
+            order.append(name)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder)
+        await trio.testing.wait_all_tasks_blocked()
+        for number in range(10):
+            nursery.start_soon(request, "flood", f"flood-{number}")
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(request, "lone", "lone")
+        await trio.testing.wait_all_tasks_blocked()
+        assert admission.queued == 11
+        holder_may_leave.set()
+    # The lone tenant waited for one freed slot, not for ten.
+    assert order[:3] == ["flood-0", "lone", "flood-1"]
+    assert len(order) == 11
+
+
+async def test_a_tenant_at_its_limit_is_refused_while_others_still_enter() -> None:
+    admission = Admission(max_concurrent=2, max_queued=4, queue_timeout_s=60.0, max_per_tenant=2)
+    release = trio.Event()
+
+    async def hold(tenant: str) -> None:
+        async with admission.slot(tenant):
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold, "greedy")
+        nursery.start_soon(hold, "greedy")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(CapacityExceeded) as caught, trio.fail_after(1):
+            async with admission.slot("greedy"):
+                pytest.fail("admitted beyond the tenant's limit")
+        assert "tenant 'greedy' at its limit" in str(caught.value)
+        assert "limit 2 per tenant" in str(caught.value)
+        nursery.start_soon(hold, "modest")  # queued: the server itself has room left
+        await trio.testing.wait_all_tasks_blocked()
+        assert (admission.held("greedy"), admission.held("modest"), admission.queued) == (2, 1, 1)
+        release.set()
+    assert (admission.held("greedy"), admission.held("modest")) == (0, 0)
+    assert (admission.running, admission.queued) == (0, 0)
+
+
+async def test_queued_requests_count_towards_the_tenant_limit() -> None:
+    admission = Admission(max_concurrent=1, max_queued=4, queue_timeout_s=60.0, max_per_tenant=2)
+    release = trio.Event()
+
+    async def hold() -> None:
+        async with admission.slot("t"):
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold)
+        nursery.start_soon(hold)  # queued
+        await trio.testing.wait_all_tasks_blocked()
+        assert (admission.running, admission.queued) == (1, 1)
+        with pytest.raises(CapacityExceeded, match="tenant 't' at its limit"):
+            async with admission.slot("t"):
+                pytest.fail("admitted beyond the tenant's limit")
+        release.set()
+    # A refused or finished request leaves nothing behind: the tenant may come back.
+    async with admission.slot("t"):
+        assert admission.held("t") == 1
+
+
+def test_the_tenant_limit_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="max_per_tenant"):
+        Admission(max_concurrent=1, max_queued=0, queue_timeout_s=1.0, max_per_tenant=-1)
