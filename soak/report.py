@@ -1,0 +1,387 @@
+"""The soak's figures and verdicts from what the clients saw and the samples, and the
+markdown of docs/RELIABILITY.md. Pure: no I/O, no clock."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.stats import percentile
+from soak.clients import Outcome
+from soak.sampler import Sample
+
+MIB = 2**20
+REFUSAL_P99_GOAL_MS = 50.0
+QUEUE_TIMEOUT_MARK = "no generation slot became free within"
+TENANT_LIMIT_MARK = "at its limit"
+# A trend in RSS counts as growth only beyond this many residual standard deviations.
+RSS_NOISE_FACTOR = 2.0
+
+COMPLETED = "completed"
+REFUSED_AT_ONCE = "refused at once: server full"
+REFUSED_TENANT = "refused at once: tenant limit"
+REFUSED_QUEUE_TIMEOUT = "refused after waiting queue_timeout_s"
+
+
+def category(outcome: Outcome) -> str:
+    """What happened to one client, in the words of the outcome table."""
+    status = outcome.status
+    if outcome.kind == "stop-reading":
+        return "stopped reading (the server cancels it)"
+    if outcome.expected_error:
+        if status == "INVALID_ARGUMENT":
+            return "malformed: refused as invalid"
+        return f"malformed: UNEXPECTED {status}"
+    if status == "OK":
+        return COMPLETED
+    if status == "RESOURCE_EXHAUSTED":
+        if QUEUE_TIMEOUT_MARK in outcome.detail:
+            return REFUSED_QUEUE_TIMEOUT
+        if TENANT_LIMIT_MARK in outcome.detail:
+            return REFUSED_TENANT
+        return REFUSED_AT_ONCE
+    if status == "CANCELLED" and outcome.kind == "cancel-at-token":
+        return "cancelled by the client"
+    if status == "DEADLINE_EXCEEDED":
+        return "deadline exceeded"
+    if status == "DISCONNECTED":
+        return "disconnected without a cancel"
+    if status in ("INTERNAL", "UNKNOWN"):
+        return "INTERNAL error"
+    return f"UNEXPECTED {status}"
+
+
+def is_unexpected(name: str) -> bool:
+    return "UNEXPECTED" in name or "INTERNAL" in name
+
+
+@dataclass(frozen=True)
+class RssTrend:
+    warmup_s: float
+    samples: int
+    start_mib: float
+    end_mib: float
+    peak_mib: float
+    requests_span: float  # server-counted requests between the first and last sample used
+    slope_mib_per_10k: float  # fitted RSS growth per 10,000 requests
+    fitted_growth_mib: float  # the fitted growth over requests_span
+    noise_mib: float  # residual standard deviation around the fit
+
+    @property
+    def flat(self) -> bool:
+        return abs(self.fitted_growth_mib) <= RSS_NOISE_FACTOR * max(self.noise_mib, 0.5)
+
+
+def rss_trend(samples: Sequence[Sample], warmup_s: float) -> RssTrend | None:
+    """RSS against requests served, after the warm-up: a least-squares line."""
+    used = [s for s in samples if s.at_s >= warmup_s]
+    if len(used) < 3:
+        return None
+    xs = [s.requests_finished for s in used]
+    ys = [s.rss_bytes / MIB for s in used]
+    if max(xs) == min(xs):
+        return None
+    slope, intercept = statistics.linear_regression(xs, ys)
+    residuals = [y - (slope * x + intercept) for x, y in zip(xs, ys, strict=True)]
+    span = max(xs) - min(xs)
+    return RssTrend(
+        warmup_s=warmup_s,
+        samples=len(used),
+        start_mib=ys[0],
+        end_mib=ys[-1],
+        peak_mib=max(s.rss_bytes for s in samples) / MIB,
+        requests_span=span,
+        slope_mib_per_10k=slope * 10_000,
+        fitted_growth_mib=slope * span,
+        noise_mib=statistics.pstdev(residuals),
+    )
+
+
+@dataclass(frozen=True)
+class TokenCheck:
+    checked: int
+    equal: int  # re-encoded to exactly the reported count
+    within_one: int  # ... or one token off
+    invalid_utf8: int  # gRPC token bytes that do not concatenate to valid UTF-8
+    mismatches: list[dict[str, Any]] = field(default_factory=list)  # the first few
+
+    @property
+    def consistent(self) -> bool:
+        return self.checked > 0 and self.within_one == self.checked and not self.invalid_utf8
+
+
+def check_tokens(outcomes: Sequence[Outcome], count_tokens: Callable[[str], int]) -> TokenCheck:
+    """Streams read to the end: the text received, re-encoded, against the reported count.
+
+    The end-of-turn token counts as a completion token and has no text, so a stream that
+    stopped by itself reports one more than its text holds. Re-encoding cannot be exact:
+    the model may pick a tokenization the tokenizer would not ("Pr" + "actice" where
+    encoding gives "Practice"), and a stream cut at max_new_tokens may end inside a
+    word that encodes differently alone. One token either way is that ambiguity; a lost
+    or repeated chunk (several tokens under batching) shows as more."""
+    checked = equal = within_one = 0
+    mismatches: list[dict[str, Any]] = []
+    invalid = sum(1 for o in outcomes if o.extra.get("invalid_utf8"))
+    for outcome in outcomes:
+        if not outcome.checkable or outcome.completion_tokens is None:
+            continue
+        checked += 1
+        expected = count_tokens(outcome.text) + (1 if outcome.finish_reason == "stop" else 0)
+        difference = abs(expected - outcome.completion_tokens)
+        equal += difference == 0
+        within_one += difference <= 1
+        if difference > 0 and len(mismatches) < 5:
+            mismatches.append(
+                {
+                    "kind": outcome.kind,
+                    "reported": outcome.completion_tokens,
+                    "received_tokens": expected,
+                    "finish_reason": outcome.finish_reason,
+                    "text": outcome.text[:120],
+                }
+            )
+    return TokenCheck(checked, equal, within_one, invalid, mismatches)
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    goal: str
+    measured: str
+    passed: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class EndState:
+    """The server once every client had gone."""
+
+    seconds_after_last_client: float
+    decoding: float  # backend_running
+    running: float  # requests holding a slot
+    queued: float  # requests_queued + backend_queued
+    same_pid: bool
+    alive: bool
+    server_internal_errors: float  # /metrics code="INTERNAL"
+    stalled_streams: float  # /metrics llm_local_streams_stalled_total
+
+
+def evaluate(
+    outcomes: Sequence[Outcome],
+    trend: RssTrend | None,
+    tokens: TokenCheck,
+    end: EndState,
+) -> list[Goal]:
+    goals: list[Goal] = []
+    left = end.decoding + end.running + end.queued
+    goals.append(
+        Goal(
+            "generations left after the clients are gone",
+            "0",
+            f"{end.decoding:g} decoding, {end.running:g} holding a slot, {end.queued:g} queued "
+            f"({end.seconds_after_last_client:.0f} s after the last client)",
+            left == 0,
+        )
+    )
+    if trend is None:
+        goals.append(
+            Goal("RSS growth after warm-up", "flat within noise", "too few samples", False)
+        )
+    else:
+        goals.append(
+            Goal(
+                "RSS growth after warm-up",
+                "flat within noise",
+                f"{trend.slope_mib_per_10k:+.1f} MiB per 10,000 requests "
+                f"({trend.fitted_growth_mib:+.1f} MiB fitted over {trend.requests_span:.0f} "
+                f"requests; noise ±{trend.noise_mib:.1f} MiB; {trend.start_mib:.0f} → "
+                f"{trend.end_mib:.0f} MiB, peak {trend.peak_mib:.0f} MiB)",
+                trend.flat,
+                f"flat: the fitted growth is within {RSS_NOISE_FACTOR:g}× the residual noise",
+            )
+        )
+    refusals = [
+        o.latency_s * 1000 for o in outcomes if category(o) in (REFUSED_AT_ONCE, REFUSED_TENANT)
+    ]
+    if refusals:
+        p99 = percentile(refusals, 99)
+        goals.append(
+            Goal(
+                "RESOURCE_EXHAUSTED at once, p99",
+                f"< {REFUSAL_P99_GOAL_MS:.0f} ms",
+                f"{p99:.1f} ms (p50 {percentile(refusals, 50):.1f} ms, max "
+                f"{max(refusals):.1f} ms, {len(refusals)} refusals)",
+                p99 < REFUSAL_P99_GOAL_MS,
+                "client-side, call start to status; refusals after the queue wait excluded",
+            )
+        )
+    else:
+        goals.append(
+            Goal("RESOURCE_EXHAUSTED at once, p99", "< 50 ms", "no refusal happened", False)
+        )
+    client_internal = sum(1 for o in outcomes if category(o) == "INTERNAL error")
+    goals.append(
+        Goal(
+            "INTERNAL errors",
+            "0",
+            f"{client_internal} seen by clients, {end.server_internal_errors:g} counted by "
+            "the server",
+            client_internal == 0 and end.server_internal_errors == 0,
+        )
+    )
+    goals.append(
+        Goal(
+            "the server never restarted",
+            "same pid, alive",
+            f"same pid: {'yes' if end.same_pid else 'NO'}, alive: {'yes' if end.alive else 'NO'}",
+            end.same_pid and end.alive,
+        )
+    )
+    goals.append(
+        Goal(
+            "tokens received = completion_tokens",
+            "every stream read to the end",
+            f"{tokens.equal} of {tokens.checked} equal, {tokens.within_one} within one token; "
+            f"{tokens.invalid_utf8} gRPC streams with invalid UTF-8",
+            tokens.consistent,
+            "the text received, re-encoded with the model's tokenizer (+1 for the end token "
+            "when it stopped by itself); re-encoding is ambiguous by one token, so the goal "
+            "is: none off by more, and every gRPC stream's bytes valid UTF-8",
+        )
+    )
+    unexpected = sum(1 for o in outcomes if is_unexpected(category(o)))
+    goals.append(
+        Goal(
+            "outcomes no client should see",
+            "0",
+            f"{unexpected}",
+            unexpected == 0,
+            "a malformed request accepted, a good one refused as invalid, a stream "
+            "without its end, a connection error",
+        )
+    )
+    return goals
+
+
+def outcome_table(outcomes: Sequence[Outcome]) -> list[tuple[str, int, str]]:
+    """(category, count, kinds that produced it) by count."""
+    counts = Counter(category(o) for o in outcomes)
+    kinds: dict[str, Counter[str]] = {}
+    for outcome in outcomes:
+        kinds.setdefault(category(outcome), Counter())[outcome.kind] += 1
+    return [
+        (name, count, ", ".join(f"{k} {n}" for k, n in kinds[name].most_common()))
+        for name, count in counts.most_common()
+    ]
+
+
+def tenant_table(outcomes: Sequence[Outcome]) -> list[tuple[str, int, int, int, str]]:
+    """(tenant, requests, completed, refused, p50 latency of completed) per tenant."""
+    rows = []
+    tenants = sorted({o.tenant or "(none)" for o in outcomes})
+    for tenant in tenants:
+        mine = [o for o in outcomes if (o.tenant or "(none)") == tenant]
+        done = [o.latency_s for o in mine if category(o) == COMPLETED]
+        refused = sum(1 for o in mine if o.status == "RESOURCE_EXHAUSTED")
+        p50 = f"{percentile(done, 50):.1f} s" if done else "–"
+        rows.append((tenant, len(mine), len(done), refused, p50))
+    return rows
+
+
+def render(
+    *,
+    command: str,
+    started: str,
+    duration_s: float,
+    machine: dict[str, Any],
+    load_average_at_end: tuple[float, float, float] | None,
+    settings: dict[str, Any],
+    capacity: dict[str, Any],
+    outcomes: Sequence[Outcome],
+    goals: Sequence[Goal],
+    tokens: TokenCheck,
+    end: EndState,
+    plot_name: str | None,
+    throughput_tps: float,
+) -> str:
+    passed = sum(1 for goal in goals if goal.passed)
+    lines = [
+        "# Reliability: the soak run",
+        "",
+        f"`{command}` drove a real `llm-local serve` (production settings, bound to "
+        f"127.0.0.1) for {duration_s / 60:.0f} minutes at about twice its measured capacity "
+        "with a mix of well-behaved and abusive clients. Reproduce with `make soak` (10 "
+        'minutes) or `make soak SOAK_ARGS="--duration 300"`.',
+        "",
+        f"**{passed} of {len(goals)} goals met.**",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine.get('cpu')}, {machine.get('logical_cpus')} logical CPUs, "
+        f"{machine.get('memory_gib')} GiB",
+        f"- {machine.get('os')}, Python {machine.get('python')}, commit {machine.get('commit')}",
+        f"- load average at start {_load(machine.get('load_average_at_start'))}, at end "
+        f"{_load(load_average_at_end)}. The machine is shared with other developers' work: "
+        "figures of time are upper bounds of what a quiet machine shows.",
+        f"- started {started} UTC",
+        "",
+        "## Load",
+        "",
+        f"- capacity measured first: {capacity['probe_streams']} closed-loop streams for "
+        f"{capacity['probe_s']:.0f} s completed {capacity['requests_per_s']:.2f} requests/s "
+        f"({capacity['tokens_per_s']:.0f} tokens/s); the soak offered "
+        f"{capacity['offered_per_s']:.2f} requests/s (×{capacity['load_factor']:g}), "
+        "Poisson arrivals",
+        f"- {len(outcomes)} requests in all; the server generated {throughput_tps:.0f} "
+        "tokens/s on average",
+        f"- max_new_tokens drawn from {settings['max_new_tokens_range']}; tenants and their "
+        f"share of requests: {settings['tenants']}",
+        f"- client mix: {settings['mix']}",
+        f"- server settings: {settings['server']}",
+        "",
+        "## Goals",
+        "",
+        "| what | goal | measured | verdict |",
+        "|---|---|---|---|",
+    ]
+    for goal in goals:
+        note = f" ({goal.note})" if goal.note else ""
+        verdict = "pass" if goal.passed else "**FAIL**"
+        lines.append(f"| {goal.name} | {goal.goal} | {goal.measured}{note} | {verdict} |")
+    lines += [
+        "",
+        "## Requests by outcome",
+        "",
+        "| outcome | requests | from |",
+        "|---|---|---|",
+    ]
+    for name, count, kinds in outcome_table(outcomes):
+        lines.append(f"| {name} | {count} | {kinds} |")
+    lines += [
+        "",
+        f"The server cancelled {end.stalled_streams:g} streams whose client had stopped "
+        "reading (`llm_local_streams_stalled_total`).",
+        "",
+        "## Per tenant",
+        "",
+        "| tenant | requests | completed | RESOURCE_EXHAUSTED | completed, p50 latency |",
+        "|---|---|---|---|---|",
+    ]
+    for tenant, count, done, refused, p50 in tenant_table(outcomes):
+        lines.append(f"| {tenant} | {count} | {done} | {refused} | {p50} |")
+    if tokens.mismatches:
+        lines += ["", "First token-count mismatches:", ""]
+        for item in tokens.mismatches:
+            lines.append(f"- `{item}`")
+    if plot_name:
+        lines += ["", "## Over time", "", f"![the server over time]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _load(value: object) -> str:
+    if not isinstance(value, list | tuple):
+        return "unknown"
+    return " / ".join(f"{v:.2f}" for v in value)
