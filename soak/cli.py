@@ -35,7 +35,14 @@ from bench.models import ModelNotFound, find_ct2_model
 from bench.processes import ServerProcess, environment_with, free_port, wait_until
 from soak.clients import Clients, Outcome, Target
 from soak.plots import plot_over_time
-from soak.report import EndState, check_tokens, evaluate, render, rss_trend
+from soak.report import (
+    EndState,
+    check_tokens,
+    evaluate,
+    refusal_durations_ms,
+    render,
+    rss_trend,
+)
 from soak.sampler import Sample, scrape, take_sample, total
 
 DEFAULT_DURATION_S = 600.0
@@ -175,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         exit_status = server.stop()
     print(f"soak: server stopped with status {exit_status}", flush=True)
+    server_refusals_ms = refusal_durations_ms(log_path.read_text(errors="replace"))
 
     outcomes = run.outcomes
     # Only while the load ran: as the last clients finish, batches shrink and so does RSS.
@@ -182,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = check_tokens(
         outcomes, lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
     )
-    goals = evaluate(outcomes, trend, tokens, end)
+    goals = evaluate(outcomes, trend, tokens, end, server_refusals_ms)
     load_samples = [s for s in run.samples if s.at_s <= config.duration_s]
     throughput = (
         (load_samples[-1].completion_tokens - load_samples[0].completion_tokens)
@@ -311,12 +319,17 @@ async def _drive(config: SoakConfig, target: Target, pid: int) -> RunResult:
         async def one(kind: str) -> None:
             tenant = rng.choices(list(TENANTS), weights=list(TENANTS.values()))[0]
             tokens = rng.randint(config.min_tokens, config.max_tokens)
+            began = time.monotonic()
             try:
                 seen = await clients.behaviours[kind](tenant, tokens)
                 outcomes.extend(seen if isinstance(seen, list) else [seen])
+            except asyncio.CancelledError:
+                # Still waiting when the drain time ran out: counted, never lost.
+                outcomes.append(Outcome(kind, tenant, began, time.monotonic(), "CLIENT_GAVE_UP"))
+                raise
             except Exception as error:  # a client bug must not end the soak
-                failed = Outcome(kind, tenant, time.monotonic(), time.monotonic())
-                failed.status, failed.detail = "CLIENT_ERROR", repr(error)
+                failed = Outcome(kind, tenant, began, time.monotonic(), "CLIENT_ERROR")
+                failed.detail = repr(error)
                 outcomes.append(failed)
 
         sampler = asyncio.create_task(sample_forever())

@@ -32,7 +32,7 @@ import h2.settings
 TINY_RECEIVE_BUFFER = 1024
 # Connecting, and each read of grpc_call_then_drop (a queued call sends nothing for long).
 CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 120.0
+READ_TIMEOUT_S = 300.0
 
 
 def grpc_frame(message: bytes) -> bytes:

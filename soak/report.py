@@ -3,6 +3,7 @@ markdown of docs/RELIABILITY.md. Pure: no I/O, no clock."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -169,11 +170,31 @@ class EndState:
     stalled_streams: float  # /metrics llm_local_streams_stalled_total
 
 
+def refusal_durations_ms(server_log: str) -> list[float]:
+    """From the server's JSON log: how long each at-once RESOURCE_EXHAUSTED took, from
+    the request reaching the flow to its refusal."""
+    durations: list[float] = []
+    for line in server_log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or record.get("status") != "RESOURCE_EXHAUSTED":
+            continue
+        if QUEUE_TIMEOUT_MARK in str(record.get("detail", "")):
+            continue
+        duration = record.get("duration_ms")
+        if isinstance(duration, int | float):
+            durations.append(float(duration))
+    return durations
+
+
 def evaluate(
     outcomes: Sequence[Outcome],
     trend: RssTrend | None,
     tokens: TokenCheck,
     end: EndState,
+    server_refusals_ms: Sequence[float] = (),
 ) -> list[Goal]:
     goals: list[Goal] = []
     left = end.decoding + end.running + end.queued
@@ -203,25 +224,24 @@ def evaluate(
                 f"flat: the fitted growth is within {RSS_NOISE_FACTOR:g}× the residual noise",
             )
         )
-    refusals = [
+    client_refusals = [
         o.latency_s * 1000 for o in outcomes if category(o) in (REFUSED_AT_ONCE, REFUSED_TENANT)
     ]
-    if refusals:
-        p99 = percentile(refusals, 99)
-        goals.append(
-            Goal(
-                "RESOURCE_EXHAUSTED at once, p99",
-                f"< {REFUSAL_P99_GOAL_MS:.0f} ms",
-                f"{p99:.1f} ms (p50 {percentile(refusals, 50):.1f} ms, max "
-                f"{max(refusals):.1f} ms, {len(refusals)} refusals)",
-                p99 < REFUSAL_P99_GOAL_MS,
-                "client-side, call start to status; refusals after the queue wait excluded",
-            )
+    goals.append(
+        _refusal_goal(
+            "RESOURCE_EXHAUSTED at once, p99, in the server",
+            server_refusals_ms,
+            "from the request reaching the flow to its refusal, from the server's log",
         )
-    else:
-        goals.append(
-            Goal("RESOURCE_EXHAUSTED at once, p99", "< 50 ms", "no refusal happened", False)
+    )
+    goals.append(
+        _refusal_goal(
+            "RESOURCE_EXHAUSTED at once, p99, at the client",
+            client_refusals,
+            "call start to status: adds both HTTP/2 stacks and the load generator's own "
+            "scheduling, which shares the CPUs",
         )
+    )
     client_internal = sum(1 for o in outcomes if category(o) == "INTERNAL error")
     goals.append(
         Goal(
@@ -264,6 +284,21 @@ def evaluate(
         )
     )
     return goals
+
+
+def _refusal_goal(name: str, durations_ms: Sequence[float], note: str) -> Goal:
+    goal = f"< {REFUSAL_P99_GOAL_MS:.0f} ms"
+    if not durations_ms:
+        return Goal(name, goal, "no refusal happened", False)
+    p99 = percentile(durations_ms, 99)
+    return Goal(
+        name,
+        goal,
+        f"{p99:.1f} ms (p50 {percentile(durations_ms, 50):.1f} ms, max "
+        f"{max(durations_ms):.1f} ms, {len(durations_ms)} refusals)",
+        p99 < REFUSAL_P99_GOAL_MS,
+        note + "; refusals after waiting queue_timeout_s excluded",
+    )
 
 
 def outcome_table(outcomes: Sequence[Outcome]) -> list[tuple[str, int, str]]:
