@@ -115,3 +115,26 @@ def test_counters_and_histograms_have_no_created_series() -> None:
         "llm_local_inter_token_latency_seconds_count",
         "llm_local_time_to_first_token_seconds_bucket",
     } <= names
+
+
+def test_tenant_series_have_a_bounded_label_set() -> None:
+    metrics = Metrics(tenant_labels=2)
+    for tenant in ("acme", "globex", "initech", "umbrella", None, "acme"):
+        metrics.observe_request(
+            service="LlamaService",
+            code="OK",
+            prompt_tokens=5,
+            completion_tokens=3,
+            ttft_s=0.1,
+            duration_s=0.2,
+            tenant=tenant,
+        )
+    found = samples(metrics)
+    requests = {
+        dict(labels)["tenant"]: value
+        for (name, labels), value in found.items()
+        if name == "llm_local_tenant_requests_total"
+    }
+    assert requests == {"acme": 2, "globex": 1, "other": 2, "none": 1}
+    tokens = found[("llm_local_tenant_completion_tokens_total", (("tenant", "other"),))]
+    assert tokens == 6
