@@ -72,7 +72,8 @@ TENANTS = {"tenant-a": 0.55, "tenant-b": 0.25, "tenant-c": 0.15, "tenant-d": 0.0
 MAX_OUTSTANDING = 3000
 # After the load stops: how long clients may take to finish (queue wait + generation +
 # a stalled client's hold), then how long the server gets to show it is idle.
-DRAIN_TIMEOUT_S = 180.0
+DRAIN_TIMEOUT_S = 240.0
+STALL_HOLD_EXTRA_S = 150.0
 SETTLE_S = 2.0
 TOKENS_COUNTER = "llm_local_completion_tokens_total"
 
@@ -262,7 +263,9 @@ def _server_settings(http_port: int, config: SoakConfig) -> dict[str, Any]:
             f"{capacity.get('max_per_tenant')}, stall_timeout_s {stall:g}, max_batch_size "
             f"{runtime.get('max_batch_size')}, inter_threads {runtime.get('inter_threads')}"
         ),
-        "stall_hold_s": stall + 5.0,
+        # Long enough to wait for a slot, produce the first tokens (an SSE stream blocks
+        # only once ~150 chunks fill the socket and the stream's buffer), then stall.
+        "stall_hold_s": stall + STALL_HOLD_EXTRA_S,
         "tenants": ", ".join(f"{name} {share:.0%}" for name, share in TENANTS.items()),
         "mix": ", ".join(f"{name} {share:.0%}" for name, share in MIX.items()),
     }

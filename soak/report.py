@@ -413,7 +413,30 @@ def render(
             lines.append(f"- `{item}`")
     if plot_name:
         lines += ["", "## Over time", "", f"![the server over time]({plot_name})"]
+    lines += ["", "## How to read it", "", *NOTES]
     return "\n".join(lines) + "\n"
+
+
+NOTES = (
+    "- The load generator runs on the same machine as the server and shares its CPUs; "
+    "every latency seen by a client includes the client's own waits for a CPU. The "
+    "server's log times each refusal from the request reaching the flow (after the "
+    "HTTP/2 and gRPC framing) to the refusal: that figure is the server's own.",
+    "- Capacity is measured with well-behaved streams only; the soak's mix then offers "
+    "twice that many requests per second, but cancelled, refused and malformed requests "
+    "cost less than a full answer, so the real overload is lower than ×2 in tokens.",
+    "- A client that stops reading holds its connection for stall_timeout_s + 150 s: "
+    "time to wait for a slot, receive its first tokens (an SSE stream blocks only once "
+    "about 150 chunks fill the socket and the stream's buffer), and be cancelled by the "
+    "server. One that is still queued or generating slowly when it gives up is counted "
+    "as disconnected by the server, not as stalled.",
+    "- Generations left after the clients are gone are read from /metrics "
+    "(llm_local_backend_running, llm_local_requests_running, the queues) a few seconds "
+    "after the last client finished or closed its connection.",
+    "- Not covered by the soak: HTTP/2 cleartext clients of the HTTP port that stop "
+    "reading. hypercorn 0.18 keeps buffering their response (README, 'Sharing the "
+    "server'), so they run to max_tokens instead of being cancelled.",
+)
 
 
 def _load(value: object) -> str:
