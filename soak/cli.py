@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import random
@@ -74,6 +75,7 @@ MAX_OUTSTANDING = 3000
 # a stalled client's hold), then how long the server gets to show it is idle.
 DRAIN_TIMEOUT_S = 240.0
 STALL_HOLD_EXTRA_S = 150.0
+CLIENT_THREADS = 512
 SETTLE_S = 2.0
 TOKENS_COUNTER = "llm_local_completion_tokens_total"
 
@@ -287,6 +289,11 @@ async def _drive(config: SoakConfig, target: Target, pid: int) -> RunResult:
     import grpc
 
     rng = random.Random(config.seed)
+    # Raw-socket clients block a thread for their whole call; the default pool (a few
+    # threads per CPU) would make the sampler and every other such client wait behind them.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=CLIENT_THREADS)
+    )
     async with grpc.aio.insecure_channel(f"{target.host}:{target.grpc_port}") as channel:
         clients = Clients(target, channel, rng)
         capacity = await _capacity(config, clients, rng)

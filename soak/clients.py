@@ -431,10 +431,19 @@ async def post_json(
         writer.write(head.encode() + payload)
         await writer.drain()
         status, response_headers = parse_response_head(await reader.readuntil(b"\r\n\r\n"))
-        raw = await reader.read()
+        # By length: hypercorn answers "Connection: close" but may keep the socket open.
+        length = response_headers.get("content-length")
+        if length is not None:
+            return status, await reader.readexactly(int(length))
         if "chunked" in response_headers.get("transfer-encoding", "").lower():
-            raw = ChunkedDecoder().feed(raw)
-        return status, raw
+            decoder, body = ChunkedDecoder(), bytearray()
+            while not decoder.done:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                body += decoder.feed(data)
+            return status, bytes(body)
+        return status, await reader.read()
     finally:
         writer.close()
         with contextlib.suppress(OSError):
