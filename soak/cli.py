@@ -40,6 +40,7 @@ from soak.report import (
     EndState,
     check_tokens,
     evaluate,
+    fewest_tokens,
     refusal_durations_ms,
     render,
     rss_trend,
@@ -190,8 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes = run.outcomes
     # Only while the load ran: as the last clients finish, batches shrink and so does RSS.
     trend = rss_trend([s for s in run.samples if s.at_s <= config.duration_s], config.warmup_s)
+    vocabulary = byte_vocabulary(tokenizer)
+    longest = max(len(token) for token in vocabulary)
     tokens = check_tokens(
-        outcomes, lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+        outcomes,
+        lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids),
+        lambda text: fewest_tokens(text.encode(), vocabulary, longest),
     )
     goals = evaluate(outcomes, trend, tokens, end, server_refusals_ms)
     load_samples = [s for s in run.samples if s.at_s <= config.duration_s]
@@ -242,6 +247,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {'pass' if goal.passed else 'FAIL'}  {goal.name}: {goal.measured}")
     print(f"soak: wrote {document} and {results_path}")
     return 0 if all(goal.passed for goal in goals) else 1
+
+
+def byte_vocabulary(tokenizer: Any) -> frozenset[bytes]:
+    """The model's tokens as the bytes they stand for (GPT-2's byte-level alphabet maps
+    each byte to a printable character); special tokens left out."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    characters = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + extra)
+            extra += 1
+    to_byte = {chr(character): byte for byte, character in zip(printable, characters, strict=True)}
+    special = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    return frozenset(
+        bytes(to_byte[c] for c in token)
+        for token in tokenizer.get_vocab()
+        if token not in special and all(c in to_byte for c in token)
+    )
 
 
 def _server_settings(http_port: int, config: SoakConfig) -> dict[str, Any]:
@@ -436,5 +461,6 @@ def _outcome_json(outcome: Outcome, t0: float) -> dict[str, Any]:
         "detail": outcome.detail[:200],
         "completion_tokens": outcome.completion_tokens,
         "finish_reason": outcome.finish_reason,
+        "text": outcome.text[:2000] if outcome.checkable else None,
         **outcome.extra,
     }

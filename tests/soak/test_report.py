@@ -11,6 +11,7 @@ from soak.report import (
     REFUSED_TENANT,
     category,
     check_tokens,
+    fewest_tokens,
     refusal_durations_ms,
     rss_trend,
 )
@@ -62,7 +63,7 @@ def test_rss_trend_is_flat_within_noise_and_catches_a_leak() -> None:
     assert rss_trend(flat[:2], warmup_s=60) is None
 
 
-def test_token_counts_allow_the_one_token_ambiguity_of_re_encoding() -> None:
+def test_token_counts_allow_the_ambiguity_of_re_encoding_but_not_extra_text() -> None:
     def count(text: str) -> int:
         return len(text.split())
 
@@ -72,10 +73,22 @@ def test_token_counts_allow_the_one_token_ambiguity_of_re_encoding() -> None:
         outcome(text="a b", completion_tokens=4, finish_reason="length", checkable=True),
         outcome(text="a", completion_tokens=9, finish_reason="length", checkable=False),
     ]
-    tokens = check_tokens(seen[:2], count)
-    assert (tokens.checked, tokens.equal, tokens.within_one, tokens.consistent) == (2, 2, 2, True)
-    tokens = check_tokens(seen, count)
-    assert (tokens.checked, tokens.equal, tokens.within_one, tokens.consistent) == (3, 2, 2, False)
+    tokens = check_tokens(seen[:2], count, count)
+    assert (tokens.checked, tokens.equal, tokens.spellable, tokens.consistent) == (2, 2, 2, True)
+    # "a b" told as 4 tokens: re-encoding is 2 off, still within the ambiguity.
+    tokens = check_tokens(seen, count, count)
+    assert (tokens.checked, tokens.equal, tokens.within_two, tokens.consistent) == (3, 2, 3, True)
+    # Text that needs more tokens than reported was repeated or made up on the way.
+    extra = outcome(text="a b c d", completion_tokens=3, finish_reason="length", checkable=True)
+    tokens = check_tokens([extra], lambda text: 3, count)
+    assert (tokens.equal, tokens.spellable, tokens.consistent) == (1, 0, False)
+
+
+def test_fewest_tokens_is_the_shortest_spelling() -> None:
+    vocabulary = frozenset({b"a", b"b", b"c", b"ab", b"bc", b"abc"})
+    assert fewest_tokens(b"abcabc", vocabulary, 3) == 2
+    assert fewest_tokens(b"abab", vocabulary, 3) == 2
+    assert fewest_tokens(b"", vocabulary, 3) == 0
 
 
 def test_metrics_text_is_summed_by_name_and_label() -> None:
