@@ -27,11 +27,11 @@ def plot_over_time(samples: Sequence[Sample], warmup_s: float, path: Path) -> bo
     axes[2].plot(minutes, [s.backend_queued for s in samples], label="waiting for a batch")
     axes[2].set_ylabel("queued")
     rates = [
-        (later.completion_tokens - earlier.completion_tokens) / (later.at_s - earlier.at_s)
+        (later.tokens_sent - earlier.tokens_sent) / (later.at_s - earlier.at_s)
         for earlier, later in itertools.pairwise(samples)
     ]
     axes[3].plot(minutes[1:], rates, color="tab:green")
-    axes[3].set_ylabel("tokens/s")
+    axes[3].set_ylabel("tokens/s sent")
     axes[3].set_xlabel("minutes since the load started")
     for panel in axes:
         panel.axvline(warmup_s / 60, color="gray", linestyle=":", linewidth=1)

@@ -18,7 +18,10 @@ class Sample:
     requests_queued: float  # waiting for a slot
     backend_running: float  # decoding in the backend now
     backend_queued: float  # waiting inside the backend for a batch
-    completion_tokens: float  # counter, all services
+    completion_tokens: float  # counter, all services; grows when a request ends
+    # Tokens sent as they are sent (each but a stream's first adds one inter-token
+    # latency observation): the live rate.
+    tokens_sent: float
     requests_finished: float  # counter, all services and codes
     internal_errors: float  # counter of code INTERNAL
 
@@ -65,6 +68,7 @@ def take_sample(pid: int, port: int, at_s: float) -> Sample:
         backend_running=total(values, "llm_local_backend_running"),
         backend_queued=total(values, "llm_local_backend_queued"),
         completion_tokens=total(values, "llm_local_completion_tokens_total"),
+        tokens_sent=total(values, "llm_local_inter_token_latency_seconds_count"),
         requests_finished=total(values, "llm_local_requests_total"),
         internal_errors=total(values, "llm_local_requests_total", 'code="INTERNAL"'),
     )

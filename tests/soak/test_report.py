@@ -48,7 +48,7 @@ def test_malformed_requests_must_be_refused_as_invalid() -> None:
 
 
 def sample(at_s: float, requests: float, rss_mib: float) -> Sample:
-    return Sample(at_s, int(rss_mib * 2**20), 0, 0, 0, 0, 0, requests, 0)
+    return Sample(at_s, int(rss_mib * 2**20), 0, 0, 0, 0, 0, 0, requests, 0)
 
 
 def test_rss_trend_is_flat_within_noise_and_catches_a_leak() -> None:
