@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = check_tokens(
         outcomes,
         lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids),
-        lambda text: fewest_tokens(text.encode(), vocabulary, longest),
+        lambda text, cut_tail: fewest_tokens(text.encode(), vocabulary, longest, cut_tail),
     )
     goals = evaluate(outcomes, trend, tokens, end, server_refusals_ms)
     load_samples = [s for s in run.samples if s.at_s <= config.duration_s]

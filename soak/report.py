@@ -121,22 +121,30 @@ class TokenCheck:
         )
 
 
-def fewest_tokens(text: bytes, vocabulary: frozenset[bytes], longest: int) -> int:
+def fewest_tokens(
+    text: bytes, vocabulary: frozenset[bytes], longest: int, cut_tail: bool = False
+) -> int:
     """The fewest vocabulary tokens whose bytes concatenate to `text` (a shortest path;
-    byte-level vocabularies spell every byte, so there always is one)."""
+    byte-level vocabularies spell every byte, so there always is one).
+
+    `cut_tail`: `text` was followed by a token whose last bytes were cut (shown as
+    U+FFFD), which may also hold up to `longest` of the bytes before: the fewest tokens
+    for some prefix within that reach, plus that one."""
     unreachable = len(text) + 1
     best = [0] + [unreachable] * len(text)
     for end in range(1, len(text) + 1):
         for start in range(max(0, end - longest), end):
             if best[start] + 1 < best[end] and text[start:end] in vocabulary:
                 best[end] = best[start] + 1
+    if cut_tail:
+        return min(best[max(0, len(text) - longest) :]) + 1
     return best[len(text)]
 
 
 def check_tokens(
     outcomes: Sequence[Outcome],
     count_tokens: Callable[[str], int],
-    fewest: Callable[[str], int],
+    fewest: Callable[[str, bool], int],
 ) -> TokenCheck:
     """Streams read to the end: the text received against the reported count.
 
@@ -158,15 +166,16 @@ def check_tokens(
         end_token = 1 if outcome.finish_reason == "stop" else 0
         # A character cut by max_new_tokens (or bytes that are no UTF-8) arrives as U+FFFD:
         # at least one token each, whose bytes the text no longer holds.
-        replaced = outcome.text.count(REPLACEMENT)
+        cut_tail = outcome.text.endswith(REPLACEMENT)
+        replaced = outcome.text.count(REPLACEMENT) - cut_tail
         text = outcome.text.replace(REPLACEMENT, "")
-        expected = count_tokens(text) + replaced + end_token
+        expected = count_tokens(text) + replaced + cut_tail + end_token
         difference = abs(expected - outcome.completion_tokens)
         equal += difference == 0
         # Only fewer tokens than reported hints at lost text; more is what the exact
         # check below judges.
         within_two += expected >= outcome.completion_tokens - 2
-        spellable += fewest(text) + replaced + end_token <= outcome.completion_tokens
+        spellable += fewest(text, cut_tail) + replaced + end_token <= outcome.completion_tokens
         if difference > 0 and len(mismatches) < 5:
             mismatches.append(
                 {

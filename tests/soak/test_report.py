@@ -67,20 +67,23 @@ def test_token_counts_allow_the_ambiguity_of_re_encoding_but_not_extra_text() ->
     def count(text: str) -> int:
         return len(text.split())
 
+    def spell(text: str, cut_tail: bool) -> int:
+        return count(text) + cut_tail
+
     seen = [
         outcome(text="a b c", completion_tokens=3, finish_reason="length", checkable=True),
         outcome(text="a b", completion_tokens=3, finish_reason="stop", checkable=True),
         outcome(text="a b", completion_tokens=4, finish_reason="length", checkable=True),
         outcome(text="a", completion_tokens=9, finish_reason="length", checkable=False),
     ]
-    tokens = check_tokens(seen[:2], count, count)
+    tokens = check_tokens(seen[:2], count, spell)
     assert (tokens.checked, tokens.equal, tokens.spellable, tokens.consistent) == (2, 2, 2, True)
     # "a b" told as 4 tokens: re-encoding is 2 off, still within the ambiguity.
-    tokens = check_tokens(seen, count, count)
+    tokens = check_tokens(seen, count, spell)
     assert (tokens.checked, tokens.equal, tokens.within_two, tokens.consistent) == (3, 2, 3, True)
     # Text that needs more tokens than reported was repeated or made up on the way.
     extra = outcome(text="a b c d", completion_tokens=3, finish_reason="length", checkable=True)
-    tokens = check_tokens([extra], lambda text: 3, count)
+    tokens = check_tokens([extra], lambda text: 3, spell)
     assert (tokens.equal, tokens.spellable, tokens.consistent) == (1, 0, False)
 
 
@@ -89,6 +92,9 @@ def test_fewest_tokens_is_the_shortest_spelling() -> None:
     assert fewest_tokens(b"abcabc", vocabulary, 3) == 2
     assert fewest_tokens(b"abab", vocabulary, 3) == 2
     assert fewest_tokens(b"", vocabulary, 3) == 0
+    # "abc" + a token cut short that may have held the second "abc" too: 2 at the least.
+    assert fewest_tokens(b"abcabc", vocabulary, 3, cut_tail=True) == 2
+    assert fewest_tokens(b"abcabcab", vocabulary, 3, cut_tail=True) == 3
 
 
 def test_metrics_text_is_summed_by_name_and_label() -> None:
