@@ -80,6 +80,7 @@ def results_json(outcome: RunOutcome) -> dict[str, object]:
         "open_loop": [
             {
                 **{key: _finite(value) for key, value in asdict(summary).items()},
+                "notes": list(run.notes),
                 "requests_detail": _records_json(run.records, run.window[0]),
             }
             for summary, run in zip(outcome.rate_summaries, outcome.rate_runs, strict=True)

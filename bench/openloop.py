@@ -48,7 +48,8 @@ async def run_open_loop(
             async with asyncio.timeout_at(_loop_time_at(deadline)):
                 records[position] = await send(request)
         except TimeoutError:
-            records[position] = _failed(request, sent, CANCELLED.format(drain=drain_s))
+            error = CANCELLED.format(drain=drain_s)
+            records[position] = _failed(request, sent, time.perf_counter(), error)
 
     for position, arrival in enumerate(arrivals):
         delay = started + arrival.offset_s - time.perf_counter()
@@ -56,7 +57,8 @@ async def run_open_loop(
             await asyncio.sleep(delay)
         if len(in_flight) >= max_in_flight:
             now = time.perf_counter()
-            records[position] = _failed(arrival.request, now, DROPPED.format(limit=max_in_flight))
+            error = DROPPED.format(limit=max_in_flight)
+            records[position] = _failed(arrival.request, now, now, error)
             continue
         task = asyncio.create_task(one(position, arrival.request))
         in_flight.add(task)
@@ -72,5 +74,5 @@ def _loop_time_at(moment: float) -> float:
     return asyncio.get_running_loop().time() + (moment - time.perf_counter())
 
 
-def _failed(request: GatewayRequest, at: float, error: str) -> RequestRecord:
-    return RequestRecord(client=request.index, start=at, end=at, tokens=0, error=error)
+def _failed(request: GatewayRequest, start: float, end: float, error: str) -> RequestRecord:
+    return RequestRecord(client=request.index, start=start, end=end, tokens=0, error=error)

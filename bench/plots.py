@@ -109,7 +109,8 @@ def plot_slo_ttft(summaries: Sequence[RateSummary], slo: Slo, path: Path) -> boo
     fell on requests that never answered (∞) is drawn at the top edge, hollow."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
-    drew = False
+    axes.set_xscale("log", base=2)
+    drew = marked_lost = False
     limit_ms = slo.ttft_s * 1000
     finite = [s.ttft_p95_ms for s in summaries if not math.isinf(s.ttft_p95_ms)]
     ceiling = max([limit_ms * 2, *finite]) * 1.1
@@ -121,7 +122,11 @@ def plot_slo_ttft(summaries: Sequence[RateSummary], slo: Slo, path: Path) -> boo
         axes.plot(xs, ys, marker="o", color=color, label=SCENARIO_LABELS.get(target, target))
         lost = [(s.offered_rps, ceiling) for s in levels if math.isinf(s.ttft_p95_ms)]
         if lost:
-            axes.scatter(*zip(*lost, strict=True), facecolors="none", edgecolors=color, s=80)
+            label = None if marked_lost else "p95 = ∞ (requests never answered), at the top"
+            axes.scatter(
+                *zip(*lost, strict=True), facecolors="none", edgecolors=color, s=80, label=label
+            )
+            marked_lost = True
         drew = True
     if not drew:
         plt.close(figure)
@@ -137,20 +142,20 @@ def plot_goodput(summaries: Sequence[RateSummary], path: Path) -> bool:
     """Open loop: requests per second that met the SLO, against the offered rate."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
+    axes.set_xscale("log", base=2)
     drew = False
-    highest = 0.0
     for index, target in enumerate(_targets(summaries)):
         levels = sorted((s for s in summaries if s.target == target), key=_by_rate)
         xs = [s.offered_rps for s in levels]
         ys = [s.goodput_rps for s in levels]
         label = SCENARIO_LABELS.get(target, target)
         axes.plot(xs, ys, marker="o", color=_color(target, index), label=label)
-        highest = max(highest, *xs)
         drew = True
     if not drew:
         plt.close(figure)
         return False
-    axes.plot([0, highest], [0, highest], color="gray", linewidth=1, linestyle=":", label="offered")
+    rates = sorted({s.offered_rps for s in summaries})
+    axes.plot(rates, rates, color="gray", linewidth=1, linestyle=":", label="offered rate")
     axes.set_ylim(bottom=0)
     labels = ("goodput, req/s meeting the SLO", "Goodput (open loop)")
     _save_rates(plt, figure, axes, summaries, labels, path)
@@ -182,7 +187,6 @@ def _save_rates(
     measured, legend; saved. `labels`: the y axis's and the title's."""
     ylabel, title = labels
     rates = sorted({s.offered_rps for s in summaries})
-    axes.set_xscale("log", base=2)
     axes.set_xticks(rates, [f"{rate:.3g}" for rate in rates])
     axes.set_xlabel("offered rate, requests/s (Poisson arrivals)")
     axes.set_ylabel(ylabel)

@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
+from bench import machine
 from bench.config import LLAMA_CPP_SLOTS, BenchConfig
 from bench.models import gateway_prompt_encoder
 from bench.openloop import run_open_loop
@@ -215,7 +216,9 @@ async def _sweep(
             drain_s=_drain_s(slo),
             max_in_flight=config.gateway_max_in_flight,
         )
-        run = RateRun(target, rate, records, window)
+        load = machine.load_average()
+        notes = () if load is None else (f"1-min load average at the end: {load[0]:.2f}",)
+        run = RateRun(target, rate, records, window, notes)
         context.rate_runs.append(run)
         summary = summarize_rate(run, slo)
         outcomes.append((rate, summary.meets_slo))
@@ -223,7 +226,7 @@ async def _sweep(
             f"  @{rate:.3g} req/s: {summary.sent} sent, {summary.failed} failed; TTFT p50 "
             f"{summary.ttft_p50_ms:,.0f} p95 {summary.ttft_p95_ms:,.0f} ms; TPOT p95 "
             f"{_ms(summary.tpot_p95_ms)}; goodput {summary.goodput_rps:.2f} req/s; "
-            f"{'meets' if summary.meets_slo else 'misses'} the SLO"
+            f"{'meets' if summary.meets_slo else 'misses'} the SLO; {', '.join(notes)}"
         )
         server.check_alive()
         await settle(server.pid)
