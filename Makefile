@@ -82,10 +82,12 @@ run: install
 	$(BIN)/llm-local convert
 	$(BIN)/llm-local serve
 
+# A scenario that could not run fails the target, but only after the numerics report
+# was written too: each part writes what it measured.
 bench: install-dev
 	ENV=test $(BIN)/llm-local convert
-	$(BIN)/python -m bench $(BENCH_ARGS)
-	$(BIN)/python -m bench.numerics
+	status=0; $(BIN)/python -m bench $(BENCH_ARGS) || status=$$?; \
+	$(BIN)/python -m bench.numerics && exit $$status
 
 # The CUDA path (conversion, numerics verdict, e2e, one bench row) on an NVIDIA machine;
 # elsewhere it says so and exits 0. Never part of `make test`.

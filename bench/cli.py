@@ -155,26 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _scenario_list(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [name for name in names if name not in ALL_SCENARIOS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
-            f"choose from {', '.join(ALL_SCENARIOS)}"
-        )
-    return names
+def _names(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of names out of `allowed`."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}(s) {', '.join(unknown) or '(none)'}; "
+                f"choose from {', '.join(allowed)}"
+            )
+        return names
+
+    return parse
 
 
-def _target_list(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [name for name in names if name not in GATEWAY_TARGETS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown target(s) {', '.join(unknown) or '(none)'}; "
-            f"choose from {', '.join(GATEWAY_TARGETS)}"
-        )
-    return names
+_scenario_list = _names(ALL_SCENARIOS, "scenario")
+_target_list = _names(GATEWAY_TARGETS, "target")
 
 
 def _positive(text: str) -> float:

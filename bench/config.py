@@ -76,16 +76,18 @@ class BenchConfig:
     docs_dir: Path | None = None  # None = docs/ (full) or next to the results (quick)
     prompts: tuple[str, ...] = PROMPTS
     # The open loop (bench/scenarios/gateway.py). Per target and rate: at least
-    # `level_s` of Poisson arrivals, longer (up to 3×) until about `min_requests` arrive.
+    # `level_s` of Poisson arrivals, longer (up to `max_level_s`) until about
+    # `min_requests` arrive.
     # The sweep starts where a server that served one request at a time would be busy
     # (measured), doubles until the SLO is missed, then bisects `refinements` times:
-    # about 5-7 levels of 15-45 s per target.
+    # about 5-7 levels of 15-30 s (plus the time the last requests take) per target.
     gateway_targets: tuple[str, ...] = GATEWAY_TARGETS
     slo_ttft_s: float = DEFAULT_TTFT_S
     slo_tpot_s: float = DEFAULT_TPOT_S
     gateway_seed: int = 11
     gateway_level_s: float = 15.0
-    gateway_min_requests: int = 24
+    gateway_max_level_s: float = 30.0
+    gateway_min_requests: int = 20
     gateway_rates: tuple[float, ...] | None = None  # explicit rates instead of the sweep
     gateway_max_levels: int = 7
     gateway_refinements: int = 2
@@ -103,6 +105,7 @@ class BenchConfig:
             max_sequential_requests=3,
             quick=True,
             gateway_level_s=4.0,
+            gateway_max_level_s=8.0,
             gateway_min_requests=4,
             gateway_max_levels=2,
             gateway_refinements=0,

@@ -233,7 +233,8 @@ def _open_loop_section(outcome: RunOutcome, pngs: Sequence[str]) -> list[str]:
         "n-th request of every level is the same request for every rate and server.",
         "- Arrivals: a Poisson process at the offered rate (seeded: the same times on "
         f"every machine), for {config.gateway_level_s:g} s per level, longer at low rates "
-        f"until about {config.gateway_min_requests} requests arrive (at most 3×). Open "
+        f"until about {config.gateway_min_requests} requests arrive (at most "
+        f"{config.gateway_max_level_s:g} s). Open "
         "loop: each request is sent at its arrival time whatever is still running; the "
         f"client's only bound is {config.gateway_max_in_flight} requests in flight (an "
         "arrival beyond it counts as failed). After the window, requests still running "
@@ -254,7 +255,7 @@ def _open_loop_section(outcome: RunOutcome, pngs: Sequence[str]) -> list[str]:
         'rate of the sweep missed it; "<" the lowest rate when even that one missed.',
         "- The sweep: a few requests sent one at a time measure one request alone (t); "
         "the first rate is the power of √2 at or below 1/t req/s; rates double until one "
-        "misses the SLO (halve while all miss), then "
+        "misses the SLO (halve while all miss, twice at most), then "
         f"{config.gateway_refinements} bisection(s) between the last rate met and the "
         f"first missed; at most {config.gateway_max_levels} levels per target. Between "
         "levels the server is left to fall idle.",

@@ -191,12 +191,7 @@ def _save_rates(
     axes.set_xlabel("offered rate, requests/s (Poisson arrivals)")
     axes.set_ylabel(ylabel)
     axes.set_title(f"{title}, SmolLM2-135M, gateway-shaped requests")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish(plt, figure, axes, path)
 
 
 def _save(
@@ -215,6 +210,11 @@ def _save(
     axes.set_ylabel(ylabel)
     axes.set_ylim(bottom=0)
     axes.set_title(f"{title}, SmolLM2-135M, greedy")
+    _finish(plt, figure, axes, path)
+
+
+def _finish(plt: Any, figure: Any, axes: Any, path: Path) -> None:
+    """Grid, legend, tight layout; saved and closed."""
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()

@@ -54,7 +54,6 @@ Send = Callable[[GatewayRequest], Awaitable[RequestRecord]]
 # prompt cache holds none of a level's requests beforehand.
 PROBE_FIRST_INDEX = 1_000_000
 PROBE_REQUESTS = 4  # the first one warms up and is not counted
-MAX_WINDOW_FACTOR = 3.0  # a level's window: at most this many times gateway_level_s
 # How long the drain may last beyond what a request can take and still meet the SLO.
 DRAIN_MARGIN_S = 1.0
 # The server counts as idle again below this share of one core.
@@ -76,8 +75,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
         "SLO": slo.describe(),
         "seed": config.gateway_seed,
         "arrival window per level": f"{config.gateway_level_s:g} s, up to "
-        f"{MAX_WINDOW_FACTOR * config.gateway_level_s:g} s for {config.gateway_min_requests} "
-        "requests",
+        f"{config.gateway_max_level_s:g} s for {config.gateway_min_requests} requests",
         "drain": f"{_drain_s(slo):.1f} s",
     }
     variants = {variant.scenario: variant for variant in SERVER_VARIANTS}
@@ -189,7 +187,7 @@ async def _sweep(
         start_rps=starting_rate(alone_s),
         max_levels=config.gateway_max_levels,
         refinements=config.gateway_refinements,
-        min_rps=starting_rate(alone_s) / 8,
+        min_rps=starting_rate(alone_s) / 4,
     )
     context.details[f"{GATEWAY}-{target}"]["one request alone"] = f"{alone_s:.2f} s"
     context.log(f"  one request alone: {alone_s:.2f} s; first rate {plan.start_rps:.3g} req/s")
@@ -207,7 +205,7 @@ async def _sweep(
             rate,
             config.gateway_level_s,
             config.gateway_min_requests,
-            MAX_WINDOW_FACTOR * config.gateway_level_s,
+            config.gateway_max_level_s,
         )
         records, window = await run_open_loop(
             schedule(config.gateway_seed, rate, window_s),
