@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,15 @@ import pytest
 from bench import cli
 from bench.cli import Scenario, build_parser, config_from_args
 from bench.config import ALL_SCENARIOS, QUICK_STREAMS, BenchConfig
-from bench.records import GATEWAY, GRPC, LLAMA_CPP, TRANSFORMERS, LevelRun, RequestRecord
+from bench.records import (
+    GATEWAY,
+    GRPC,
+    LLAMA_CPP,
+    SERVER_VARIANTS,
+    TRANSFORMERS,
+    LevelRun,
+    RequestRecord,
+)
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
 
 
@@ -134,3 +143,12 @@ def test_a_complete_run_succeeds_and_its_report_names_no_absolute_path(
     assert str(tmp_path) not in report
     assert str(Path.cwd()) not in report
     assert str(test_model_dir) not in report
+
+
+def test_every_server_variant_is_a_closed_loop_scenario_and_an_open_loop_target() -> None:
+    for variant in SERVER_VARIANTS:
+        assert variant.scenario in ALL_SCENARIOS
+        assert variant.scenario in parse().gateway_targets
+        runner = cli._scenario(variant.scenario)
+        assert isinstance(runner, functools.partial)
+        assert runner.keywords["variant"] == variant
