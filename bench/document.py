@@ -150,6 +150,11 @@ def _markdown(
     lines += [
         "## Targets",
         "",
+        "Each target compares two things measured side by side in this run (a ratio, or a "
+        "difference of two times to first token), so its verdict means the same on every "
+        'machine; none is an absolute speed. "not measured": a scenario it needs did '
+        "not run.",
+        "",
         render_markdown_table(target_rows(outcome.targets), TARGET_COLUMNS),
         "",
         "## Results",
