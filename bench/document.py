@@ -239,7 +239,7 @@ def _open_loop_section(outcome: RunOutcome, pngs: Sequence[str]) -> list[str]:
         "- Arrivals: a Poisson process at the offered rate (seeded: the same times on "
         f"every machine), for {config.gateway_level_s:g} s per level, longer at low rates "
         f"until about {config.gateway_min_requests} requests arrive (at most "
-        f"{config.gateway_max_level_s:g} s). Open "
+        f"{config.gateway_max_level_s:g} s), and always until at least 4 have. Open "
         "loop: each request is sent at its arrival time whatever is still running; the "
         f"client's only bound is {config.gateway_max_in_flight} requests in flight (an "
         "arrival beyond it counts as failed). After the window, requests still running "

@@ -84,25 +84,28 @@ def _history(tenant: Tenant, turns: int, draw: random.Random) -> tuple[tuple[str
     return tuple(flat)
 
 
-def poisson_arrivals(seed: int, rate: float, duration_s: float) -> tuple[float, ...]:
-    """Arrival offsets in [0, duration_s) of a Poisson process of `rate` per second."""
+def poisson_arrivals(
+    seed: int, rate: float, duration_s: float, min_count: int = 0
+) -> tuple[float, ...]:
+    """Arrival offsets in [0, duration_s) of a Poisson process of `rate` per second, and
+    beyond until there are at least `min_count` (a level of no request proves nothing)."""
     if rate <= 0 or duration_s <= 0:
         raise ValueError(f"rate and duration must be positive, got {rate} and {duration_s}")
     # repr(rate): the same rate always draws the same gaps, another rate other gaps.
     draw = random.Random(f"gateway-arrivals:{seed}:{rate!r}")
     offsets: list[float] = []
     moment = draw.expovariate(rate)
-    while moment < duration_s:
+    while moment < duration_s or len(offsets) < min_count:
         offsets.append(moment)
         moment += draw.expovariate(rate)
     return tuple(offsets)
 
 
-def schedule(seed: int, rate: float, duration_s: float) -> tuple[Arrival, ...]:
+def schedule(seed: int, rate: float, duration_s: float, min_count: int = 0) -> tuple[Arrival, ...]:
     """The level's arrivals: request i of the mix at the i-th Poisson arrival."""
     return tuple(
         Arrival(offset, request_at(seed, index))
-        for index, offset in enumerate(poisson_arrivals(seed, rate, duration_s))
+        for index, offset in enumerate(poisson_arrivals(seed, rate, duration_s, min_count))
     )
 
 

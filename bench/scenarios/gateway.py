@@ -54,6 +54,9 @@ Send = Callable[[GatewayRequest], Awaitable[RequestRecord]]
 # prompt cache holds none of a level's requests beforehand.
 PROBE_FIRST_INDEX = 1_000_000
 PROBE_REQUESTS = 4  # the first one warms up and is not counted
+# Every level sends at least this many requests, however low its rate (its window then
+# runs to the last one's arrival).
+LEAST_REQUESTS = 4
 # How long the drain may last beyond what a request can take and still meet the SLO.
 DRAIN_MARGIN_S = 1.0
 # The server counts as idle again below this share of one core.
@@ -207,8 +210,10 @@ async def _sweep(
             config.gateway_min_requests,
             config.gateway_max_level_s,
         )
+        arrivals = schedule(config.gateway_seed, rate, window_s, LEAST_REQUESTS)
+        window_s = max(window_s, arrivals[-1].offset_s)
         records, window = await run_open_loop(
-            schedule(config.gateway_seed, rate, window_s),
+            arrivals,
             send,
             window_s=window_s,
             drain_s=_drain_s(slo),

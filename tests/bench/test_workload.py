@@ -76,3 +76,10 @@ def test_personas_are_a_few_hundred_tokens_and_distinct() -> None:
 def test_a_rate_or_duration_that_is_not_positive_is_refused(rate: float, duration: float) -> None:
     with pytest.raises(ValueError, match="must be positive"):
         poisson_arrivals(seed=1, rate=rate, duration_s=duration)
+
+
+def test_a_level_gets_its_least_arrivals_however_low_the_rate() -> None:
+    offsets = poisson_arrivals(seed=11, rate=0.01, duration_s=10.0, min_count=4)
+    assert len(offsets) == 4
+    # The same process, only observed for longer: its first arrivals do not change.
+    assert poisson_arrivals(seed=11, rate=0.01, duration_s=100_000.0)[:4] == offsets
