@@ -61,7 +61,7 @@ LEAST_REQUESTS = 4
 DRAIN_MARGIN_S = 1.0
 # The server counts as idle again below this share of one core.
 IDLE_CPU_SHARE = 0.15
-SETTLE_TIMEOUT_S = 30.0
+SETTLE_TIMEOUT_S = 20.0
 # llama.cpp: the context each slot needs for the longest request of the mix.
 CONTEXT_SAMPLE = 400
 CONTEXT_ROUNDING = 256
