@@ -23,8 +23,10 @@ from llm_local.backends.ct2.loader import LoadedModel
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.types import (
+    NO_HINTS,
     Finished,
     FinishReason,
+    GenerationHints,
     GenerationRequest,
     SamplingOptions,
     TextChunk,
@@ -50,9 +52,13 @@ class RecordingBackend:
 
     @asynccontextmanager
     async def generate(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingOptions
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingOptions,
+        hints: GenerationHints = NO_HINTS,
     ) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
-        async with self.inner.generate(prompt_ids, max_new_tokens, sampling) as stream:
+        async with self.inner.generate(prompt_ids, max_new_tokens, sampling, hints) as stream:
             yield self._record(stream)
 
     async def _record(self, stream: AsyncIterator[Sequence[int]]) -> AsyncIterator[Sequence[int]]:
