@@ -11,6 +11,7 @@ with one crossing into asyncio.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,7 +25,17 @@ from llm_local.proto.sentiric.llm.v1.llama_grpc import LlamaServiceBase
 from llm_local.proto.sentiric.llm.v1.local_grpc import LLMLocalServiceBase
 from llm_local.serving import CallError, CallMetadata, ClientGone, GenerationFlow
 from llm_local.transport.grpc import messages
-from llm_local.transport.grpc.bridge import HandlerTracker, TrioStream, trio_handler
+from llm_local.transport.grpc.bridge import (
+    MESSAGE_LIMIT_SETTING,
+    NO_LIMITS,
+    CallLimits,
+    HandlerTracker,
+    MessageTooLarge,
+    TrioStream,
+    trio_handler,
+)
+
+log = logging.getLogger(__name__)
 
 LLAMA_SERVICE = "sentiric.llm.v1.LlamaService"
 LOCAL_SERVICE = "sentiric.llm.v1.LLMLocalService"
@@ -57,12 +68,29 @@ async def grpc_status() -> AsyncIterator[None]:
     except ClientGone as gone:
         # Nobody is listening any more; this only keeps grpclib's log quiet.
         raise GRPCError(Status.CANCELLED, f"client went away: {gone}") from None
+    except MessageTooLarge as large:
+        log.warning(
+            "refused a request message of %d bytes (%s = %d)",
+            large.size,
+            MESSAGE_LIMIT_SETTING,
+            large.limit,
+        )
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED,
+            f"the request message is {large.size} bytes; this server accepts at most "
+            f"{large.limit} ({MESSAGE_LIMIT_SETTING})",
+        ) from None
 
 
 class LlamaService(LlamaServiceBase):  # type: ignore[misc]
-    def __init__(self, flow: GenerationFlow, tracker: HandlerTracker | None = None) -> None:
+    def __init__(
+        self,
+        flow: GenerationFlow,
+        tracker: HandlerTracker | None = None,
+        limits: CallLimits = NO_LIMITS,
+    ) -> None:
         self._flow = flow
-        self._handler = trio_handler(self._generate_stream, tracker)
+        self._handler = trio_handler(self._generate_stream, tracker, limits)
 
     async def GenerateStream(self, stream: Stream[Any, Any]) -> None:
         await self._handler(stream)
@@ -84,9 +112,14 @@ class LlamaService(LlamaServiceBase):  # type: ignore[misc]
 
 
 class LLMLocalService(LLMLocalServiceBase):  # type: ignore[misc]
-    def __init__(self, flow: GenerationFlow, tracker: HandlerTracker | None = None) -> None:
+    def __init__(
+        self,
+        flow: GenerationFlow,
+        tracker: HandlerTracker | None = None,
+        limits: CallLimits = NO_LIMITS,
+    ) -> None:
         self._flow = flow
-        self._handler = trio_handler(self._generate_stream, tracker)
+        self._handler = trio_handler(self._generate_stream, tracker, limits)
 
     async def LocalGenerateStream(self, stream: Stream[Any, Any]) -> None:
         await self._handler(stream)

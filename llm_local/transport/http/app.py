@@ -58,6 +58,32 @@ def _internal_error(error: Exception) -> Response:
     )
 
 
+HEADER_LIMIT_SETTING = "limits.http_max_header_bytes"
+
+
+def _limit_headers(app: QuartTrio, limit: int) -> None:
+    """Refuse a request whose headers exceed `limit` bytes with 431, naming the setting.
+
+    hypercorn bounds only a head that arrives in pieces (h11 counts what it buffers while
+    the head is incomplete); a whole head read at once passes it up to its 64 KiB read.
+    """
+
+    async def check() -> Response | None:
+        size = sum(len(name) + len(value) + 4 for name, value in request.headers.items())
+        if size <= limit:
+            return None
+        message = (
+            f"the request headers are {size} bytes; this server accepts at most {limit} "
+            f"({HEADER_LIMIT_SETTING})"
+        )
+        if request.path.startswith("/v1/"):
+            return error_response(OpenAIError(431, message, code="request_headers_too_large"))
+        return _json(431, {"error": "Request Header Fields Too Large", "message": message,
+                           "status": 431})  # fmt: skip
+
+    app.before_request(check)
+
+
 def metrics_response(service: Service) -> Response:
     body, content_type = service.metrics.render()
     return Response(body, status=200, content_type=content_type)
@@ -73,6 +99,7 @@ def create_app(service: Service, flow: GenerationFlow | None = None) -> QuartTri
     app.json.sort_keys = False
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _internal_error)
+    _limit_headers(app, service.settings.limits.http_max_header_bytes)
 
     async def get_health() -> Response:
         return _json(*health(service))
@@ -105,6 +132,7 @@ def create_metrics_app(service: Service) -> QuartTrio:
     app = QuartTrio(__name__)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _internal_error)
+    _limit_headers(app, service.settings.limits.http_max_header_bytes)
 
     async def get_metrics() -> Response:
         return metrics_response(service)
