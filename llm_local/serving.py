@@ -94,6 +94,16 @@ class CallMetadata:
     peer: str | None = None
 
 
+def prompt_fields(raw: RawRequest) -> dict[str, object]:
+    """A request's text, as log fields (for logging.log_prompts)."""
+    return {
+        "system_prompt": raw.system_prompt,
+        "history": [list(turn) for turn in raw.history],
+        "rag_context": raw.rag_context,
+        raw.prompt_field: raw.user_prompt,
+    }
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -210,6 +220,9 @@ class GenerationFlow:
         try:
             info = service.state.check_ready()
             raw = request if isinstance(request, RawRequest) else request()
+            if service.settings.logging.log_prompts:
+                # Only when switched on (logging.log_prompts): prompts are user data.
+                log.debug("prompt", extra=prompt_fields(raw))
             valid = validate_request(raw, service.settings.generation, context)
             prepared = prepare_prompt(valid, service.backend.tokenizer, info.context_limit)
         except NotReady as exc:
