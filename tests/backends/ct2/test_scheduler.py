@@ -23,7 +23,8 @@ from llm_local.core.types import SamplingOptions
 
 GREEDY = SamplingOptions()
 SAMPLED = SamplingOptions(temperature=0.8, top_k=20)
-POISON = 666
+POISON = 666  # a batch holding it raises an Exception
+THREAD_EXIT = 667  # a batch holding it ends its thread with SystemExit (not an Exception)
 
 
 class ScriptedDecoder:
@@ -51,6 +52,8 @@ class ScriptedDecoder:
             raise RuntimeError("the test never opened the gate")
         if any(item.prompt_ids[0] == POISON for item in batch):
             raise RuntimeError("poisoned batch")
+        if any(item.prompt_ids[0] == THREAD_EXIT for item in batch):
+            raise SystemExit("a library called sys.exit() on the decoding thread")
         limit = max(item.remaining_new_tokens for item in batch)
         alive = list(range(len(batch)))
         for step in range(limit):
@@ -217,6 +220,34 @@ async def test_a_failing_batch_fails_only_its_own_items(decoder: ScriptedDecoder
     assert outcomes[8] == [8000, 8001]
     # The scheduler keeps serving after a failure.
     assert await collect(scheduler, new_item(9, 1)) == [9000]
+    await scheduler.aclose()
+
+
+async def test_a_worker_thread_that_dies_fails_only_its_batch_and_the_scheduler_goes_on(
+    decoder: ScriptedDecoder,
+) -> None:
+    scheduler = make_scheduler(decoder)
+    outcomes: dict[int, object] = {}
+
+    async def run(prompt: int, sampling: SamplingOptions) -> None:
+        try:
+            outcomes[prompt] = await collect(scheduler, new_item(prompt, 2, sampling))
+        except BackendError as exc:
+            outcomes[prompt] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, THREAD_EXIT, GREEDY)
+        nursery.start_soon(run, 8, SAMPLED)  # another batch, on the other worker
+    assert "generation failed" in str(outcomes[THREAD_EXIT])
+    assert "sys.exit()" in str(outcomes[THREAD_EXIT])
+    assert outcomes[8] == [8000, 8001]
+    # Both workers still serve: two batches at once.
+    results = [await collect(scheduler, new_item(9, 1))]
+    async with trio.open_nursery() as nursery:
+        for prompt, sampling in ((10, GREEDY), (11, SAMPLED)):
+            nursery.start_soon(run, prompt, sampling)
+    assert results == [[9000]]
+    assert outcomes[10] == [10000, 10001] and outcomes[11] == [11000, 11001]
     await scheduler.aclose()
 
 
