@@ -27,6 +27,7 @@ from typing import Any
 import grpclib.utils
 import trio
 import trio_asyncio
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
@@ -141,24 +142,38 @@ class TrioStream:
             raise ClientGone(str(exc)) from exc
 
 
+class UndecodableMessage(Exception):
+    """The request message's bytes are not a valid message of its type (e.g. a string
+    field that is not UTF-8); `wire` holds them, to say which field."""
+
+    def __init__(self, wire: bytes, reason: str) -> None:
+        super().__init__(reason)
+        self.wire = wire
+        self.reason = reason
+
+
 async def _recv_bounded(stream: Stream[Any, Any], limit: int | None) -> Any:
-    if limit is None:
-        return await stream.recv_message()
     # grpclib reads a message as two reads of the HTTP/2 stream: the 5-byte prefix, then
     # the length it announced. Bounding every read of this stream refuses the body read
-    # before it starts; grpclib has no public hook for it (its protocol stream is private).
+    # before it starts, and keeping the last read gives the bytes a failed decode was
+    # about; grpclib has no public hook for either (its protocol stream is private).
     protocol_stream = stream._stream
     read = protocol_stream.recv_data
+    last_read = b""
 
     async def bounded_read(size: int) -> bytes:
-        if size > limit:
+        nonlocal last_read
+        if limit is not None and size > limit:
             raise MessageTooLarge(size, limit)
         data: bytes = await read(size)
+        last_read = data
         return data
 
     protocol_stream.recv_data = bounded_read
     try:
         return await stream.recv_message()
+    except DecodeError as exc:
+        raise UndecodableMessage(last_read, str(exc)) from None
     finally:
         protocol_stream.recv_data = read
 

@@ -21,6 +21,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from llm_local.core.types import TextChunk
+from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
 from llm_local.proto.sentiric.llm.v1.llama_grpc import LlamaServiceBase
 from llm_local.proto.sentiric.llm.v1.local_grpc import LLMLocalServiceBase
 from llm_local.serving import CallError, CallMetadata, ClientGone, GenerationFlow
@@ -32,6 +33,7 @@ from llm_local.transport.grpc.bridge import (
     HandlerTracker,
     MessageTooLarge,
     TrioStream,
+    UndecodableMessage,
     trio_handler,
 )
 
@@ -59,8 +61,9 @@ def call_metadata(stream: TrioStream) -> CallMetadata:
 
 
 @asynccontextmanager
-async def grpc_status() -> AsyncIterator[None]:
-    """Turn the flow's outcomes into the gRPC status grpclib sends."""
+async def grpc_status(request_type: Any) -> AsyncIterator[None]:
+    """Turn the flow's outcomes (and what the transport refuses before the flow runs)
+    into the gRPC status grpclib sends."""
     try:
         yield
     except CallError as error:
@@ -68,6 +71,13 @@ async def grpc_status() -> AsyncIterator[None]:
     except ClientGone as gone:
         # Nobody is listening any more; this only keeps grpclib's log quiet.
         raise GRPCError(Status.CANCELLED, f"client went away: {gone}") from None
+    except UndecodableMessage as undecodable:
+        invalid = messages.undecodable_request(
+            request_type.DESCRIPTOR, undecodable.wire, undecodable.reason
+        )
+        # Refused before the flow sees a request: this line is all the log says of it.
+        log.info("refused an undecodable request message: %s", invalid)
+        raise GRPCError(Status.INVALID_ARGUMENT, str(invalid)) from None
     except MessageTooLarge as large:
         log.warning(
             "refused a request message of %d bytes (%s = %d)",
@@ -96,7 +106,7 @@ class LlamaService(LlamaServiceBase):  # type: ignore[misc]
         await self._handler(stream)
 
     async def _generate_stream(self, stream: TrioStream) -> None:
-        async with grpc_status():
+        async with grpc_status(llama_pb2.GenerateStreamRequest):
             message = await stream.recv_message()
 
             async def send(chunk: TextChunk) -> None:
@@ -125,7 +135,7 @@ class LLMLocalService(LLMLocalServiceBase):  # type: ignore[misc]
         await self._handler(stream)
 
     async def _generate_stream(self, stream: TrioStream) -> None:
-        async with grpc_status():
+        async with grpc_status(local_pb2.LocalGenerateStreamRequest):
             message = await stream.recv_message()
 
             async def send(chunk: TextChunk) -> None:
