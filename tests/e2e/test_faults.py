@@ -25,19 +25,13 @@ import pytest
 
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
 
+from .conftest import until
+
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 WAIT_S = 60.0  # generous: the machine is shared
 ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
 MODEL_FILE = "model.bin"
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.05)
 
 
 def health(server: Any) -> tuple[int, dict[str, Any]]:

@@ -92,7 +92,9 @@ async def grpc_status(request_type: Any) -> AsyncIterator[None]:
         ) from None
 
 
-class LlamaService(LlamaServiceBase):  # type: ignore[misc]
+class _TrioService:
+    """A generation service whose one RPC runs `_generate_stream` as a trio task."""
+
     def __init__(
         self,
         flow: GenerationFlow,
@@ -102,6 +104,11 @@ class LlamaService(LlamaServiceBase):  # type: ignore[misc]
         self._flow = flow
         self._handler = trio_handler(self._generate_stream, tracker, limits)
 
+    async def _generate_stream(self, stream: TrioStream) -> None:
+        raise NotImplementedError
+
+
+class LlamaService(_TrioService, LlamaServiceBase):  # type: ignore[misc]
     async def GenerateStream(self, stream: Stream[Any, Any]) -> None:
         await self._handler(stream)
 
@@ -121,16 +128,7 @@ class LlamaService(LlamaServiceBase):  # type: ignore[misc]
             await stream.send_message(messages.llama_finish(finished))
 
 
-class LLMLocalService(LLMLocalServiceBase):  # type: ignore[misc]
-    def __init__(
-        self,
-        flow: GenerationFlow,
-        tracker: HandlerTracker | None = None,
-        limits: CallLimits = NO_LIMITS,
-    ) -> None:
-        self._flow = flow
-        self._handler = trio_handler(self._generate_stream, tracker, limits)
-
+class LLMLocalService(_TrioService, LLMLocalServiceBase):  # type: ignore[misc]
     async def LocalGenerateStream(self, stream: Stream[Any, Any]) -> None:
         await self._handler(stream)
 
