@@ -149,7 +149,7 @@ def test_a_missing_then_corrupt_model_fails_naming_its_path_is_retried_then_serv
             "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(cache),
             "LLM_LOCAL_SERVICE_MODEL__CONVERT_ON_START": "false",
             "LLM_LOCAL_SERVICE_MODEL__LOAD_RETRIES": "8",
-            "LLM_LOCAL_SERVICE_MODEL__LOAD_RETRY_BACKOFF_S": "0.5",
+            "LLM_LOCAL_SERVICE_MODEL__LOAD_RETRY_BACKOFF_S": "0.25",
         },
         wait="listening",
     )

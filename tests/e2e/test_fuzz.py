@@ -207,7 +207,7 @@ def test_llama_requests_are_served_or_refused_naming_a_field(
         assert finish.completion_tokens <= (requested_tokens(wire) or 3)
 
 
-@settings(FUZZ, max_examples=15)
+@settings(FUZZ, max_examples=12)
 @given(wire=local_requests())
 def test_local_requests_are_served_or_refused_naming_a_field(
     channel: grpc.Channel, wire: Wire
