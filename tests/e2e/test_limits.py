@@ -2,18 +2,25 @@
 connection and the server stay usable, and nothing is buffered on the way.
 
 One server with small limits: 8 KiB gRPC messages, 4 KiB of metadata, 2 calls at once
-per gRPC connection, 4 KiB of HTTP headers.
+per gRPC connection; on the HTTP port 4 KiB of headers, 8 KiB bodies, 3 streams per
+HTTP/2 connection.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
+from h2.settings import SettingCodes
 
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
 
@@ -23,6 +30,8 @@ MESSAGE_LIMIT = 8192
 METADATA_LIMIT = 4096
 STREAMS_PER_CONNECTION = 2
 HEADER_LIMIT = 4096
+BODY_LIMIT = 8192
+HTTP_STREAMS = 3
 COUNTING = "Write the numbers from 1 to 1000, separated by commas."
 
 
@@ -34,6 +43,8 @@ def server(serve: Callable[..., Any]) -> Any:
             "LLM_LOCAL_SERVICE_LIMITS__GRPC_MAX_METADATA_BYTES": str(METADATA_LIMIT),
             "LLM_LOCAL_SERVICE_LIMITS__GRPC_MAX_CONCURRENT_STREAMS": str(STREAMS_PER_CONNECTION),
             "LLM_LOCAL_SERVICE_LIMITS__HTTP_MAX_HEADER_BYTES": str(HEADER_LIMIT),
+            "LLM_LOCAL_SERVICE_LIMITS__HTTP_MAX_CONCURRENT_STREAMS": str(HTTP_STREAMS),
+            "LLM_LOCAL_SERVICE_OPENAI__MAX_BODY_BYTES": str(BODY_LIMIT),
         }
     )
 
@@ -137,3 +148,53 @@ def test_http_headers_over_the_limit_are_refused_and_the_server_answers_after(
     assert status == 431
     assert "limits.http_max_header_bytes" in body
     assert server.http_get("/health")[0] == 200
+
+
+def test_an_http_body_over_the_limit_is_413_naming_it(server: Any) -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * (BODY_LIMIT * 2)}]})
+    connection = http.client.HTTPConnection(server.host, server.http_port, timeout=10)
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    status, answer = response.status, json.loads(response.read())
+    connection.close()
+
+    assert status == 413
+    assert "openai.max_body_bytes" in answer["error"]["message"]
+    assert server.http_get("/health")[0] == 200
+
+
+def http2_settings(host: str, port: int) -> dict[int, int]:
+    """Every setting the server sends on a fresh HTTP/2 connection (prior knowledge,
+    no TLS), in the order sent: later frames win."""
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    settings: dict[int, int] = {}
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(connection.data_to_send())
+        sock.settimeout(0.5)  # the server sends its settings at once, then waits
+        while True:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    settings.update(
+                        {code: change.new_value for code, change in event.changed_settings.items()}
+                    )
+            sock.sendall(connection.data_to_send())
+    return settings
+
+
+def test_both_ports_advertise_their_stream_and_header_limits(server: Any) -> None:
+    grpc_settings = http2_settings(server.host, server.grpc_port)
+    http_settings = http2_settings(server.host, server.http_port)
+
+    assert grpc_settings[SettingCodes.MAX_CONCURRENT_STREAMS] == STREAMS_PER_CONNECTION
+    # The gRPC port decodes a header block up to its hard cap (the metadata limit itself
+    # is checked per call, above): never less than the limit.
+    assert grpc_settings[SettingCodes.MAX_HEADER_LIST_SIZE] >= METADATA_LIMIT
+    assert http_settings[SettingCodes.MAX_CONCURRENT_STREAMS] == HTTP_STREAMS
+    assert http_settings[SettingCodes.MAX_HEADER_LIST_SIZE] == HEADER_LIMIT

@@ -10,13 +10,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from quart import Response, jsonify, request
+from quart import Response, current_app, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from llm_local.transport.http.config_view import config_body
 from llm_local.transport.http.health import health, liveness, readiness
-from llm_local.transport.http.openai.errors import OpenAIError
+from llm_local.transport.http.openai.errors import OpenAIError, too_large
 from llm_local.transport.http.openai.routes import add_openai_routes, error_response
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 def _http_error(error: HTTPException) -> Response:
     code = error.code or 500
     if request.path.startswith("/v1/"):
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        if code == 413 and isinstance(limit, int):
+            return error_response(too_large(limit))  # werkzeug's text names no limit
         # OpenAI's clients read only their own error shape (413, unknown route, 405...).
         kind = "server_error" if code >= 500 else "invalid_request_error"
         return error_response(OpenAIError(code, error.description or error.name, type=kind))
