@@ -113,7 +113,7 @@ def test_calls_beyond_the_stream_limit_wait_on_their_connection_not_on_others(
     other = server.channel(**{"grpc.use_local_subchannel_pool": 1})
     assert answered(rpc, crowded) == 2
     assert answered(rpc, other) == 2
-    calls = [rpc.llama(crowded, request(COUNTING, 16)) for _ in range(STREAMS_PER_CONNECTION + 1)]
+    calls = [rpc.llama(crowded, request(COUNTING, 8)) for _ in range(STREAMS_PER_CONNECTION + 1)]
 
     crowded_peak = _running_peak(server, seconds=1.5)
     # Another connection is not held back by the crowded one.
@@ -122,7 +122,7 @@ def test_calls_beyond_the_stream_limit_wait_on_their_connection_not_on_others(
 
     assert crowded_peak == STREAMS_PER_CONNECTION
     assert all(call.code() == grpc.StatusCode.OK for call in calls)
-    assert [r[-1].finish_details.completion_tokens for r in results] == [16] * len(calls)
+    assert [r[-1].finish_details.completion_tokens for r in results] == [8] * len(calls)
 
 
 def _running_peak(server: Any, seconds: float) -> float:
