@@ -62,8 +62,10 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
 
     model_dir = find_converted(settings)
     if model_dir is None:
+        # Where it looked: a cache removed or emptied under a running server says so.
         raise BackendLoadError(
-            f"model {settings.model.name!r} not converted; run `llm-local convert`"
+            f"model {settings.model.name!r} not converted in {settings.model.cache_dir}; "
+            "run `llm-local convert`"
         )
     runtime = settings.runtime
     try:

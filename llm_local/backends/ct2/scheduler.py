@@ -12,9 +12,10 @@ When requests wait, no worker is free and a batch of their key has only just sta
 the scheduler stops that batch and re-queues its items in front of the queue (see
 `grouping.plan_merges` and `BatchItem.preempt`): the next batch holds old and new together.
 
-When `execute` raises, every unfinished item of that batch fails with BackendError and
-the scheduler keeps going. `aclose` fails what is queued, stops what is decoding (each
-item's next callback answers "stop") and returns once every worker thread is done.
+When `execute` raises (even a BaseException such as SystemExit: its thread died), every
+unfinished item of that batch fails with BackendError and the scheduler keeps going.
+`aclose` fails what is queued, stops what is decoding (each item's next callback answers
+"stop") and returns once every worker thread is done.
 
 The loop runs as a trio system task started by `start()`: the Backend protocol gives the
 backend no nursery of its own, and the system nursery is cancelled (after which this
@@ -299,6 +300,15 @@ class BatchScheduler:
             await trio.to_thread.run_sync(self._execute, batch, limiter=self._limiter)
         except Exception as exc:
             log.warning("a batch of %d failed: %s", len(batch), exc)
+            error = exc
+        except BaseException as exc:
+            # Not cancellable (see above), so this came from the thread: it died with
+            # SystemExit or the like (a library calling sys.exit, a KeyboardInterrupt
+            # raised on it). Re-raised, it would take the whole scheduler down and every
+            # later request with it; it fails this batch alone, like any other error.
+            if isinstance(exc, trio.Cancelled):
+                raise
+            log.error("a worker thread died decoding a batch of %d: %r", len(batch), exc)
             error = exc
         finally:
             stopped = id(batch) in self._stopping

@@ -177,8 +177,9 @@ async def test_an_unconverted_model_in_settings_says_to_convert(tmp_path: Path) 
 
     settings = load_settings(env="test", overrides={"model.cache_dir": str(tmp_path)})
     backend = create_backend(settings)
-    with pytest.raises(BackendLoadError, match=r"not converted; run `llm-local convert`"):
+    with pytest.raises(BackendLoadError, match=r"run `llm-local convert`") as caught:
         await backend.load()
+    assert f"not converted in {tmp_path}" in str(caught.value)
 
 
 @pytest.mark.model

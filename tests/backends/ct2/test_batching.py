@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -286,6 +287,91 @@ async def test_a_failing_batch_fails_only_its_own_requests(int8_model: LoadedMod
     assert isinstance(results["other batch"], list) and len(results["other batch"]) == 4
     assert len(after) == 3
     assert len(events) == 3
+
+
+class FailingMidway:
+    """The real Generator, except that a batch holding `poison` raises from inside
+    CTranslate2's decoding loop once `after_steps` token callbacks ran (CTranslate2 hands
+    a callback's exception out of generate_batch, as it does its own errors). The
+    failing part is the only thing stood in for: no prompt makes a real model fail
+    halfway through a batch on demand."""
+
+    def __init__(
+        self, generator: Any, poison: list[str], after_steps: int, error: BaseException
+    ) -> None:
+        self._generator = generator
+        self._poison = poison
+        self._after_steps = after_steps
+        self._error = error
+
+    def generate_batch(self, prompts: list[list[str]], **kwargs: Any) -> Any:
+        if self._poison not in prompts:
+            return self._generator.generate_batch(prompts, **kwargs)
+        callback = kwargs.pop("callback")
+        steps = 0
+
+        def failing(step: Any) -> bool:
+            nonlocal steps
+            steps += 1
+            if steps > self._after_steps:
+                raise self._error
+            return bool(callback(step))
+
+        return self._generator.generate_batch(prompts, callback=failing, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._generator, name)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("decoding failed"), SystemExit("the decoding thread exited")],
+    ids=["an error", "a dying thread"],
+)
+async def test_a_batch_that_fails_midway_fails_only_its_own_requests(
+    float32_model: LoadedModel, error: BaseException
+) -> None:
+    events: list[BatchStarted] = []
+    tokenizer = float32_model.tokenizer
+    poisoned_ids = chat_ids(tokenizer, FRANCE)
+    neighbour_ids = chat_ids(tokenizer, "Name three colors.")
+    failing = FailingMidway(
+        float32_model.generator, tokenizer.convert_ids_to_tokens(poisoned_ids), 4, error
+    )
+    model = LoadedModel(generator=failing, tokenizer=tokenizer, info=float32_model.info)
+    sampled = SamplingOptions(temperature=0.7, top_k=10)
+    # min_split_size: the two greedy requests stay one batch even with a worker idle.
+    async with serving(model, events, batch_wait_ms=50, min_split_size=8) as backend:
+        results: dict[str, tuple[list[int], BackendError | None]] = {}
+
+        async def run(name: str, ids: Sequence[int], sampling: SamplingOptions) -> None:
+            received: list[int] = []
+            try:
+                async with backend.generate(ids, 12, sampling) as stream:
+                    async for group in stream:
+                        received.extend(group)
+            except BackendError as exc:
+                results[name] = (received, exc)
+            else:
+                results[name] = (received, None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "poisoned", poisoned_ids, GREEDY)
+            # The same prompt: both decode from the first step, 2 tokens each in 4 steps.
+            nursery.start_soon(run, "same batch", poisoned_ids, GREEDY)
+            nursery.start_soon(run, "other batch", neighbour_ids, sampled)
+        # The backend keeps serving after the failure, on every worker.
+        async with backend.generate(neighbour_ids, 3, GREEDY) as stream:
+            after = [token async for group in stream for token in group]
+    assert [event.size for event in events[:2]] in ([2, 1], [1, 2])
+    for name in ("poisoned", "same batch"):
+        received, failure = results[name]
+        assert len(received) == 2  # 4 steps of a batch of 2, then the failure
+        assert failure is not None
+        assert str(error) in str(failure)
+    other_tokens, other_failure = results["other batch"]
+    assert other_failure is None and len(other_tokens) == 12
+    assert len(after) == 3
 
 
 async def test_aclose_with_generations_running_finishes_cleanly(test_model_dir: Path) -> None:

@@ -23,7 +23,8 @@ from llm_local.core.types import SamplingOptions
 
 GREEDY = SamplingOptions()
 SAMPLED = SamplingOptions(temperature=0.8, top_k=20)
-POISON = 666
+POISON = 666  # a batch holding it raises an Exception
+THREAD_EXIT = 667  # a batch holding it ends its thread with SystemExit (not an Exception)
 
 
 class ScriptedDecoder:
@@ -51,6 +52,8 @@ class ScriptedDecoder:
             raise RuntimeError("the test never opened the gate")
         if any(item.prompt_ids[0] == POISON for item in batch):
             raise RuntimeError("poisoned batch")
+        if any(item.prompt_ids[0] == THREAD_EXIT for item in batch):
+            raise SystemExit("a library called sys.exit() on the decoding thread")
         limit = max(item.remaining_new_tokens for item in batch)
         alive = list(range(len(batch)))
         for step in range(limit):
@@ -199,7 +202,14 @@ async def test_the_queue_stays_bounded(decoder: ScriptedDecoder) -> None:
     assert sorted(results) == [[1000], [2000], [3000], [4000], [5000]]
 
 
-async def test_a_failing_batch_fails_only_its_own_items(decoder: ScriptedDecoder) -> None:
+@pytest.mark.parametrize(
+    ("failing", "why"),
+    [(POISON, "poisoned batch"), (THREAD_EXIT, "sys.exit()")],
+    ids=["an error", "a dying thread"],
+)
+async def test_a_failing_batch_fails_only_its_own_items(
+    decoder: ScriptedDecoder, failing: int, why: str
+) -> None:
     scheduler = make_scheduler(decoder)
     outcomes: dict[int, object] = {}
 
@@ -210,13 +220,18 @@ async def test_a_failing_batch_fails_only_its_own_items(decoder: ScriptedDecoder
             outcomes[prompt] = str(exc)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, POISON, GREEDY)
-        nursery.start_soon(run, 7, GREEDY)  # same batch as the poison: fails with it
+        nursery.start_soon(run, failing, GREEDY)
+        nursery.start_soon(run, 7, GREEDY)  # same batch as the failing one: fails with it
         nursery.start_soon(run, 8, SAMPLED)  # another batch: unharmed
-    assert outcomes[POISON] == outcomes[7] == "generation failed: poisoned batch"
+    assert outcomes[failing] == outcomes[7]
+    assert str(outcomes[failing]).startswith("generation failed: ")
+    assert why in str(outcomes[failing])
     assert outcomes[8] == [8000, 8001]
-    # The scheduler keeps serving after a failure.
-    assert await collect(scheduler, new_item(9, 1)) == [9000]
+    # The scheduler keeps serving after a failure, on both workers at once.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 10, GREEDY)
+        nursery.start_soon(run, 11, SAMPLED)
+    assert outcomes[10] == [10000, 10001] and outcomes[11] == [11000, 11001]
     await scheduler.aclose()
 
 
