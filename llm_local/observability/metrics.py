@@ -25,13 +25,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from llm_local.backends.base import ModelInfo
+    from llm_local.backends.base import BackendStats, ModelInfo
     from llm_local.service import Service
 
 PREFIX = "llm_local"
@@ -270,10 +270,60 @@ class Metrics:
                 "Batches the backend is decoding now.",
                 value=float(stats.batches),
             )
+            yield from _scheduling_metrics(stats)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition: (body, content type)."""
         return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
+
+
+def _scheduling_metrics(stats: BackendStats) -> Iterator[Metric]:
+    """The batching backend's decisions and the costs it measured (backends/ct2/costs.py)."""
+    yield CounterMetricFamily(
+        f"{PREFIX}_backend_merges",
+        "Running batches restarted to take waiting requests in.",
+        value=float(stats.merges),
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_backend_extra_lanes",
+        "Batches started on an extra lane because every worker was busy past the TTFT target.",
+        value=float(stats.lanes_opened),
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_backend_expected_wait_seconds",
+        "The wait for a free worker the scheduler expected at its last decision (0: none).",
+        value=stats.expected_wait_seconds,
+    )
+    measured = (
+        (
+            "step_seconds",
+            "Measured time of one decoding step of a batch of one.",
+            stats.step_seconds,
+        ),
+        (
+            "step_item_seconds",
+            "Measured time each further item of a batch adds to a decoding step.",
+            stats.step_seconds_per_item,
+        ),
+        (
+            "prefill_token_seconds",
+            "Measured time to read one prompt token.",
+            stats.prefill_token_seconds,
+        ),
+    )
+    for name, documentation, value in measured:
+        if value is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_backend_{name}", documentation, value=value)
+    yield GaugeMetricFamily(
+        f"{PREFIX}_backend_prefix_cache_bytes",
+        "Estimated memory of the shared prompt prefixes the backend keeps cached.",
+        value=float(stats.prefix_cache_bytes),
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_backend_prefix_cache_entries",
+        "Shared prompt prefixes the backend keeps cached.",
+        value=float(stats.prefix_cache_entries),
+    )
 
 
 def _numerics_metrics(info: ModelInfo) -> Iterator[Metric]:
