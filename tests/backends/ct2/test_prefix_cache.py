@@ -126,8 +126,7 @@ async def test_float32_greedy_is_the_same_with_and_without_the_prefix_cache(
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
 
 
 async def _cache_many_system_prompts(model: LoadedModel, budget_mb: float, count: int) -> int:
