@@ -134,7 +134,7 @@ def main() -> None:
 
         found = find_converted(load_settings(env="test"))
         if found is None:
-            raise SystemExit("the ENV=test model is not converted: run `ENV=test llm-local convert`")
+            raise SystemExit("the ENV=test model is not converted: `ENV=test llm-local convert`")
         model_dir = Path(found)
     levels = [int(level) for level in arguments.concurrency.split(",")]
     trio.run(_main, model_dir, arguments.rounds, levels)
