@@ -255,46 +255,35 @@ class Metrics:
                 stats = service.backend.stats()
             except Exception:  # a scrape must never fail because the backend is unwell
                 return
-            yield GaugeMetricFamily(
-                f"{PREFIX}_backend_running",
-                "Generations the backend is decoding now.",
-                value=float(stats.running),
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}_backend_queued",
-                "Generations waiting inside the backend for a batch slot.",
-                value=float(stats.queued),
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}_backend_batches",
-                "Batches the backend is decoding now.",
-                value=float(stats.batches),
-            )
-            yield from _scheduling_metrics(stats)
+            yield from _backend_metrics(stats)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition: (body, content type)."""
         return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
 
 
-def _scheduling_metrics(stats: BackendStats) -> Iterator[Metric]:
-    """The batching backend's decisions and the costs it measured (backends/ct2/costs.py)."""
-    yield CounterMetricFamily(
-        f"{PREFIX}_backend_merges",
-        "Running batches restarted to take waiting requests in.",
-        value=float(stats.merges),
+def _backend_metrics(stats: BackendStats) -> Iterator[Metric]:
+    """What the backend does now, the batching decisions it took so far, and the costs it
+    measured (backends/ct2/costs.py); a figure the backend does not measure is left out."""
+    counters = (
+        ("merges", "Running batches restarted to take waiting requests in.", stats.merges),
+        (
+            "extra_lanes",
+            "Batches started on an extra lane: every worker busy past the TTFT target.",
+            stats.lanes_opened,
+        ),
     )
-    yield CounterMetricFamily(
-        f"{PREFIX}_backend_extra_lanes",
-        "Batches started on an extra lane because every worker was busy past the TTFT target.",
-        value=float(stats.lanes_opened),
-    )
-    yield GaugeMetricFamily(
-        f"{PREFIX}_backend_expected_wait_seconds",
-        "The wait for a free worker the scheduler expected at its last decision (0: none).",
-        value=stats.expected_wait_seconds,
-    )
-    measured = (
+    for name, documentation, count in counters:
+        yield CounterMetricFamily(f"{PREFIX}_backend_{name}", documentation, value=float(count))
+    gauges: tuple[tuple[str, str, float | None], ...] = (
+        ("running", "Generations the backend is decoding now.", stats.running),
+        ("queued", "Generations waiting inside the backend for a batch slot.", stats.queued),
+        ("batches", "Batches the backend is decoding now.", stats.batches),
+        (
+            "expected_wait_seconds",
+            "The wait for a free worker the scheduler expected at its last decision (0: none).",
+            stats.expected_wait_seconds,
+        ),
         (
             "step_seconds",
             "Measured time of one decoding step of a batch of one.",
@@ -310,20 +299,20 @@ def _scheduling_metrics(stats: BackendStats) -> Iterator[Metric]:
             "Measured time to read one prompt token.",
             stats.prefill_token_seconds,
         ),
+        (
+            "prefix_cache_bytes",
+            "Estimated memory of the shared prompt prefixes the backend keeps cached.",
+            stats.prefix_cache_bytes,
+        ),
+        (
+            "prefix_cache_entries",
+            "Shared prompt prefixes the backend keeps cached.",
+            stats.prefix_cache_entries,
+        ),
     )
-    for name, documentation, value in measured:
+    for name, documentation, value in gauges:
         if value is not None:
-            yield GaugeMetricFamily(f"{PREFIX}_backend_{name}", documentation, value=value)
-    yield GaugeMetricFamily(
-        f"{PREFIX}_backend_prefix_cache_bytes",
-        "Estimated memory of the shared prompt prefixes the backend keeps cached.",
-        value=float(stats.prefix_cache_bytes),
-    )
-    yield GaugeMetricFamily(
-        f"{PREFIX}_backend_prefix_cache_entries",
-        "Shared prompt prefixes the backend keeps cached.",
-        value=float(stats.prefix_cache_entries),
-    )
+            yield GaugeMetricFamily(f"{PREFIX}_backend_{name}", documentation, value=float(value))
 
 
 def _numerics_metrics(info: ModelInfo) -> Iterator[Metric]:
