@@ -13,7 +13,7 @@ Lifecycle: queued → running → finished (normally, with an error, or because 
 consumer left). The consumer leaving (`cancel`) makes the next `offer_token` return
 True, so CTranslate2 drops the item within one decoding step.
 
-A young batch may be stopped to merge it with newcomers (`grouping.plan_merges`): `preempt`
+A running batch may be stopped to merge it with newcomers (`grouping.plan_relief`): `preempt`
 makes the next `offer_token` return True without taking the token, and once the batch has
 returned `resume_after_preempt` appends the tokens produced so far to the prompt, so the
 item continues in its next batch where it stopped: the consumer sees one stream, and the
