@@ -151,7 +151,7 @@ async def test_the_prefix_cache_memory_stays_bounded_across_many_system_prompts(
 ) -> None:
     """Measured: without a bound every system prompt stays in CTranslate2's cache for
     good; with one, the cache is dropped when it fills and the memory is reused."""
-    tenants = 10
+    tenants = 8
     model = load_model(plan(test_model_dir, "int8", inter_threads=1))
     try:
         per_prompt = model.kv_bytes_per_token * 80  # ~80 tokens of persona per prompt
