@@ -147,6 +147,7 @@ class CT2Backend:
             inter_threads=inter_threads,
             intra_threads=intra_threads,
             context_limit=context_limit,
+            extra_lanes=batching.extra_lanes,
         )
         return cls(lambda: plan, batching=batching, on_batch=on_batch)
 
@@ -319,6 +320,10 @@ class CT2Backend:
             while _busy(generator) and time.monotonic() < deadline:
                 time.sleep(0.001)
             generator.unload_model()
+            if generator.model_is_loaded:
+                # Still in use: try again once more prefixes have been refused.
+                prefixes.postpone_reset()
+                return
             generator.load_model()
             release_freed_memory()
             prefixes.reset()

@@ -115,6 +115,11 @@ class PrefixCachePolicy:
         with self._lock:
             return bool(self._admitted) and self._refused >= max(len(self._admitted), 2)
 
+    def postpone_reset(self) -> None:
+        """The cache could not be dropped now: ask again after as many refusals."""
+        with self._lock:
+            self._refused = 0
+
     def reset(self) -> None:
         """CTranslate2's cache was dropped: nothing is admitted any more."""
         with self._lock:
