@@ -43,7 +43,6 @@ import ctypes.util
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from pathlib import Path
 
 Prefix = tuple[int, ...]
@@ -191,15 +190,3 @@ def release_freed_memory() -> None:
 def activation_bytes(compute_type: str) -> int:
     """Bytes per cached value for a CTranslate2 compute type (its activation type)."""
     return 2 if compute_type.endswith(("float16", "bfloat16")) else 4
-
-
-def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
-    """The length of the longest run of ids every prompt starts with."""
-    if not prompts:
-        return 0
-    shortest = min(len(prompt) for prompt in prompts)
-    for index in range(shortest):
-        token = prompts[0][index]
-        if any(prompt[index] != token for prompt in prompts):
-            return index
-    return shortest
