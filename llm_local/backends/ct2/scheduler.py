@@ -115,7 +115,6 @@ class BatchScheduler:
         self._waiting: list[BatchItem] = []
         self._running: list[list[BatchItem]] = []
         self._stopping: set[int] = set()  # id() of running batches told to stop for a merge
-        self._on_lane: set[int] = set()  # id() of running batches started on a lane
         self.merges = 0  # batches stopped so far to merge them with waiting requests
         self.lanes_opened = 0  # batches started on an extra lane
         self.expected_wait_s = 0.0  # the last planning's wait for a worker (0: none waits)
@@ -259,7 +258,10 @@ class BatchScheduler:
                     await self._changed.wait()
 
     def _running_on_workers(self) -> int:
-        return sum(1 for batch in self._running if id(batch) not in self._on_lane)
+        # Replicas are alike: which one a batch runs on does not matter, only how many
+        # batches run. The batches beyond `workers` are the lanes, so a lane frees as soon
+        # as any batch ends, not only the one started on it.
+        return min(len(self._running), self._workers)
 
     def _relieve(self, workers: trio.Nursery) -> float | None:
         """Merge or open a lane for the waiting requests, as `plan_relief` decides; returns
@@ -359,8 +361,7 @@ class BatchScheduler:
             self._waiting.remove(item)
             self._release_slot(item)
         self._running.append(batch)
-        if lane:
-            self._on_lane.add(id(batch))
+
         workers.start_soon(self._run_batch, batch)
         self._report(
             BatchStarted(
@@ -394,7 +395,6 @@ class BatchScheduler:
             # In front: they arrived first, and their consumers have been waiting longest.
             self._waiting[:0] = requeued
             self._running.remove(batch)
-            self._on_lane.discard(id(batch))
             self._notify()
 
 
