@@ -255,6 +255,8 @@ FIELDS: tuple[Field, ...] = (
     integer("runtime.max_batch_size", 1),
     number("runtime.batch_wait_ms", 0),
     number("runtime.busy_batch_wait_ms", 0),
+    number("runtime.ttft_target_ms", 0),
+    number("runtime.prefix_cache_mb", 0),
     number("numerics.max_nll_ratio", 1),
     number("numerics.min_agreement_ratio", 0, maximum=1),
     boolean("numerics.accept_unverified"),

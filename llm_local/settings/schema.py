@@ -59,6 +59,11 @@ class RuntimeSettings:
     batch_wait_ms: float  # how long a lone request waits for company before decoding
     # The same wait while a batch is already decoding (under load company comes soon).
     busy_batch_wait_ms: float
+    # The time to first token to keep under load: past it, waiting requests start on an
+    # extra lane (one more model replica); 0 = no target, no lane.
+    ttft_target_ms: float
+    # Memory for cached shared prompt prefixes (system prompts); 0 = no prefix caching.
+    prefix_cache_mb: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,7 +193,9 @@ async def test_settings_pick_the_converted_model_and_its_runtime() -> None:
     try:
         assert backend.info.model_name == settings.model.name
         assert backend.info.compute_type == "float32"
-        assert backend.generator.num_generators == settings.runtime.inter_threads
+        # One replica more than the workers, for the extra lane a TTFT target brings.
+        assert settings.runtime.ttft_target_ms > 0
+        assert backend.generator.num_generators == settings.runtime.inter_threads + 1
     finally:
         await backend.aclose()
 

@@ -20,6 +20,7 @@ import trio
 
 from llm_local.backends.base import BackendError, ModelTokenizer
 from llm_local.backends.ct2 import BatchingOptions, BatchStarted, CT2Backend
+from llm_local.backends.ct2.costs import CostEstimate, CostModel
 from llm_local.backends.ct2.loader import LoadedModel
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
@@ -101,14 +102,28 @@ async def generate_all(backend: CT2Backend, requests: Sequence[GenerationRequest
     return [outcome for outcome in outcomes if outcome is not None]
 
 
+class FreeRestarts(CostModel):
+    """Costs as if reading prompt tokens were free, whatever is measured."""
+
+    def __init__(self) -> None:
+        super().__init__(CostEstimate(step_base_s=0.03, step_per_item_s=0.0, prefill_token_s=0.0))
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_step(self, batch_size: int, seconds: float) -> None:
+        pass
+
+
 @asynccontextmanager
 async def serving(
-    model: LoadedModel, events: list[BatchStarted], **options: float
+    model: LoadedModel, events: list[BatchStarted], costs: CostModel | None = None, **options: float
 ) -> AsyncIterator[CT2Backend]:
     backend = CT2Backend.from_loaded(
         model,
         batching=BatchingOptions(**options),
         on_batch=events.append,  # type: ignore[arg-type]
+        costs=costs,
     )
     await backend.load()
     try:
@@ -187,7 +202,10 @@ async def test_cancelling_one_item_leaves_the_rest_of_its_batch_intact(
 ) -> None:
     events: list[BatchStarted] = []
     kept = [MIXED_REQUESTS[0], MIXED_REQUESTS[2]]
-    async with serving(float32_model, events, batch_wait_ms=50, min_split_size=8) as backend:
+    # No static prefixes: the request sent without hints would batch apart otherwise.
+    async with serving(
+        float32_model, events, batch_wait_ms=50, min_split_size=8, prefix_cache_mb=0
+    ) as backend:
         alone = [await generate(backend, request) for request in kept]
         events.clear()
         ids = chat_ids(backend.tokenizer, "Tell me a long story about a dragon.")
@@ -227,7 +245,10 @@ async def test_mixed_sampling_options_are_never_in_one_batch(
         GenerationRequest(user_prompt="Name three colors.", max_new_tokens=5, sampling=sampled),
         GenerationRequest(user_prompt=FRANCE, max_new_tokens=5, sampling=seeded),
     ]
-    async with serving(float32_model, events, batch_wait_ms=50, min_split_size=8) as backend:
+    # No static prefixes: the batch keys are then the sampling options' own.
+    async with serving(
+        float32_model, events, batch_wait_ms=50, min_split_size=8, prefix_cache_mb=0
+    ) as backend:
         alone_greedy = [await generate(backend, request) for request in requests[:2]]
         events.clear()
         outcomes = await generate_all(backend, requests)
@@ -446,7 +467,7 @@ async def test_float32_greedy_after_a_merge_equals_each_request_alone(
         events,
         batch_wait_ms=0,
         busy_batch_wait_ms=0,
-        merge_max_generated=1000,  # every running batch counts as young: no timing
+        costs=FreeRestarts(),  # a restart always pays: no timing
     ) as backend:
         prompts = [(chat_ids(backend.tokenizer, text), limit) for text, limit in questions]
         prompts.append((chat_ids(backend.tokenizer, FRANCE), 12))
