@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from llm_local.core.numerics import NumericsStatus
-from llm_local.core.types import SamplingOptions
+from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
 
 if TYPE_CHECKING:
     from llm_local.settings.schema import AppSettings
@@ -84,6 +84,16 @@ class BackendStats:
     running: int  # generations decoding now
     queued: int  # generations waiting for a batch slot
     batches: int  # batches decoding now
+    # How a batching backend schedules (None / 0 where it does not): its decisions so far,
+    # the wait for a worker it expected last, and what it measured decoding to cost.
+    merges: int = 0  # running batches restarted to take waiting requests in
+    lanes_opened: int = 0  # batches started on an extra lane, the workers all busy
+    expected_wait_seconds: float = 0.0
+    step_seconds: float | None = None  # one decoding step of a batch of one
+    step_seconds_per_item: float | None = None  # what each further item adds to a step
+    prefill_token_seconds: float | None = None  # one prompt token read
+    prefix_cache_bytes: int = 0  # shared prompt prefixes the backend keeps cached
+    prefix_cache_entries: int = 0
 
 
 class Backend(Protocol):
@@ -112,8 +122,12 @@ class Backend(Protocol):
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: SamplingOptions,
+        hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
         """Stream generated token ids in groups (whatever is ready at each wake-up).
+
+        `hints` (tenant, shared prompt prefix) may guide scheduling and caching; the
+        tokens generated must not depend on them.
 
         The stream ends after `max_new_tokens` ids or after an end token, which is
         yielded too. Leaving the context (normally, by an exception or by

@@ -23,7 +23,13 @@ from llm_local.backends.base import Backend, BackendError
 from llm_local.core.detokenizer import IncrementalDetokenizer
 from llm_local.core.prompt import PreparedPrompt
 from llm_local.core.stops import StopMatcher
-from llm_local.core.types import Finished, FinishReason, GenerationRequest, TextChunk
+from llm_local.core.types import (
+    Finished,
+    FinishReason,
+    GenerationHints,
+    GenerationRequest,
+    TextChunk,
+)
 
 OnText = Callable[[TextChunk], Awaitable[None]]
 
@@ -83,8 +89,12 @@ async def run_generation(
     progress = _Progress(backend, request, prepared.max_new_tokens)
     error: str | None = None
     try:
+        hints = GenerationHints(
+            tenant_id=request.context.tenant_id,
+            shared_prefix_length=prepared.shared_prefix_length,
+        )
         async with backend.generate(
-            prepared.ids, prepared.max_new_tokens, request.sampling
+            prepared.ids, prepared.max_new_tokens, request.sampling, hints
         ) as stream:
             async for group in stream:
                 text = progress.consume(group)

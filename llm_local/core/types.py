@@ -71,6 +71,23 @@ class RequestContext:
 
 
 @dataclass(frozen=True, slots=True)
+class GenerationHints:
+    """What a backend may use to schedule a generation better; ignoring all of it is correct.
+
+    The backend sees only token ids: who asked, and which leading tokens other requests
+    probably share, are known above it (the request context, the prompt builder).
+    """
+
+    tenant_id: str | None = None  # the x-tenant-id of the request, when it has one
+    # Leading prompt tokens that other requests are likely to start with too (the rendered
+    # system block); 0 when nothing is known to be shared.
+    shared_prefix_length: int = 0
+
+
+NO_HINTS = GenerationHints()
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """A validated request: every default is filled in, every field is in range."""
 

@@ -12,9 +12,12 @@ from llm_local.backends.fake import FakeBackend, FakeConfig
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.types import (
+    NO_HINTS,
     Finished,
     FinishReason,
+    GenerationHints,
     GenerationRequest,
+    RequestContext,
     SamplingOptions,
     TextChunk,
 )
@@ -43,6 +46,20 @@ async def generate(
 
     finished = await run_generation(backend, request, prepared, on_text)
     return chunks, finished
+
+
+async def test_the_tenant_reaches_the_backend_as_a_hint() -> None:
+    backend = await loaded()
+    request = GenerationRequest(
+        user_prompt="hi", context=RequestContext(request_id="r1", tenant_id="acme")
+    )
+    prepared = prepare_prompt(request, backend.tokenizer, backend.info.context_limit)
+
+    async def on_text(chunk: TextChunk) -> None:
+        pass
+
+    await run_generation(backend, request, prepared, on_text)
+    assert backend.calls[0].hints.tenant_id == "acme"
 
 
 def text_of(chunks: list[TextChunk]) -> str:
@@ -168,7 +185,11 @@ class _StubBackend(FakeBackend):
         self._error = error
 
     def generate(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingOptions
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingOptions,
+        hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
         return self._stub_stream()
 

@@ -29,7 +29,7 @@ from llm_local.backends.base import (
     ModelInfo,
 )
 from llm_local.backends.fake.tokenizer import IM_END, FakeTokenizer
-from llm_local.core.types import SamplingOptions
+from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
 
 DEFAULT_REPLY = "Echo: {prompt}"
 _CHATML_USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.DOTALL)
@@ -87,6 +87,7 @@ class FakeCall:
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
     sampling: SamplingOptions
+    hints: GenerationHints = NO_HINTS
 
 
 class FakeBackend:
@@ -132,12 +133,17 @@ class FakeBackend:
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         sampling: SamplingOptions,
+        hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
-        return self._generate(tuple(prompt_ids), max_new_tokens, sampling)
+        return self._generate(tuple(prompt_ids), max_new_tokens, sampling, hints)
 
     @asynccontextmanager
     async def _generate(
-        self, prompt_ids: tuple[int, ...], max_new_tokens: int, sampling: SamplingOptions
+        self,
+        prompt_ids: tuple[int, ...],
+        max_new_tokens: int,
+        sampling: SamplingOptions,
+        hints: GenerationHints,
     ) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
         if self._closed:
             raise BackendError("backend is closed")
@@ -145,7 +151,7 @@ class FakeBackend:
             raise BackendError("model is not loaded")
         if max_new_tokens < 1:
             raise BackendError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        self.calls.append(FakeCall(prompt_ids, max_new_tokens, sampling))
+        self.calls.append(FakeCall(prompt_ids, max_new_tokens, sampling, hints))
         answer = self.answer_ids(prompt_ids)[:max_new_tokens]
         stream = _FakeStream(self, answer)
         self._running += 1
