@@ -81,26 +81,26 @@ def serving(
     import grpc
 
     overrides = dict(variant.environment)
-    context.details[name] = {
-        "grpcio": grpc.__version__,
-        **server_settings(overrides),
-        **({"overrides": overrides} if overrides else {}),
-    }
     port = free_port()
     command = [sys.executable, "-m", "llm_local", "serve"]
     environment = {**server_environment(config, port), **overrides}
+    context.details[name] = {
+        "grpcio": grpc.__version__,
+        **server_settings(environment),
+        **({"overrides": overrides} if overrides else {}),
+    }
     with ServerProcess(command, environment, context.run_dir / f"{name}-server.log") as server:
         wait_until(lambda: _serving(port), server, START_TIMEOUT_S, "llm-local serve")
         context.log(f"  llm-local serve is ready on port {port} (pid {server.pid})")
         yield server, port
 
 
-def server_settings(overrides: Mapping[str, str] | None = None) -> dict[str, object]:
-    """The settings the child runs with (ENV=test, a variant's `overrides`; ours touch
-    only ports and limits)."""
+def server_settings(environment: Mapping[str, str]) -> dict[str, object]:
+    """The settings a child started with `environment` runs with (ENV=test, the
+    benchmark's overrides, a variant's)."""
     from llm_local.settings.loader import load_settings
 
-    with _environment(overrides or {}):
+    with _environment(environment):
         settings = load_settings(env="test")
     runtime = settings.runtime
     return {
@@ -111,6 +111,8 @@ def server_settings(overrides: Mapping[str, str] | None = None) -> dict[str, obj
         "max_batch_size": runtime.max_batch_size,
         "batch_wait_ms": runtime.batch_wait_ms,
         "busy_batch_wait_ms": runtime.busy_batch_wait_ms,
+        "ttft_target_ms": runtime.ttft_target_ms,
+        "prefix_cache_mb": runtime.prefix_cache_mb,
         "log_level": settings.logging.level,
     }
 
