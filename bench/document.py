@@ -259,7 +259,8 @@ def _open_loop_section(outcome: RunOutcome, pngs: Sequence[str]) -> list[str]:
         'level offered at most R had p95 TTFT and p95 TPOT within the SLO. "≥" when no '
         'rate of the sweep missed it; "<" the lowest rate when even that one missed.',
         "- The sweep: a few requests sent one at a time measure one request alone (t); "
-        "the first rate is the power of √2 at or below 1/t req/s; rates double until one "
+        "the first rate is the power of √2 at or below 1/t req/s (but no lower than 4 "
+        "requests per longest window); rates double until one "
         "misses the SLO (halve while all miss, twice at most), then "
         f"{config.gateway_refinements} bisection(s) between the last rate met and the "
         f"first missed; at most {config.gateway_max_levels} levels per target. Between "

@@ -54,6 +54,7 @@ Send = Callable[[GatewayRequest], Awaitable[RequestRecord]]
 # prompt cache holds none of a level's requests beforehand.
 PROBE_FIRST_INDEX = 1_000_000
 PROBE_REQUESTS = 4  # the first one warms up and is not counted
+PROBE_BUDGET_S = 30.0
 # Every level sends at least this many requests, however low its rate (its window then
 # runs to the last one's arrival).
 LEAST_REQUESTS = 4
@@ -186,11 +187,15 @@ async def _sweep(
     send: Send,
 ) -> None:
     alone_s = await _one_request_alone(config, send)
+    # The lowest rate whose least requests still arrive within the longest window: a
+    # server that misses the SLO even there has a capacity of about nothing.
+    floor = LEAST_REQUESTS / config.gateway_max_level_s
+    start = max(starting_rate(alone_s), floor)
     plan = SweepPlan(
-        start_rps=starting_rate(alone_s),
+        start_rps=start,
         max_levels=config.gateway_max_levels,
         refinements=config.gateway_refinements,
-        min_rps=starting_rate(alone_s) / 4,
+        min_rps=max(start / 4, floor),
     )
     context.details[f"{GATEWAY}-{target}"]["one request alone"] = f"{alone_s:.2f} s"
     context.log(f"  one request alone: {alone_s:.2f} s; first rate {plan.start_rps:.3g} req/s")
@@ -237,14 +242,18 @@ async def _sweep(
 
 
 async def _one_request_alone(config: BenchConfig, send: Send) -> float:
-    """The median time of one request with nothing else running (after a warm-up)."""
-    durations = []
+    """The median time of one request with nothing else running (after a warm-up); on
+    a server so slow that the probe outlasts PROBE_BUDGET_S, fewer requests."""
+    durations: list[float] = []
+    deadline = time.monotonic() + PROBE_BUDGET_S
     for offset in range(PROBE_REQUESTS):
         record = await send(request_at(config.gateway_seed, PROBE_FIRST_INDEX + offset))
         if not record.ok:
             raise RuntimeError(f"a request sent alone failed: {record.error}")
         if offset > 0:
             durations.append(record.end - record.start)
+        if durations and time.monotonic() > deadline:
+            break
     return statistics.median(durations)
 
 
