@@ -210,7 +210,7 @@ class GenerationFlow:
         try:
             info = service.state.check_ready()
             raw = request if isinstance(request, RawRequest) else request()
-            valid = validate_request(raw, service.settings.generation, context)
+            valid = validate_request(raw, service.settings.generation, context, info.sampling)
             prepared = prepare_prompt(valid, service.backend.tokenizer, info.context_limit)
         except NotReady as exc:
             raise CallError(Code.UNAVAILABLE, str(exc)) from None
