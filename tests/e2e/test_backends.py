@@ -253,5 +253,5 @@ def test_over_capacity_is_refused_and_cancelled_streams_free_the_backend(
     server.wait_for_metric("llm_local_requests_running", 0)
     for call in running:
         assert call.code() == grpc.StatusCode.CANCELLED
-    follow_up = list(rpc.llama(channel, request(max_new_tokens=24)))
-    assert "Paris" in answer(follow_up)
+    follow_up = list(rpc.llama(channel, request(max_new_tokens=3)))  # the backend serves on
+    assert follow_up[-1].finish_details.completion_tokens == 3

@@ -75,8 +75,13 @@ class TransformersBackend:
             raise RuntimeError("the backend is closed")
         # On a thread: loading takes seconds to minutes; health answers meanwhile.
         loaded = await trio.to_thread.run_sync(lambda: load_model(self._plan()))
+        if self._closed:
+            raise RuntimeError("the backend was closed while loading")
         self._wakeups = WakeupRelay(trio.lowlevel.current_trio_token())
-        self._manager = await trio.to_thread.run_sync(self._start_manager, loaded)
+        # On the trio thread, with no checkpoint until it is stored: the manager starts its
+        # generation thread (a non-daemon thread that only aclose() stops) and builds its
+        # KV cache there; building it here takes milliseconds.
+        self._manager = self._start_manager(loaded)
         self._model = loaded
 
     def generate(
@@ -172,7 +177,7 @@ class TransformersBackend:
                 max_new_tokens=max_new_tokens,
                 streaming=True,
                 eos_token_id=sorted(self.tokenizer.end_token_ids) or None,
-                **self._processor_values(sampling),
+                **processor_values(sampling, self.tokenizer.vocab_size),
             )
             if accepted is None:
                 status = manager.background_thread_status
@@ -185,18 +190,22 @@ class TransformersBackend:
                 item.cancel()
                 manager.cancel_request(request_id)
 
-    def _processor_values(self, sampling: SamplingOptions) -> dict[str, Any]:
-        if sampling.greedy:
-            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        return {
-            "temperature": float(sampling.temperature),
-            "top_k": sampling.top_k or self.tokenizer.vocab_size,
-            "top_p": float(sampling.top_p),
-        }
+
+def processor_values(sampling: SamplingOptions, vocab_size: int) -> dict[str, Any]:
+    """The per-request values of the manager's temperature, top-k and top-p processors."""
+    if sampling.greedy:
+        # Only the most likely token survives top-k 1: sampling it is greedy decoding.
+        return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    return {
+        "temperature": float(sampling.temperature),
+        "top_k": sampling.top_k or vocab_size,  # 0: no cut
+        "top_p": float(sampling.top_p),
+    }
 
 
 def _stop_manager(manager: Any) -> None:
-    manager.stop(block=True, timeout=STOP_TIMEOUT_S)
+    # A hard stop: a flushing stop would first decode whatever is still running to its end.
+    manager.stop(block=True, timeout=STOP_TIMEOUT_S, hard_stop=True)
     manager.destroy()
 
 
