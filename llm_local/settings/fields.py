@@ -240,6 +240,8 @@ LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 TORCH_DTYPES: tuple[str, ...] = get_args(TorchDType)
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttentionImplementation)
 _PORT_MAX = 65535
+_MESSAGE_MAX = 2**32 - 1  # a gRPC length prefix is 32 bits
+_HTTP2_SETTING_MAX = 2**31 - 1  # HTTP/2 settings values are 31-bit in practice (h2)
 
 FIELDS: tuple[Field, ...] = (
     text("backend"),
@@ -261,6 +263,8 @@ FIELDS: tuple[Field, ...] = (
     integer("runtime.max_batch_size", 1),
     number("runtime.batch_wait_ms", 0),
     number("runtime.busy_batch_wait_ms", 0),
+    number("runtime.ttft_target_ms", 0),
+    number("runtime.prefix_cache_mb", 0),
     choice("transformers.dtype", TORCH_DTYPES),
     choice("transformers.attn_implementation", ATTENTION_IMPLEMENTATIONS),
     integer("transformers.max_requests_per_batch", 1),
@@ -297,8 +301,15 @@ FIELDS: tuple[Field, ...] = (
     integer("openai.max_body_bytes", 1024),
     integer("openai.max_messages", 1),
     integer("openai.max_prompt_chars", 1),
+    # Floors: below them no ordinary request fits (a gateway's metadata alone is ~1 KiB).
+    integer("limits.grpc_max_message_bytes", 1024, _MESSAGE_MAX),
+    integer("limits.grpc_max_metadata_bytes", 1024, _HTTP2_SETTING_MAX),
+    integer("limits.grpc_max_concurrent_streams", 1, _HTTP2_SETTING_MAX),
+    integer("limits.http_max_concurrent_streams", 1, _HTTP2_SETTING_MAX),
+    integer("limits.http_max_header_bytes", 1024, _HTTP2_SETTING_MAX),
     log_level("logging.level"),
     choice("logging.format", LOG_FORMATS),
+    boolean("logging.log_prompts"),
 )
 
 FIELDS_BY_KEY: dict[str, Field] = {field.key: field for field in FIELDS}

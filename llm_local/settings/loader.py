@@ -25,6 +25,7 @@ from llm_local.settings.schema import (
     AppSettings,
     CapacitySettings,
     GenerationDefaults,
+    LimitsSettings,
     LoggingSettings,
     ModelSettings,
     NumericsSettings,
@@ -55,6 +56,7 @@ _TABLE_TYPES: dict[str, type[Any]] = {
     "server": ServerSettings,
     "tls": TLSSettings,
     "openai": OpenAISettings,
+    "limits": LimitsSettings,
     "logging": LoggingSettings,
 }
 

@@ -61,6 +61,11 @@ class RuntimeSettings:
     batch_wait_ms: float  # how long a lone request waits for company before decoding
     # The same wait while a batch is already decoding (under load company comes soon).
     busy_batch_wait_ms: float
+    # The time to first token to keep under load: past it, waiting requests start on an
+    # extra lane (one more model replica); 0 = no target, no lane.
+    ttft_target_ms: float
+    # Memory for cached shared prompt prefixes (system prompts); 0 = no prefix caching.
+    prefix_cache_mb: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +158,29 @@ class OpenAISettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """What one client may send before it is refused (never buffered without bound)."""
+
+    # A gRPC request message longer than this (its length prefix says so before a byte of
+    # it is read) ends the call with RESOURCE_EXHAUSTED.
+    grpc_max_message_bytes: int
+    # Headers + metadata of one gRPC call (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+    grpc_max_metadata_bytes: int
+    # gRPC calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    grpc_max_concurrent_streams: int
+    # The same two for the HTTP port (hypercorn): streams per HTTP/2 connection, and the
+    # request line + headers of an HTTP/1.1 request or the header list of an HTTP/2 one.
+    http_max_concurrent_streams: int
+    http_max_header_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str
     format: LogFormat
+    # Prompts (and the rest of a request's text) appear in DEBUG lines only when this is
+    # on: they are user data, often personal, and logs travel further than requests.
+    log_prompts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +196,7 @@ class AppSettings:
     server: ServerSettings
     tls: TLSSettings
     openai: OpenAISettings
+    limits: LimitsSettings
     logging: LoggingSettings
     # Everything as loaded (secrets included): the /config route redacts it.
     raw: dict[str, object]

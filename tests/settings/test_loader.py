@@ -261,6 +261,7 @@ def test_raw_is_plain_json_ready_data_of_the_effective_values(
         "server",
         "tls",
         "openai",
+        "limits",
         "logging",
     }
 

@@ -62,6 +62,13 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("openai.max_body_bytes", 10),
     ("openai.max_messages", 0),
     ("logging.format", "xml"),
+    ("logging.log_prompts", "sometimes"),
+    ("limits.grpc_max_message_bytes", 100),  # below the 1 KiB floor
+    ("limits.grpc_max_message_bytes", 2**32),  # beyond a 32-bit length prefix
+    ("limits.grpc_max_metadata_bytes", "16k"),
+    ("limits.grpc_max_concurrent_streams", 0),
+    ("limits.http_max_concurrent_streams", -1),
+    ("limits.http_max_header_bytes", 2**31),
 ]
 
 
