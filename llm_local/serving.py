@@ -225,7 +225,7 @@ class GenerationFlow:
             if service.settings.logging.log_prompts:
                 # Only when switched on (logging.log_prompts): prompts are user data.
                 log.debug("prompt", extra=prompt_fields(raw))
-            valid = validate_request(raw, service.settings.generation, context)
+            valid = validate_request(raw, service.settings.generation, context, info.sampling)
             prepared = prepare_prompt(valid, service.backend.tokenizer, info.context_limit)
         except NotReady as exc:
             raise CallError(Code.UNAVAILABLE, str(exc)) from None

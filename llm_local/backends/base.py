@@ -14,7 +14,13 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from llm_local.core.numerics import NumericsStatus
-from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
+from llm_local.core.types import (
+    FULL_SAMPLING_SUPPORT,
+    NO_HINTS,
+    GenerationHints,
+    SamplingOptions,
+    SamplingSupport,
+)
 
 if TYPE_CHECKING:
     from llm_local.settings.schema import AppSettings
@@ -77,6 +83,8 @@ class ModelInfo:
     context_limit: int  # prompt + completion tokens the model can hold
     numerics: NumericsStatus | None = None  # None: the backend does not check numerics
     threads: tuple[int, int] | None = None  # (workers, threads per worker), when known
+    # The sampling options it honours: validation refuses the rest before admission.
+    sampling: SamplingSupport = FULL_SAMPLING_SUPPORT
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,8 @@ ComputeType = Literal[
     "float32",
 ]
 LogFormat = Literal["text", "json"]
+TorchDType = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Threads = int | Literal["auto"]
 
 
@@ -64,6 +66,22 @@ class RuntimeSettings:
     ttft_target_ms: float
     # Memory for cached shared prompt prefixes (system prompts); 0 = no prefix caching.
     prefix_cache_mb: float
+
+
+@dataclass(frozen=True, slots=True)
+class TransformersSettings:
+    """The `transformers` backend's own options (backends/transformers): the model runs
+    unconverted in PyTorch, its requests decoded by transformers' continuous batching."""
+
+    dtype: TorchDType  # "auto": bfloat16 on CUDA, float32 on the CPU
+    attn_implementation: AttentionImplementation
+    max_requests_per_batch: int  # requests decoded in one step; the rest wait their turn
+    # Tokens one step may process (prompt chunks plus one per decoding request);
+    # 0 = transformers sizes it from free memory.
+    max_batch_tokens: int
+    # Tokens the paged KV cache holds for all requests together; 0 = transformers sizes
+    # it from free device memory (right on a GPU of its own, far too much on a shared CPU).
+    kv_cache_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +189,7 @@ class AppSettings:
     backend: str
     model: ModelSettings
     runtime: RuntimeSettings
+    transformers: TransformersSettings
     numerics: NumericsSettings
     generation: GenerationDefaults
     capacity: CapacitySettings

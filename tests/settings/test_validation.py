@@ -29,6 +29,11 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("runtime.max_batch_size", 0),
     ("runtime.batch_wait_ms", "soon"),
     ("runtime.busy_batch_wait_ms", -1),
+    ("transformers.dtype", "float8"),
+    ("transformers.attn_implementation", "magic"),
+    ("transformers.max_requests_per_batch", 0),
+    ("transformers.max_batch_tokens", -1),
+    ("transformers.kv_cache_tokens", "lots"),
     ("generation.max_new_tokens", 0),
     ("generation.max_new_tokens", 4096),  # above max_new_tokens_limit (2048)
     ("generation.max_new_tokens_limit", "lots"),
