@@ -31,11 +31,18 @@ class ServerVariant:
     environment: Mapping[str, str] = field(default_factory=dict)
 
 
+GRPC_TRANSFORMERS = "grpc-transformers"
+
 # Every llm-local configuration the benchmark drives: each is a closed-loop scenario of
-# its own (gRPC, same levels) and a target of the open-loop sweep. Adding one is one line,
-# e.g. ServerVariant("grpc-transformers", "llm-local gRPC, transformers backend",
-# {"LLM_LOCAL_SERVICE_BACKEND": "transformers"}).
-SERVER_VARIANTS = (ServerVariant(GRPC, "llm-local gRPC server"),)
+# its own (gRPC, same levels) and a target of the open-loop sweep. Adding one is one line.
+SERVER_VARIANTS = (
+    ServerVariant(GRPC, "llm-local gRPC server"),
+    ServerVariant(
+        GRPC_TRANSFORMERS,
+        "llm-local gRPC server, transformers backend (unconverted model, continuous batching)",
+        {"LLM_LOCAL_SERVICE_BACKEND": "transformers"},
+    ),
+)
 VARIANT_SCENARIOS = tuple(variant.scenario for variant in SERVER_VARIANTS)
 
 SCENARIO_ORDER = (

@@ -13,6 +13,7 @@ from bench.config import ALL_SCENARIOS, QUICK_STREAMS, BenchConfig
 from bench.records import (
     GATEWAY,
     GRPC,
+    GRPC_TRANSFORMERS,
     LLAMA_CPP,
     SERVER_VARIANTS,
     TRANSFORMERS,
@@ -85,7 +86,7 @@ def test_open_loop_options() -> None:
     assert (config.slo_ttft_s, config.slo_tpot_s) == (0.8, 0.05)
     assert config.gateway_targets == (LLAMA_CPP,)
     assert config.gateway_level_s == 5.0
-    assert parse().gateway_targets == (GRPC, LLAMA_CPP)
+    assert parse().gateway_targets == (GRPC, GRPC_TRANSFORMERS, LLAMA_CPP)
 
 
 def run_main(
