@@ -74,7 +74,7 @@ def test_skip_leaves_scenarios_and_open_loop_targets_out() -> None:
     config = parse("--skip", "llama.cpp,transformers")
     assert LLAMA_CPP not in config.scenarios and TRANSFORMERS not in config.scenarios
     assert GATEWAY in config.scenarios
-    assert config.gateway_targets == (GRPC,)
+    assert config.gateway_targets == (GRPC, GRPC_TRANSFORMERS)
 
 
 def test_open_loop_options() -> None:
