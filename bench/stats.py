@@ -36,6 +36,8 @@ def percentile(values: Sequence[float], q: float) -> float:
     above = math.ceil(position)
     if below == above:
         return ordered[below]
+    if math.isinf(ordered[above]):  # between a value and infinity (a request lost)
+        return ordered[above]
     fraction = position - below
     return ordered[below] + (ordered[above] - ordered[below]) * fraction
 

@@ -94,7 +94,7 @@ async def run_service(
                 nursery.start_soon(
                     _in_scope,
                     watcher,
-                    partial(_receive_signals, signals, stop, nursery.cancel_scope),
+                    partial(_receive_signals, signals, stop, flow, nursery.cancel_scope),
                 )
                 listeners = await _start_listeners(nursery, service, flow)
                 loader = trio.CancelScope()
@@ -192,7 +192,9 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def _receive_signals(signals: Any, stop: trio.Event, everything: trio.CancelScope) -> None:
+async def _receive_signals(
+    signals: Any, stop: trio.Event, flow: GenerationFlow, everything: trio.CancelScope
+) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if not stop.is_set():
@@ -200,6 +202,9 @@ async def _receive_signals(signals: Any, stop: trio.Event, everything: trio.Canc
             stop.set()
         else:
             log.warning("received %s again: stopping now", name)
+            # The gRPC drain runs shielded (it must finish even while everything is
+            # cancelled): cancelling the nursery alone would not cut its grace period.
+            flow.end_grace_period()
             everything.cancel()
 
 
@@ -235,6 +240,9 @@ async def load_model(service: Service) -> None:
     for attempt in range(1, attempts + 1):
         started = time.perf_counter()
         reason = await _load_once(service, attempt, attempts)
+        # Loading runs on a thread that a stop signal cannot interrupt; a load that ends
+        # after one is not announced as ready.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if reason is None:
             seconds = time.perf_counter() - started
             info = service.backend.info

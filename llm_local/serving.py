@@ -105,6 +105,16 @@ class CallMetadata:
     peer: str | None = None
 
 
+def prompt_fields(raw: RawRequest) -> dict[str, object]:
+    """A request's text, as log fields (for logging.log_prompts)."""
+    return {
+        "system_prompt": raw.system_prompt,
+        "history": [list(turn) for turn in raw.history],
+        "rag_context": raw.rag_context,
+        raw.prompt_field: raw.user_prompt,
+    }
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -130,6 +140,8 @@ class GenerationFlow:
         self._service = service
         self._calls: set[trio.CancelScope] = set()
         self._call_ended = trio.Event()
+        # The drain's wait for running calls; cancelled early by `end_grace_period`.
+        self._grace = trio.CancelScope()
         self._log = logging.getLogger("llm_local.request")
 
     @property
@@ -226,7 +238,10 @@ class GenerationFlow:
         try:
             info = service.state.check_ready()
             raw = request if isinstance(request, RawRequest) else request()
-            valid = validate_request(raw, service.settings.generation, context)
+            if service.settings.logging.log_prompts:
+                # Only when switched on (logging.log_prompts): prompts are user data.
+                log.debug("prompt", extra=prompt_fields(raw))
+            valid = validate_request(raw, service.settings.generation, context, info.sampling)
             prepared = prepare_prompt(valid, service.backend.tokenizer, info.context_limit)
         except NotReady as exc:
             raise CallError(Code.UNAVAILABLE, str(exc)) from None
@@ -308,13 +323,20 @@ class GenerationFlow:
         many calls had to be cancelled. New calls are refused by the service state
         (stopping), not here.
         """
-        with trio.move_on_after(grace_period_s):
+        if not self._grace.cancel_called:
+            self._grace.deadline = trio.current_time() + grace_period_s
+        with self._grace:
             await self._wait_until_idle()
         leftover = len(self._calls)
         for scope in list(self._calls):
             scope.cancel()
         await self._wait_until_idle()
         return leftover
+
+    def end_grace_period(self) -> None:
+        """Cancel the running calls now rather than after the grace period (a second
+        stop signal); works before `drain` starts as well as during it."""
+        self._grace.cancel()
 
     async def _wait_until_idle(self) -> None:
         while self._calls:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.models import EncodedPrompts
-from bench.records import LevelRun
+from bench.records import LevelRun, RateRun
 
 Collect = Callable[[LevelRun], None]
 
@@ -26,4 +26,6 @@ class ScenarioContext:
     run_dir: Path  # this run's logs (server output) go here
     # What each scenario learned about its setup (versions, settings): into the report.
     details: dict[str, dict[str, object]] = field(default_factory=dict)
+    # The open loop's levels, as each one ends (a later failure keeps them).
+    rate_runs: list[RateRun] = field(default_factory=list)
     log: Callable[[str], None] = print

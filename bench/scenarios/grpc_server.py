@@ -9,16 +9,18 @@ tokens it really generated (`FinishDetails.completion_tokens`) and rates use tho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from bench.config import BenchConfig
 from bench.loops import measure_server_levels
 from bench.models import server_model_available
 from bench.processes import ServerProcess, environment_with, free_port, wait_until
-from bench.records import GRPC, RequestRecord
+from bench.records import SERVER_VARIANTS, RequestRecord, ServerVariant
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped, inprocess
 
 METHOD = "/sentiric.llm.v1.LlamaService/GenerateStream"
@@ -55,30 +57,51 @@ def server_environment(config: BenchConfig, grpc_port: int) -> dict[str, str]:
     )
 
 
-def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
+def run(
+    config: BenchConfig,
+    context: ScenarioContext,
+    collect: Collect,
+    variant: ServerVariant = SERVER_VARIANTS[0],
+) -> None:
+    with serving(config, context, variant, variant.scenario) as (server, port):
+        asyncio.run(_measure(config, context, server, port, collect, variant.scenario))
+        context.details[variant.scenario]["exit_status"] = server.stop()
+
+
+@contextlib.contextmanager
+def serving(
+    config: BenchConfig, context: ScenarioContext, variant: ServerVariant, name: str
+) -> Iterator[tuple[ServerProcess, int]]:
+    """`llm-local serve` with the variant's settings, ready: (process, gRPC port). Its
+    settings go into the report as context.details[name]."""
     if not server_model_available():
         raise ScenarioSkipped(
             "the ENV=test model is not in the cache: run `ENV=test llm-local convert` first"
         )
     import grpc
 
-    context.details[GRPC] = {"grpcio": grpc.__version__, **server_settings()}
+    overrides = dict(variant.environment)
     port = free_port()
     command = [sys.executable, "-m", "llm_local", "serve"]
-    environment = server_environment(config, port)
-    with ServerProcess(command, environment, context.run_dir / "grpc-server.log") as server:
+    environment = {**server_environment(config, port), **overrides}
+    context.details[name] = {
+        "grpcio": grpc.__version__,
+        **server_settings(environment),
+        **({"overrides": overrides} if overrides else {}),
+    }
+    with ServerProcess(command, environment, context.run_dir / f"{name}-server.log") as server:
         wait_until(lambda: _serving(port), server, START_TIMEOUT_S, "llm-local serve")
         context.log(f"  llm-local serve is ready on port {port} (pid {server.pid})")
-        asyncio.run(_measure(config, context, server, port, collect))
-        status = server.stop()
-        context.details[GRPC]["exit_status"] = status
+        yield server, port
 
 
-def server_settings() -> dict[str, object]:
-    """The settings the child runs with (ENV=test; our overrides touch only ports/limits)."""
+def server_settings(environment: Mapping[str, str]) -> dict[str, object]:
+    """The settings a child started with `environment` runs with (ENV=test, the
+    benchmark's overrides, a variant's)."""
     from llm_local.settings.loader import load_settings
 
-    settings = load_settings(env="test")
+    with _environment(environment):
+        settings = load_settings(env="test")
     runtime = settings.runtime
     return {
         "compute_type": runtime.compute_type,
@@ -88,8 +111,25 @@ def server_settings() -> dict[str, object]:
         "max_batch_size": runtime.max_batch_size,
         "batch_wait_ms": runtime.batch_wait_ms,
         "busy_batch_wait_ms": runtime.busy_batch_wait_ms,
+        "ttft_target_ms": runtime.ttft_target_ms,
+        "prefix_cache_mb": runtime.prefix_cache_mb,
         "log_level": settings.logging.level,
     }
+
+
+@contextlib.contextmanager
+def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `overrides` for the time of the block (the settings loader reads it)."""
+    saved = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _serving(port: int) -> bool:
@@ -115,6 +155,7 @@ async def _measure(
     server: ServerProcess,
     port: int,
     collect: Collect,
+    scenario: str,
 ) -> None:
     import grpc
 
@@ -130,7 +171,7 @@ async def _measure(
             )
             return await one_request(generate, request, client)
 
-        await measure_server_levels(config, GRPC, server, send, collect)
+        await measure_server_levels(config, scenario, server, send, collect)
 
 
 def generate_method(channel: Any) -> Any:

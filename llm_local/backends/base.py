@@ -14,7 +14,13 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from llm_local.core.numerics import NumericsStatus
-from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
+from llm_local.core.types import (
+    FULL_SAMPLING_SUPPORT,
+    NO_HINTS,
+    GenerationHints,
+    SamplingOptions,
+    SamplingSupport,
+)
 
 if TYPE_CHECKING:
     from llm_local.settings.schema import AppSettings
@@ -77,6 +83,8 @@ class ModelInfo:
     context_limit: int  # prompt + completion tokens the model can hold
     numerics: NumericsStatus | None = None  # None: the backend does not check numerics
     threads: tuple[int, int] | None = None  # (workers, threads per worker), when known
+    # The sampling options it honours: validation refuses the rest before admission.
+    sampling: SamplingSupport = FULL_SAMPLING_SUPPORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,16 @@ class BackendStats:
     running: int  # generations decoding now
     queued: int  # generations waiting for a batch slot
     batches: int  # batches decoding now
+    # How a batching backend schedules (None / 0 where it does not): its decisions so far,
+    # the wait for a worker it expected last, and what it measured decoding to cost.
+    merges: int = 0  # running batches restarted to take waiting requests in
+    lanes_opened: int = 0  # batches started on an extra lane, the workers all busy
+    expected_wait_seconds: float = 0.0
+    step_seconds: float | None = None  # one decoding step of a batch of one
+    step_seconds_per_item: float | None = None  # what each further item adds to a step
+    prefill_token_seconds: float | None = None  # one prompt token read
+    prefix_cache_bytes: int = 0  # shared prompt prefixes the backend keeps cached
+    prefix_cache_entries: int = 0
 
 
 class Backend(Protocol):

@@ -13,7 +13,7 @@ import errno
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -23,10 +23,9 @@ from typing import Any
 from llm_local.convert import cache
 from llm_local.convert.errors import ConversionError, first_line
 from llm_local.convert.sources import ModelSource, resolve_source
+from llm_local.convert.unquantized import Report, load_unquantized, materialize
 from llm_local.settings.device import resolve_quantization, target_device
 from llm_local.settings.schema import AppSettings
-
-Report = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +136,9 @@ def _convert_into(
     from llm_local.convert.reference import answer_probe, complete_reference, write_reference
     from llm_local.core.numerics import ProbeItem
 
-    with _quiet_libraries(progress):
-        hf_dir, preloaded, resolved_revision = _materialize(plan, settings, work_dir, report)
+    with quiet_libraries(progress):
+        found = materialize(plan.source, settings.model, work_dir, report)
+        hf_dir, preloaded = found.hf_dir, found.preloaded
         facts = check_architecture(hf_dir)
         report(f"converting to CTranslate2 ({plan.quantization})")
         output = work_dir / "model"
@@ -166,7 +166,7 @@ def _convert_into(
         "source": plan.source.spec,
         "kind": plan.source.kind,
         "revision": plan.source.revision,
-        "resolved_revision": resolved_revision,
+        "resolved_revision": found.resolved_revision,
         "fingerprint": plan.source.fingerprint,
         "quantization": plan.quantization,
         "model": facts.as_dict(),
@@ -198,9 +198,8 @@ def _add_reference(
     report("the cached model has no numerics reference yet: recording it")
     work_dir = cache.new_work_dir(plan.cache_dir)
     try:
-        with _quiet_libraries(progress):
-            hf_dir, preloaded, _ = _materialize(plan, settings, work_dir, report)
-            model = preloaded if preloaded is not None else _load_unquantized(hf_dir)
+        with quiet_libraries(progress):
+            model, _ = load_unquantized(plan.source, settings.model, work_dir, report)
             write_reference(plan.model_dir, record_reference(model, plan.model_dir))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -209,41 +208,8 @@ def _add_reference(
     return manifest
 
 
-def _load_unquantized(hf_dir: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(hf_dir)
-
-
-def _materialize(
-    plan: ConversionPlan, settings: AppSettings, work_dir: Path, report: Report
-) -> tuple[Path, Any, str | None]:
-    """A Hugging Face directory for the source, a model already in memory when the
-    source had to be loaded to get one, and the hub commit when there is one."""
-    source = plan.source
-    if source.kind == "hub":
-        from llm_local.convert.hub import download
-
-        report(f"fetching {source.spec} from the Hugging Face Hub")
-        snapshot, commit = download(
-            source.spec,
-            source.revision,
-            settings.model.download_dir,
-            offline=settings.model.offline,
-        )
-        return snapshot, None, commit
-    assert source.path is not None
-    if source.kind == "hf_dir":
-        return source.path, None, None
-    from llm_local.convert.gguf import load_gguf
-
-    report(f"dequantizing {source.path.name} (GGUF)")
-    hf_dir = work_dir / "hf"
-    return hf_dir, load_gguf(source.path, hf_dir), None
-
-
 @contextlib.contextmanager
-def _quiet_libraries(progress: bool) -> Iterator[None]:
+def quiet_libraries(progress: bool) -> Iterator[None]:
     """transformers warns about things that do not concern a conversion (generation
     flags, tokenizer classes); keep errors, and progress bars only when asked."""
     import functools

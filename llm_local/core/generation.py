@@ -89,7 +89,10 @@ async def run_generation(
     progress = _Progress(backend, request, prepared.max_new_tokens)
     error: str | None = None
     try:
-        hints = GenerationHints(tenant_id=request.context.tenant_id)
+        hints = GenerationHints(
+            tenant_id=request.context.tenant_id,
+            shared_prefix_length=prepared.shared_prefix_length,
+        )
         async with backend.generate(
             prepared.ids, prepared.max_new_tokens, request.sampling, hints
         ) as stream:

@@ -15,6 +15,18 @@ tokens as variables, ``add_generation_prompt=True``). A template that refuses a 
 turn (Gemma: "System role not supported") gets the system text prepended to the first
 user turn instead, separated by a blank line.
 
+The shared prefix. Requests of one tenant usually repeat the same system prompt, and a
+backend may keep the model's state after it (CTranslate2's ``static_prompt``).
+`shared_prefix_length` says how many leading ids of the prompt other requests with the
+same system prompt start with too: the ids of the same conversation rendered with the
+system prompt alone (no RAG context: it is folded into the system turn but differs per
+request) and an empty user turn, compared id by id with the prompt's own ids. Only the
+common run counts, so the result is always a true token prefix of the prompt, and it
+stays the same for every request that carries this system prompt (RAG context or not:
+with it the run ends a few ids earlier, where the context begins). A template that
+injects a default system prompt (SmolLM2's) shares that block across requests without
+one. A plain text completion shares nothing.
+
 A model without a chat template gets this plain format::
 
     System: <system turn>
@@ -29,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -49,6 +62,9 @@ class PreparedPrompt:
     ids: tuple[int, ...]
     max_new_tokens: int  # the request's, clipped to the room left in the context
     context_bound: bool  # True when the clipping happened: reaching it is "context_full"
+    # Leading ids other requests with this system prompt share (module docstring); always
+    # less than len(ids), so a backend that caches them still has a token to feed.
+    shared_prefix_length: int = 0
 
 
 class TemplateRefused(Exception):
@@ -71,7 +87,32 @@ def build_prompt(request: GenerationRequest, tokenizer: ModelTokenizer) -> str:
     (or the prompt as is, for a plain text completion)."""
     if not request.chat_template:
         return request.user_prompt
-    messages = build_messages(request)
+    return _render(build_messages(request), request, tokenizer)
+
+
+def shared_prefix_length(
+    request: GenerationRequest, tokenizer: ModelTokenizer, ids: Sequence[int]
+) -> int:
+    """How many leading `ids` (the request's prompt) are its shared system block."""
+    if not request.chat_template:
+        return 0
+    probe: list[Message] = []
+    if request.system_prompt:
+        probe.append({"role": Role.SYSTEM.value, "content": request.system_prompt})
+    probe.append({"role": Role.USER.value, "content": ""})
+    try:
+        probe_ids = tokenizer.encode(_render(probe, request, tokenizer))
+    except InvalidRequest:
+        return 0  # a template that refuses an empty user turn: nothing known to be shared
+    shared = 0
+    for mine, probed in zip(ids, probe_ids, strict=False):
+        if mine != probed:
+            break
+        shared += 1
+    return min(shared, len(ids) - 1)
+
+
+def _render(messages: list[Message], request: GenerationRequest, tokenizer: ModelTokenizer) -> str:
     template = tokenizer.chat_template
     if not template:
         return render_plain(messages)
@@ -117,6 +158,7 @@ def prepare_prompt(
         ids=ids,
         max_new_tokens=max_new_tokens,
         context_bound=max_new_tokens < request.max_new_tokens,
+        shared_prefix_length=shared_prefix_length(request, tokenizer, ids),
     )
 
 

@@ -61,6 +61,44 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class SamplingSupport:
+    """Which sampling options a backend honours; validation refuses the rest by name.
+
+    A backend states it once (on its ModelInfo) and core checks every request against it
+    before admission, so an option the backend would silently drop becomes
+    INVALID_ARGUMENT naming the field instead.
+    """
+
+    repetition_penalty: bool = True  # False: only 1.0 (no penalty) can be honoured
+    seed: bool = True  # False: a sampled request cannot be made reproducible by a seed
+
+    def refusals(self, sampling: SamplingOptions) -> list[tuple[str, str]]:
+        """(option, why) for each option of `sampling` this backend cannot honour."""
+        refused: list[tuple[str, str]] = []
+        if not self.repetition_penalty and sampling.repetition_penalty != 1.0:
+            refused.append(
+                (
+                    "repetition_penalty",
+                    f"this backend cannot apply a repetition penalty (only 1.0), "
+                    f"got {sampling.repetition_penalty:g}",
+                )
+            )
+        # Greedy decoding ignores the seed, so a seed there costs nothing to honour.
+        if not self.seed and sampling.seed is not None and not sampling.greedy:
+            refused.append(
+                (
+                    "seed",
+                    "this backend cannot seed one sampled request; leave it unset "
+                    "or decode greedily (temperature 0)",
+                )
+            )
+        return refused
+
+
+FULL_SAMPLING_SUPPORT = SamplingSupport()
+
+
+@dataclass(frozen=True, slots=True)
 class RequestContext:
     """Who asked: carried into every log line about the request."""
 

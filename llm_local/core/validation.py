@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 from llm_local.core.errors import InvalidRequest
 from llm_local.core.types import (
+    FULL_SAMPLING_SUPPORT,
     ChatTurn,
     GenerationRequest,
     RequestContext,
     Role,
     SamplingOptions,
+    SamplingSupport,
 )
 from llm_local.settings.schema import GenerationDefaults
 
@@ -59,9 +61,16 @@ class RawRequest:
 
 
 def validate_request(
-    raw: RawRequest, defaults: GenerationDefaults, context: RequestContext
+    raw: RawRequest,
+    defaults: GenerationDefaults,
+    context: RequestContext,
+    support: SamplingSupport = FULL_SAMPLING_SUPPORT,
 ) -> GenerationRequest:
-    """A GenerationRequest with every default filled in; raises InvalidRequest."""
+    """A GenerationRequest with every default filled in; raises InvalidRequest.
+
+    `support` says which sampling options the serving backend honours: a request whose
+    options (its own or the defaults it inherits) need more is refused, naming the field.
+    """
     _check_text(raw.prompt_field, raw.user_prompt)
     if not raw.user_prompt.strip():
         raise InvalidRequest(raw.prompt_field, "must not be empty")
@@ -75,13 +84,18 @@ def validate_request(
         # Only a transport bug gets here: plain completions carry one text.
         raise InvalidRequest(raw.prompt_field, "a plain completion takes the prompt alone")
     params = raw.params
+    history = _validate_history(raw.history)
+    max_new_tokens = _validate_max_new_tokens(params.max_new_tokens, defaults)
+    sampling = _validate_sampling(params, defaults)
+    for option, reason in support.refusals(sampling):
+        raise InvalidRequest(f"params.{option}", reason)
     return GenerationRequest(
         user_prompt=raw.user_prompt,
         system_prompt=raw.system_prompt,
         rag_context=rag_context,
-        history=_validate_history(raw.history),
-        max_new_tokens=_validate_max_new_tokens(params.max_new_tokens, defaults),
-        sampling=_validate_sampling(params, defaults),
+        history=history,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
         stop_sequences=_validate_stop_sequences(params.stop_sequences, defaults),
         context=context,
         prompt_field=raw.prompt_field,

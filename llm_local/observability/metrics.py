@@ -30,7 +30,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llm_local.core.fairness import TenantLabels
@@ -38,7 +38,7 @@ from llm_local.core.fairness import TenantLabels
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from llm_local.backends.base import ModelInfo
+    from llm_local.backends.base import BackendStats, ModelInfo
     from llm_local.service import Service
 
 PREFIX = "llm_local"
@@ -289,25 +289,64 @@ class Metrics:
                 stats = service.backend.stats()
             except Exception:  # a scrape must never fail because the backend is unwell
                 return
-            yield GaugeMetricFamily(
-                f"{PREFIX}_backend_running",
-                "Generations the backend is decoding now.",
-                value=float(stats.running),
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}_backend_queued",
-                "Generations waiting inside the backend for a batch slot.",
-                value=float(stats.queued),
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}_backend_batches",
-                "Batches the backend is decoding now.",
-                value=float(stats.batches),
-            )
+            yield from _backend_metrics(stats)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition: (body, content type)."""
         return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
+
+
+def _backend_metrics(stats: BackendStats) -> Iterator[Metric]:
+    """What the backend does now, the batching decisions it took so far, and the costs it
+    measured (backends/ct2/costs.py); a figure the backend does not measure is left out."""
+    counters = (
+        ("merges", "Running batches restarted to take waiting requests in.", stats.merges),
+        (
+            "extra_lanes",
+            "Batches started on an extra lane: every worker busy past the TTFT target.",
+            stats.lanes_opened,
+        ),
+    )
+    for name, documentation, count in counters:
+        yield CounterMetricFamily(f"{PREFIX}_backend_{name}", documentation, value=float(count))
+    gauges: tuple[tuple[str, str, float | None], ...] = (
+        ("running", "Generations the backend is decoding now.", stats.running),
+        ("queued", "Generations waiting inside the backend for a batch slot.", stats.queued),
+        ("batches", "Batches the backend is decoding now.", stats.batches),
+        (
+            "expected_wait_seconds",
+            "The wait for a free worker the scheduler expected at its last decision (0: none).",
+            stats.expected_wait_seconds,
+        ),
+        (
+            "step_seconds",
+            "Measured time of one decoding step of a batch of one.",
+            stats.step_seconds,
+        ),
+        (
+            "step_item_seconds",
+            "Measured time each further item of a batch adds to a decoding step.",
+            stats.step_seconds_per_item,
+        ),
+        (
+            "prefill_token_seconds",
+            "Measured time to read one prompt token.",
+            stats.prefill_token_seconds,
+        ),
+        (
+            "prefix_cache_bytes",
+            "Estimated memory of the shared prompt prefixes the backend keeps cached.",
+            stats.prefix_cache_bytes,
+        ),
+        (
+            "prefix_cache_entries",
+            "Shared prompt prefixes the backend keeps cached.",
+            stats.prefix_cache_entries,
+        ),
+    )
+    for name, documentation, value in gauges:
+        if value is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_backend_{name}", documentation, value=float(value))
 
 
 def _numerics_metrics(info: ModelInfo) -> Iterator[Metric]:

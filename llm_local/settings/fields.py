@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
-from llm_local.settings.schema import ComputeType, Device, LogFormat
+from llm_local.settings.schema import (
+    AttentionImplementation,
+    ComputeType,
+    Device,
+    LogFormat,
+    TorchDType,
+)
 
 _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "off", "0"})
@@ -231,7 +237,11 @@ def model_source(key: str) -> Field:
 DEVICES: tuple[str, ...] = get_args(Device)
 COMPUTE_TYPES: tuple[str, ...] = get_args(ComputeType)
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+TORCH_DTYPES: tuple[str, ...] = get_args(TorchDType)
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttentionImplementation)
 _PORT_MAX = 65535
+_MESSAGE_MAX = 2**32 - 1  # a gRPC length prefix is 32 bits
+_HTTP2_SETTING_MAX = 2**31 - 1  # HTTP/2 settings values are 31-bit in practice (h2)
 
 FIELDS: tuple[Field, ...] = (
     text("backend"),
@@ -253,6 +263,13 @@ FIELDS: tuple[Field, ...] = (
     integer("runtime.max_batch_size", 1),
     number("runtime.batch_wait_ms", 0),
     number("runtime.busy_batch_wait_ms", 0),
+    number("runtime.ttft_target_ms", 0),
+    number("runtime.prefix_cache_mb", 0),
+    choice("transformers.dtype", TORCH_DTYPES),
+    choice("transformers.attn_implementation", ATTENTION_IMPLEMENTATIONS),
+    integer("transformers.max_requests_per_batch", 1),
+    integer("transformers.max_batch_tokens", 0),
+    integer("transformers.kv_cache_tokens", 0),
     number("numerics.max_nll_ratio", 1),
     number("numerics.min_agreement_ratio", 0, maximum=1),
     boolean("numerics.accept_unverified"),
@@ -287,8 +304,15 @@ FIELDS: tuple[Field, ...] = (
     integer("openai.max_body_bytes", 1024),
     integer("openai.max_messages", 1),
     integer("openai.max_prompt_chars", 1),
+    # Floors: below them no ordinary request fits (a gateway's metadata alone is ~1 KiB).
+    integer("limits.grpc_max_message_bytes", 1024, _MESSAGE_MAX),
+    integer("limits.grpc_max_metadata_bytes", 1024, _HTTP2_SETTING_MAX),
+    integer("limits.grpc_max_concurrent_streams", 1, _HTTP2_SETTING_MAX),
+    integer("limits.http_max_concurrent_streams", 1, _HTTP2_SETTING_MAX),
+    integer("limits.http_max_header_bytes", 1024, _HTTP2_SETTING_MAX),
     log_level("logging.level"),
     choice("logging.format", LOG_FORMATS),
+    boolean("logging.log_prompts"),
 )
 
 FIELDS_BY_KEY: dict[str, Field] = {field.key: field for field in FIELDS}

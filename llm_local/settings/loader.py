@@ -25,6 +25,7 @@ from llm_local.settings.schema import (
     AppSettings,
     CapacitySettings,
     GenerationDefaults,
+    LimitsSettings,
     LoggingSettings,
     ModelSettings,
     NumericsSettings,
@@ -32,6 +33,7 @@ from llm_local.settings.schema import (
     RuntimeSettings,
     ServerSettings,
     TLSSettings,
+    TransformersSettings,
 )
 
 PACKAGED_SETTINGS = Path(__file__).with_name("settings.toml")
@@ -47,12 +49,14 @@ _NON_ENV_TABLES = frozenset({"default", "global", "dynaconf"})
 _TABLE_TYPES: dict[str, type[Any]] = {
     "model": ModelSettings,
     "runtime": RuntimeSettings,
+    "transformers": TransformersSettings,
     "numerics": NumericsSettings,
     "generation": GenerationDefaults,
     "capacity": CapacitySettings,
     "server": ServerSettings,
     "tls": TLSSettings,
     "openai": OpenAISettings,
+    "limits": LimitsSettings,
     "logging": LoggingSettings,
 }
 
@@ -275,7 +279,8 @@ def _build(
         names = [f.name for f in dataclass_fields(table_type)]
         tables[table] = table_type(**{name: typed[f"{table}.{name}"] for name in names})
     raw = effective_dict(env_name, typed)
-    if backend_options is not None:
+    # A table the typed settings know (e.g. [transformers]) is already in `raw`, typed.
+    if backend_options is not None and str(typed["backend"]) not in TABLES:
         raw[str(typed["backend"])] = backend_options
     return AppSettings(env=env_name, backend=str(typed["backend"]), raw=raw, **tables)
 

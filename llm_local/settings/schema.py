@@ -22,6 +22,8 @@ ComputeType = Literal[
     "float32",
 ]
 LogFormat = Literal["text", "json"]
+TorchDType = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Threads = int | Literal["auto"]
 
 
@@ -59,6 +61,27 @@ class RuntimeSettings:
     batch_wait_ms: float  # how long a lone request waits for company before decoding
     # The same wait while a batch is already decoding (under load company comes soon).
     busy_batch_wait_ms: float
+    # The time to first token to keep under load: past it, waiting requests start on an
+    # extra lane (one more model replica); 0 = no target, no lane.
+    ttft_target_ms: float
+    # Memory for cached shared prompt prefixes (system prompts); 0 = no prefix caching.
+    prefix_cache_mb: float
+
+
+@dataclass(frozen=True, slots=True)
+class TransformersSettings:
+    """The `transformers` backend's own options (backends/transformers): the model runs
+    unconverted in PyTorch, its requests decoded by transformers' continuous batching."""
+
+    dtype: TorchDType  # "auto": bfloat16 on CUDA, float32 on the CPU
+    attn_implementation: AttentionImplementation
+    max_requests_per_batch: int  # requests decoded in one step; the rest wait their turn
+    # Tokens one step may process (prompt chunks plus one per decoding request);
+    # 0 = transformers sizes it from free memory.
+    max_batch_tokens: int
+    # Tokens the paged KV cache holds for all requests together; 0 = transformers sizes
+    # it from free device memory (right on a GPU of its own, far too much on a shared CPU).
+    kv_cache_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +165,29 @@ class OpenAISettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """What one client may send before it is refused (never buffered without bound)."""
+
+    # A gRPC request message longer than this (its length prefix says so before a byte of
+    # it is read) ends the call with RESOURCE_EXHAUSTED.
+    grpc_max_message_bytes: int
+    # Headers + metadata of one gRPC call (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+    grpc_max_metadata_bytes: int
+    # gRPC calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    grpc_max_concurrent_streams: int
+    # The same two for the HTTP port (hypercorn): streams per HTTP/2 connection, and the
+    # request line + headers of an HTTP/1.1 request or the header list of an HTTP/2 one.
+    http_max_concurrent_streams: int
+    http_max_header_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str
     format: LogFormat
+    # Prompts (and the rest of a request's text) appear in DEBUG lines only when this is
+    # on: they are user data, often personal, and logs travel further than requests.
+    log_prompts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +196,14 @@ class AppSettings:
     backend: str
     model: ModelSettings
     runtime: RuntimeSettings
+    transformers: TransformersSettings
     numerics: NumericsSettings
     generation: GenerationDefaults
     capacity: CapacitySettings
     server: ServerSettings
     tls: TLSSettings
     openai: OpenAISettings
+    limits: LimitsSettings
     logging: LoggingSettings
     # Everything as loaded (secrets included): the /config route redacts it.
     raw: dict[str, object]

@@ -71,6 +71,13 @@ def _load_chain(
             f"{cert_name} / {key_name}: cannot load the certificate and key "
             f"({cert_path}, {key_path}): {exc.reason or exc}"
         ) from None
+    except OSError as exc:
+        # A file the process may not read (a mounted secret with the wrong owner or
+        # mode): without this, a traceback instead of the setting's name.
+        raise TLSConfigError(
+            f"{cert_name} / {key_name}: cannot read the certificate and key "
+            f"({cert_path}, {key_path}): {exc.strerror or exc}"
+        ) from None
 
 
 def _load_ca(context: ssl.SSLContext, ca_path: Path, name: str) -> None:
@@ -79,6 +86,8 @@ def _load_ca(context: ssl.SSLContext, ca_path: Path, name: str) -> None:
         context.load_verify_locations(cafile=ca_path)
     except ssl.SSLError as exc:
         raise TLSConfigError(f"{name}: cannot load CA certificates from {ca_path}: {exc}") from None
+    except OSError as exc:  # unreadable, as above
+        raise TLSConfigError(f"{name}: cannot read {ca_path}: {exc.strerror or exc}") from None
 
 
 def _require_file(path: Path, name: str) -> None:

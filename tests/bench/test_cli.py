@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 
-from bench.cli import build_parser, config_from_args
+from bench import cli
+from bench.cli import Scenario, build_parser, config_from_args
 from bench.config import ALL_SCENARIOS, QUICK_STREAMS, BenchConfig
+from bench.records import (
+    GATEWAY,
+    GRPC,
+    GRPC_TRANSFORMERS,
+    LLAMA_CPP,
+    SERVER_VARIANTS,
+    TRANSFORMERS,
+    LevelRun,
+    RequestRecord,
+)
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
 
 
 def parse(*argv: str) -> BenchConfig:
@@ -55,3 +68,88 @@ def test_bad_options_are_named(
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_skip_leaves_scenarios_and_open_loop_targets_out() -> None:
+    config = parse("--skip", "llama.cpp,transformers")
+    assert LLAMA_CPP not in config.scenarios and TRANSFORMERS not in config.scenarios
+    assert GATEWAY in config.scenarios
+    assert config.gateway_targets == (GRPC, GRPC_TRANSFORMERS)
+
+
+def test_open_loop_options() -> None:
+    config = parse(
+        "--gateway-rates", "2,0.5,2", "--slo-ttft-ms", "800", "--slo-tpot-ms", "50",
+        "--gateway-targets", "llama.cpp", "--gateway-level-s", "5",
+    )  # fmt: skip
+    assert config.gateway_rates == (0.5, 2.0)
+    assert (config.slo_ttft_s, config.slo_tpot_s) == (0.8, 0.05)
+    assert config.gateway_targets == (LLAMA_CPP,)
+    assert config.gateway_level_s == 5.0
+    assert parse().gateway_targets == (GRPC, GRPC_TRANSFORMERS, LLAMA_CPP)
+
+
+def run_main(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_dir: Path, scenario: Scenario
+) -> int:
+    monkeypatch.setattr(cli, "_scenario", lambda name: scenario)
+    # Drawing is not under test here, and importing matplotlib alone takes seconds.
+    for plot in ("plot_throughput", "plot_ttft", "plot_slo_ttft", "plot_goodput"):
+        monkeypatch.setattr(cli, plot, lambda *args: False)
+    return cli.main(
+        [
+            "--scenarios", LLAMA_CPP,
+            "--model-dir", str(model_dir),
+            "--results-dir", str(tmp_path / "results"),
+            "--docs-dir", str(tmp_path / "docs"),
+        ]
+    )  # fmt: skip
+
+
+def test_a_skipped_scenario_fails_the_run_loudly_after_writing_the_report(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    test_model_dir: Path,
+) -> None:
+    def not_built(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
+        raise ScenarioSkipped("llama-server is not built")
+
+    assert run_main(tmp_path, monkeypatch, test_model_dir, not_built) == 1
+    err = capsys.readouterr().err
+    assert "bench: INCOMPLETE: not every scenario asked for ran" in err
+    assert "- llama.cpp: llama-server is not built" in err
+    assert "--skip NAME" in err
+    report = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
+    assert "skipped: llama-server is not built" in report
+
+
+def test_a_complete_run_succeeds_and_its_report_names_no_absolute_path(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    test_model_dir: Path,
+) -> None:
+    binary = tmp_path / "llama.cpp" / "build" / "bin" / "llama-server"
+
+    def measured(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
+        context.details[LLAMA_CPP] = {"binary": str(binary), "log": f"see {tmp_path}/x.log"}
+        record = RequestRecord.streamed(0, 1.0, 2.0, [1.5, 2.0], tokens=2)
+        collect(LevelRun(LLAMA_CPP, 1, (record,), (1.0, 2.0)))
+
+    assert run_main(tmp_path, monkeypatch, test_model_dir, measured) == 0
+    assert "INCOMPLETE" not in capsys.readouterr().err
+    report = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
+    assert "llama-server" in report
+    assert str(tmp_path) not in report
+    assert str(Path.cwd()) not in report
+    assert str(test_model_dir) not in report
+
+
+def test_every_server_variant_is_a_closed_loop_scenario_and_an_open_loop_target() -> None:
+    for variant in SERVER_VARIANTS:
+        assert variant.scenario in ALL_SCENARIOS
+        assert variant.scenario in parse().gateway_targets
+        runner = cli._scenario(variant.scenario)
+        assert isinstance(runner, functools.partial)
+        assert runner.keywords["variant"] == variant

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 from bench.config import BenchConfig
 from bench.document import RunOutcome, render_markdown, results_json
-from bench.records import CT2_STREAM, GRPC, LLAMA_CPP, LevelRun, RequestRecord, Skipped
+from bench.paths import REPO_ROOT
+from bench.records import CT2_STREAM, GRPC, LLAMA_CPP, LevelRun, RateRun, RequestRecord, Skipped
 from bench.report import Summaries, evaluate_targets
+from bench.slo import Slo, summarize_rate
 from bench.stats import summarize
 
 
@@ -83,3 +87,77 @@ def test_results_json_is_serializable_and_keeps_each_request() -> None:
     ]
     assert grpc_level["ratios"][0] == "1.00× in-process 1 stream"
     assert decoded["skipped"] == [{"scenario": LLAMA_CPP, "reason": "llama-server is not built"}]
+
+
+def with_open_loop(config: BenchConfig) -> RunOutcome:
+    slo = Slo(config.slo_ttft_s, config.slo_tpot_s)
+
+    def level(target: str, rate: float, ttft: float) -> RateRun:
+        records = tuple(
+            RequestRecord.streamed(i, i, i + ttft + 1.0, [i + ttft, i + ttft + 1.0], tokens=21)
+            for i in range(10)
+        )
+        return RateRun(target, rate, records, (0.0, 10.0))
+
+    runs = [level(GRPC, 1.0, 0.2), level(GRPC, 2.0, 0.5), level(GRPC, 4.0, 3.0)]
+    runs += [level(LLAMA_CPP, 1.0, 0.4), level(LLAMA_CPP, 2.0, 1.5)]
+    runs.append(
+        RateRun(LLAMA_CPP, 4.0, (RequestRecord(0, 0.0, 30.0, 0, error="cancelled"),), (0.0, 10.0))
+    )
+    return dataclasses.replace(
+        outcome(config),
+        rate_runs=runs,
+        rate_summaries=[summarize_rate(run, slo) for run in runs],
+    )
+
+
+def test_markdown_has_the_open_loop_section_with_capacities_and_plots() -> None:
+    text = render_markdown(
+        with_open_loop(BenchConfig()),
+        throughput_png=None,
+        ttft_png=None,
+        slo_pngs=("bench_slo_ttft.png", "bench_slo_goodput.png"),
+    )
+    assert "## Open loop shaped like the gateway: capacity at SLO" in text
+    assert "SLO: TTFT ≤ 1,000 ms and TPOT ≤ 100 ms" in text
+    assert "llm-local gRPC server (`grpc`): **2 req/s**" in text
+    assert "llama.cpp server (peer) (`llama.cpp`): **1 req/s**" in text
+    assert "`grpc` over `llama.cpp`: **2.00× (2 req/s vs 1 req/s)**" in text
+    assert "| llama.cpp | 4 | 1 | 1 | ∞ | ∞ | ∞ |" in text  # the lost request
+    assert "![Open loop](bench_slo_ttft.png)" in text
+    assert "![Open loop](bench_slo_goodput.png)" in text
+    assert "**Capacity at SLO**: the highest offered rate R" in text
+
+
+def test_markdown_without_an_open_loop_says_so() -> None:
+    text = render_markdown(outcome(BenchConfig()), throughput_png=None, ttft_png=None)
+    assert "Not measured in this run (scenario `gateway`)." in text
+
+
+def test_the_report_names_no_absolute_path_of_the_machine(tmp_path: Path) -> None:
+    model = tmp_path / "cache" / "models" / "int8-1234"
+    model.mkdir(parents=True)
+    details = {
+        "models": {"ct2": str(model), "gguf": str(REPO_ROOT / "bench" / "x.gguf")},
+        "transformers": {"weights": f"{tmp_path}/smolhf"},
+    }
+    text = render_markdown(
+        dataclasses.replace(
+            outcome(BenchConfig()), details=details, command=f"python -m bench --hf-dir {model}"
+        ),
+        throughput_png=None,
+        ttft_png=None,
+    )
+    assert str(tmp_path) not in text
+    assert str(REPO_ROOT) not in text
+    assert "ct2: …/models/int8-1234" in text
+    assert "gguf: bench/x.gguf" in text
+    assert "/v1/chat/completions" in text  # API paths are no paths of the machine
+
+
+def test_results_json_keeps_the_open_loop_and_writes_infinity_as_null() -> None:
+    decoded = json.loads(json.dumps(results_json(with_open_loop(BenchConfig()))))
+    lost = decoded["open_loop"][-1]
+    assert (lost["target"], lost["offered_rps"], lost["ttft_p95_ms"]) == (LLAMA_CPP, 4.0, None)
+    assert lost["requests_detail"][0]["error"] == "cancelled"
+    assert len(decoded["open_loop"]) == 6

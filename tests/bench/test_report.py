@@ -23,6 +23,7 @@ from bench.report import (
     render_text_table,
     table_rows,
 )
+from bench.slo import Capacity
 from bench.stats import LevelSummary
 
 
@@ -63,7 +64,7 @@ def full_table(
             level(CT2_STREAM, 1, 100.0, ttft_p50=20.0),
             level(CT2_BATCH, 16, 1000.0),
             level(CT2_BATCH, 32, 1200.0),
-            level(GRPC, 1, 96.0, ttft_p50=23.0),
+            level(GRPC, 1, 96.0, ttft_p50=23.0, ttft_p95=100.0),
             level(GRPC, 16, grpc_16, ttft_p95=ttft_16),
             level(GRPC, 32, grpc_32),
             level(GRPC_PAIRED, 1, None, ttft_p50=23.0, stream_tps=100.0),
@@ -94,7 +95,7 @@ def test_concurrent_grpc_is_compared_with_one_stream_the_ceiling_and_the_peer() 
         "8.33× gRPC 1 stream",
         "0.80× ceiling @16",
         "2.50× llama.cpp @16",
-        "p95 TTFT 0.83× the 300 ms target",
+        "2.50× 1 stream's p95 TTFT",
     ]
 
 
@@ -118,31 +119,66 @@ def test_missing_baselines_give_no_ratio() -> None:
     assert texts(table, GRPC, 4) == []
 
 
+def capacities(ours: float, theirs: float, *, bounded: bool = True) -> tuple[Capacity, Capacity]:
+    return (
+        Capacity(GRPC, ours, 0.25, 4.0, bounded),
+        Capacity(LLAMA_CPP, theirs, 0.25, 4.0, True),
+    )
+
+
 def test_targets_pass_and_fail_on_the_measured_ratios() -> None:
-    verdicts = {t.name: t.passed for t in evaluate_targets(full_table())}
+    verdicts = {t.name: t.passed for t in evaluate_targets(full_table(), capacities(3.0, 2.0))}
     assert verdicts == {
         "one stream through gRPC: tokens/s vs in-process": True,  # 0.96 ≥ 0.95
         "one stream through gRPC: TTFT p50 vs in-process": True,  # +3 ms ≤ 5
         "one stream through HTTP/SSE (/v1/chat/completions): tokens/s vs gRPC": True,  # 0.97
         "one stream through HTTP/SSE: TTFT p50 vs gRPC": False,  # +6 ms > 5
-        "16 streams through gRPC: aggregate vs one gRPC stream": True,  # 8.33 ≥ 8
-        "32 streams through gRPC: aggregate vs one gRPC stream": False,  # 10.4 < 12
+        "16 streams: gRPC vs the raw generate_batch ceiling": False,  # 0.80 < 0.95
+        "32 streams: gRPC vs the raw generate_batch ceiling": False,  # 0.83 < 0.95
+        "1 stream: gRPC vs llama.cpp server": False,  # 0.53 < 1
+        "16 streams: gRPC vs llama.cpp server": True,  # 2.5 ≥ 2
         "32 streams: gRPC vs llama.cpp server": True,  # 2.5 ≥ 2
-        "p95 TTFT at 16 gRPC streams": True,  # 250 ≤ 300
+        "TTFT p95 at 16 gRPC streams vs 1 stream (closed loop)": True,  # 2.5 ≤ 3
+        "capacity at SLO (open loop, gateway-shaped): llm-local vs llama.cpp server": True,
     }
 
 
 def test_targets_fail_when_the_server_misses_them() -> None:
-    targets = {t.name: t for t in evaluate_targets(full_table(grpc_16=700.0, ttft_16=301.0))}
-    assert targets["16 streams through gRPC: aggregate vs one gRPC stream"].passed is False
-    assert targets["p95 TTFT at 16 gRPC streams"].passed is False
-    assert targets["p95 TTFT at 16 gRPC streams"].measured == "301 ms"
+    table = full_table(grpc_16=940.0, grpc_32=1200.0, ttft_16=301.0)
+    targets = {t.name: t for t in evaluate_targets(table, capacities(2.9, 2.0))}
+    assert targets["16 streams: gRPC vs the raw generate_batch ceiling"].passed is False  # 0.94
+    assert targets["32 streams: gRPC vs the raw generate_batch ceiling"].passed is True  # 1.0
+    growth = targets["TTFT p95 at 16 gRPC streams vs 1 stream (closed loop)"]
+    assert (growth.passed, growth.measured) == (False, "3.01× (301 vs 100 ms)")
+    capacity = targets["capacity at SLO (open loop, gateway-shaped): llm-local vs llama.cpp server"]
+    assert capacity.passed is False  # 1.45 < 1.5
+    assert capacity.measured == "1.45× (2.9 req/s vs 2 req/s)"
+
+
+def test_a_capacity_the_sweep_never_bounded_decides_only_one_way() -> None:
+    name = "capacity at SLO (open loop, gateway-shaped): llm-local vs llama.cpp server"
+    # Ours met the SLO at every rate up to 2.0: the capacity is at least 2.0, and
+    # "at least 1.0×" cannot fail the ≥ 1.5× goal yet, nor pass it.
+    undecided = {
+        t.name: t for t in evaluate_targets(full_table(), capacities(2.0, 2.0, bounded=False))
+    }
+    assert undecided[name].passed is None
+    assert undecided[name].measured.startswith("≥ 1.00×")
+    passed = {
+        t.name: t for t in evaluate_targets(full_table(), capacities(4.0, 2.0, bounded=False))
+    }
+    assert passed[name].passed is True
 
 
 def test_targets_without_their_scenarios_are_not_measured() -> None:
     targets = evaluate_targets(Summaries([level(CT2_STREAM, 1, 100.0)]))
-    assert [t.passed for t in targets] == [None] * 8
+    assert [t.passed for t in targets] == [None] * 11
     assert {t.measured for t in targets} == {"n/a"}
+
+
+def test_no_target_is_an_absolute_speed_or_latency() -> None:
+    for target in evaluate_targets(full_table(), capacities(3.0, 2.0)):
+        assert "×" in target.required or target.required.startswith("≤ +"), target
 
 
 def test_table_rows_show_every_level_then_the_skipped() -> None:

@@ -156,8 +156,55 @@ def test_prepare_prompt_encodes_and_keeps_max_new_tokens_when_there_is_room() ->
     prepared = prepare_prompt(request(max_new_tokens=10), tokenizer, context_limit=1000)
     text = "User: What is 2+2?\nAssistant:"
     assert prepared == PreparedPrompt(
-        text=text, ids=tuple(map(ord, text)), max_new_tokens=10, context_bound=False
+        text=text,
+        ids=tuple(map(ord, text)),
+        max_new_tokens=10,
+        context_bound=False,
+        shared_prefix_length=len("User: "),  # what every plain-format prompt starts with
     )
+
+
+def shared_text(tokenizer: CharTokenizer, **changes: Any) -> str:
+    prepared = prepare_prompt(request(**changes), tokenizer, context_limit=10_000)
+    assert (
+        prepared.ids[: prepared.shared_prefix_length]
+        == tuple(map(ord, prepared.text))[: prepared.shared_prefix_length]
+    )
+    return prepared.text[: prepared.shared_prefix_length]
+
+
+def test_the_shared_prefix_is_the_system_block_whatever_follows() -> None:
+    system_block = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    for changes in [
+        {"user_prompt": "What is 2+2?"},
+        {"user_prompt": "Tell me a joke.", "history": HISTORY},
+    ]:
+        assert shared_text(CharTokenizer(), system_prompt="Be brief.", **changes) == system_block
+
+
+def test_rag_context_is_not_shared_but_the_system_prompt_before_it_is() -> None:
+    for context in ("doc one", "another document"):
+        shared = shared_text(CharTokenizer(), system_prompt="Be brief.", rag_context=context)
+        assert shared == "<|im_start|>system\nBe brief."
+
+
+def test_without_a_system_prompt_the_template_default_one_is_shared() -> None:
+    shared = shared_text(CharTokenizer())
+    assert shared.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert shared.endswith("<|im_start|>user\n")
+
+
+def test_a_template_refusing_a_system_turn_shares_the_folded_system_text() -> None:
+    shared = shared_text(CharTokenizer(NO_SYSTEM_TEMPLATE), system_prompt="Be brief.")
+    assert shared == "<user>Be brief.\n\n"
+
+
+def test_a_plain_completion_shares_nothing_and_a_prefix_never_covers_the_whole_prompt() -> None:
+    plain = request(user_prompt="Once upon a time", chat_template=False)
+    assert prepare_prompt(plain, CharTokenizer(), 1000).shared_prefix_length == 0
+    # The user turn empty too: everything but the last id could be "shared".
+    whole = prepare_prompt(request(user_prompt=""), CharTokenizer(), 1000)
+    assert whole.shared_prefix_length < len(whole.ids)
 
 
 def test_prepare_prompt_clips_to_the_room_left_in_the_context() -> None:

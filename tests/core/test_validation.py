@@ -6,7 +6,7 @@ import math
 import pytest
 
 from llm_local.core.errors import InvalidRequest
-from llm_local.core.types import ChatTurn, RequestContext, Role, SamplingOptions
+from llm_local.core.types import ChatTurn, RequestContext, Role, SamplingOptions, SamplingSupport
 from llm_local.core.validation import RawParams, RawRequest, validate_request
 from llm_local.settings.schema import GenerationDefaults
 
@@ -155,3 +155,52 @@ def test_duplicate_stop_sequences_are_dropped(defaults: GenerationDefaults) -> N
 def test_empty_history_content_is_allowed(defaults: GenerationDefaults) -> None:
     raw = RawRequest(user_prompt="Hi", history=(("assistant", ""),))
     assert validate_request(raw, defaults, CONTEXT).history == (ChatTurn(Role.ASSISTANT, ""),)
+
+
+NO_PENALTY_NO_SEED = SamplingSupport(repetition_penalty=False, seed=False)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        pytest.param(params(repetition_penalty=1.2), "params.repetition_penalty", id="penalty"),
+        pytest.param(
+            params(temperature=0.8, seed=7, repetition_penalty=1.0),
+            "params.seed",
+            id="sampled seed",
+        ),
+    ],
+)
+def test_options_the_backend_cannot_honour_are_refused_by_name(
+    raw: RawRequest, field: str, defaults: GenerationDefaults
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validate_request(raw, defaults, CONTEXT, NO_PENALTY_NO_SEED)
+
+    assert caught.value.field == field
+    assert "this backend cannot" in caught.value.message
+    validate_request(raw, defaults, CONTEXT)  # a backend that honours them takes it
+
+
+def test_a_default_the_backend_cannot_honour_is_refused_under_the_field_it_fills(
+    defaults: GenerationDefaults,
+) -> None:
+    assert defaults.repetition_penalty == 1.1
+
+    with pytest.raises(InvalidRequest) as caught:
+        validate_request(params(), defaults, CONTEXT, NO_PENALTY_NO_SEED)
+
+    assert caught.value.field == "params.repetition_penalty"
+    assert "1.1" in caught.value.message
+
+
+def test_neutral_values_pass_a_backend_that_cannot_honour_the_option(
+    defaults: GenerationDefaults,
+) -> None:
+    greedy_seeded = params(temperature=0.0, seed=7, repetition_penalty=1.0)
+
+    request = validate_request(greedy_seeded, defaults, CONTEXT, NO_PENALTY_NO_SEED)
+
+    # Greedy decoding ignores the seed: nothing is lost by taking it.
+    assert request.sampling.seed == 7
+    assert request.sampling.greedy

@@ -176,10 +176,14 @@ _LIVE: list[ServerProcess] = []
 
 
 def start_server_process(
-    log_dir: Path, env: Mapping[str, str | None] | None = None, wait: Wait = "ready"
+    log_dir: Path,
+    env: Mapping[str, str | None] | None = None,
+    wait: Wait = "ready",
+    preexec_fn: Callable[[], None] | None = None,
 ) -> ServerProcess:
     """Start `python -m llm_local serve` with ENV=test, free ports and `env` on top
-    (a variable given as None is left unset)."""
+    (a variable given as None is left unset); `preexec_fn` runs in the child before
+    it starts (e.g. to drop privileges)."""
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     environment = {
         **os.environ,
@@ -203,6 +207,7 @@ def start_server_process(
             env=environment,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
     server = ServerProcess(
         host="127.0.0.1",
@@ -223,6 +228,16 @@ def start_server_process(
     return server
 
 
+def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` (generous:
+    the machine is shared)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.05)
+
+
 ServeFactory = Callable[..., ServerProcess]
 
 
@@ -232,8 +247,12 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeFactory]:
     started: list[ServerProcess] = []
     log_dir = tmp_path_factory.mktemp("serve-logs")
 
-    def start(env: Mapping[str, str | None] | None = None, wait: Wait = "ready") -> ServerProcess:
-        server = start_server_process(log_dir, env, wait)
+    def start(
+        env: Mapping[str, str | None] | None = None,
+        wait: Wait = "ready",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> ServerProcess:
+        server = start_server_process(log_dir, env, wait, preexec_fn)
         started.append(server)
         return server
 

@@ -238,3 +238,21 @@ def test_generate_command_reports_the_status_and_exits_non_zero(server: Any) -> 
 
     assert result.returncode == 1
     assert "INVALID_ARGUMENT: user_prompt: must not be empty" in result.stderr
+
+
+def test_metrics_show_the_measured_costs_and_the_scheduling_decisions(
+    server: Any, channel: grpc.Channel, rpc: Any
+) -> None:
+    list(rpc.llama(channel, request(max_new_tokens=8), timeout=30))
+    # Measured while decoding (a prior before): a positive time per step and per token.
+    for name in ("llm_local_backend_step_seconds", "llm_local_backend_prefill_token_seconds"):
+        value = server.metric(name)
+        assert value is not None and value > 0, name
+    for name in (
+        "llm_local_backend_merges_total",
+        "llm_local_backend_extra_lanes_total",
+        "llm_local_backend_expected_wait_seconds",
+        "llm_local_backend_prefix_cache_bytes",
+        "llm_local_backend_prefix_cache_entries",
+    ):
+        assert server.metric(name) is not None, name

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +22,8 @@ import grpc
 import pytest
 
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
+
+from .conftest import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -42,14 +43,6 @@ class StartupObservations:
 
     health: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     ready: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.05)
 
 
 def settings_dir_with_secrets(directory: Path) -> Path:

@@ -255,11 +255,13 @@ def test_raw_is_plain_json_ready_data_of_the_effective_values(
         "numerics",
         "model",
         "runtime",
+        "transformers",
         "generation",
         "capacity",
         "server",
         "tls",
         "openai",
+        "limits",
         "logging",
     }
 

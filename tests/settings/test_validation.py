@@ -29,6 +29,11 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("runtime.max_batch_size", 0),
     ("runtime.batch_wait_ms", "soon"),
     ("runtime.busy_batch_wait_ms", -1),
+    ("transformers.dtype", "float8"),
+    ("transformers.attn_implementation", "magic"),
+    ("transformers.max_requests_per_batch", 0),
+    ("transformers.max_batch_tokens", -1),
+    ("transformers.kv_cache_tokens", "lots"),
     ("generation.max_new_tokens", 0),
     ("generation.max_new_tokens", 4096),  # above max_new_tokens_limit (2048)
     ("generation.max_new_tokens_limit", "lots"),
@@ -57,6 +62,13 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("openai.max_body_bytes", 10),
     ("openai.max_messages", 0),
     ("logging.format", "xml"),
+    ("logging.log_prompts", "sometimes"),
+    ("limits.grpc_max_message_bytes", 100),  # below the 1 KiB floor
+    ("limits.grpc_max_message_bytes", 2**32),  # beyond a 32-bit length prefix
+    ("limits.grpc_max_metadata_bytes", "16k"),
+    ("limits.grpc_max_concurrent_streams", 0),
+    ("limits.http_max_concurrent_streams", -1),
+    ("limits.http_max_header_bytes", 2**31),
 ]
 
 

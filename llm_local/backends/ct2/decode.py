@@ -20,14 +20,26 @@ make a request reproducible in a server that has already sampled. What a seed do
   replays them all; with several workers, which worker takes a batch is not fixed.)
 Greedy decoding (temperature 0 or top_k 1) ignores the seed; it is deterministic for a
 given batch composition (int8 batches of mixed prompts may change it slightly, FINDINGS).
+
+Shared prefixes. Items of one batch share their static prefix (it is part of the batch
+key); it goes to CTranslate2 as `static_prompt`, cached or not as `PrefixCachePolicy`
+says, and each item's prompt is what follows it. Greedy float32 output is the same
+either way (tested).
+
+Costs. The callback sees every step as it happens: the time from submitting the batch
+to its first step is the prompt reading (plus one step), the time between the first
+tokens of two successive steps is one step of the batch. Both feed the `CostModel`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from llm_local.backends.ct2.costs import CostModel
 from llm_local.backends.ct2.item import BatchItem
+from llm_local.backends.ct2.prefix_cache import PrefixCachePolicy
 from llm_local.core.types import SamplingOptions
 
 if TYPE_CHECKING:
@@ -61,21 +73,44 @@ def make_batch_executor(
     tokenizer: TokenSpeller,
     end_token_ids: Collection[int],
     set_random_seed: Callable[[int], None],
+    *,
+    costs: CostModel | None = None,
+    prefixes: PrefixCachePolicy | None = None,
 ) -> Callable[[Sequence[BatchItem]], None]:
     """The scheduler's `execute`: decode `batch` to the end, feeding tokens to its items."""
     end_tokens = sorted(end_token_ids)
 
     def execute(batch: Sequence[BatchItem]) -> None:
         sampling = batch[0].sampling
-        prompts = [tokenizer.convert_ids_to_tokens(item.prompt_ids) for item in batch]
+        prefix = batch[0].static_prefix
+        prompts = [
+            tokenizer.convert_ids_to_tokens(item.prompt_ids[len(prefix) :]) for item in batch
+        ]
+        prefix_arguments: dict[str, Any] = {}
+        prefix_tokens_read = 0
+        if prefix:
+            cached = prefixes is not None and prefixes.should_cache(prefix)
+            prefix_arguments = {
+                "static_prompt": tokenizer.convert_ids_to_tokens(prefix),
+                "cache_static_prompt": cached,
+            }
+            # A cache hit reads nothing; a miss (or no caching) reads the prefix once.
+            warm = cached and prefixes is not None and prefixes.is_warm(prefix)
+            prefix_tokens_read = 0 if warm else len(prefix)
+        # CTranslate2 reads the common length of the prompts at once (less the last token,
+        # which the first step feeds); what a longer prompt has beyond it costs steps.
+        shortest = min(len(prompt) for prompt in prompts)
+        clock = _StepClock(costs, len(batch), prefix_tokens_read + len(batch) * (shortest - 1))
 
         def on_step(step: ctranslate2.GenerationStepResult) -> bool:
+            clock.tick(step.step)
             item: BatchItem = batch[step.batch_id]
             return item.offer_token(step.token_id, step.is_last)
 
         if sampling.seed is not None and not sampling.greedy:
             # CTranslate2 takes an unsigned 32-bit seed; the wire carries an int64.
             set_random_seed(sampling.seed % 2**32)
+        clock.start()
         generator.generate_batch(
             prompts,
             include_prompt_in_result=False,
@@ -84,7 +119,44 @@ def make_batch_executor(
             beam_size=1,
             end_token=end_tokens or None,  # None: the model's own eos
             callback=on_step,
+            **prefix_arguments,
             **sampling_arguments(sampling),
         )
+        if prefix and prefixes is not None:
+            prefixes.mark_warm(prefix)
 
     return execute
+
+
+class _StepClock:
+    """Times a batch's steps from its callbacks (on the decoding thread)."""
+
+    def __init__(self, costs: CostModel | None, size: int, prefill_tokens: int) -> None:
+        self._costs = costs
+        self._size = size
+        self._prefill_tokens = prefill_tokens
+        self._started = 0.0
+        self._step = -1
+        self._step_at = 0.0
+        self._reporting = 0  # items that reported in the current step
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def tick(self, step: int) -> None:
+        if self._costs is None:
+            return
+        if step == self._step:
+            self._reporting += 1
+            return
+        now = time.perf_counter()
+        if self._step < 0:
+            # Reading the prompts, then one step of the whole batch.
+            estimate = self._costs.estimate()
+            reading = now - self._started - estimate.step_s(self._size)
+            self._costs.observe_prefill(self._prefill_tokens, reading)
+        elif step == self._step + 1:
+            self._costs.observe_step(self._reporting, now - self._step_at)
+        self._step = step
+        self._step_at = now
+        self._reporting = 1

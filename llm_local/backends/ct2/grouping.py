@@ -28,13 +28,29 @@ how many workers are free and the time, and carries out the plan. The rules:
      AVX2 machine, 4 streams: 2 + 2 gave 83 tokens/s, 4 on one worker 55).
   Smaller batches stay whole and leave the worker free for the next arrival.
 
-CTranslate2 cannot add a request to a batch already decoding, but a batch that has only
-just started loses little by starting again: `plan_merges` picks, when requests wait and
-no worker is free, a young running batch of the same key (no active item has produced
-more than `merge_max_generated` tokens) that the waiting requests fit into. The scheduler
-stops it and re-queues its items, in front, with their tokens so far appended to their
-prompts, so they decode on together with the newcomers. A batch holding an item that was
-re-queued once is never stopped again: every item is stopped at most once, no livelock.
+When every worker is busy, `plan_relief` decides by measured cost (`costs.CostEstimate`)
+what to do for the requests that wait; a request would otherwise wait until the first
+running batch ends (`expected_wait_s`: its remaining steps times the step cost):
+
+- **Merge**: stop a running batch of the same key that the waiting requests fit into and
+  start it again with them (CTranslate2 cannot add a request to a batch already
+  decoding). Its items are re-queued in front with their tokens so far appended to their
+  prompts, so a restart re-reads every item's prompt and generated tokens (less a
+  cached static prefix): ``redo = prefill cost of those tokens``. Each of the batch's
+  items is delayed by `redo`; each newcomer waits `redo` instead of the expected wait.
+  Merged when the newcomers save more waiting than the batch's items lose:
+  ``waiting × (expected_wait − redo) > active × redo``. A batch that has only just
+  started re-reads little more than its prompts (the old young-batch merge); one far
+  into its tokens re-reads much and is left alone; on a GPU (milliseconds per thousand
+  prompt tokens) a restart is almost always worth it. A batch holding an item that was
+  re-queued once is never stopped again: every item is stopped at most once, no livelock.
+- **Extra lane**: when no merge is worth it, the oldest request's wait (so far plus
+  expected) exceeds the TTFT target, and a lane is free (a replica kept beside the
+  workers for this), the waiting requests start at once on the lane.
+- Otherwise they wait; a quiet server (a free worker) never gets here.
+
+Everything the rule needs comes in as values (costs, queue, running batches, time), so it
+is unit-tested without threads or clocks.
 """
 
 from __future__ import annotations
@@ -43,6 +59,8 @@ import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
+
+from llm_local.backends.ct2.costs import CostEstimate
 
 
 class Queued(Protocol):
@@ -115,7 +133,7 @@ def plan_dispatch(
 
 @dataclass(frozen=True, slots=True)
 class RunningBatch:
-    """What the merge policy needs to know about a batch that is decoding."""
+    """What the relief policy needs to know about a batch that is decoding."""
 
     batch_key: Hashable
     active: int  # items still decoding
@@ -126,46 +144,77 @@ class RunningBatch:
     # seed (each batch draws afresh) and without a repetition penalty (CTranslate2 may
     # weigh prompt tokens differently from generated ones).
     restartable: bool = True
+    remaining_steps: int = 0  # steps until its longest active item may end
+    reread_tokens: int = 0  # tokens its active items would read again if restarted
 
 
-def plan_merges(
+@dataclass(frozen=True, slots=True)
+class Relief:
+    """What `plan_relief` decided for the waiting requests."""
+
+    merges: list[int] = field(default_factory=list)  # indices of running batches to stop
+    open_lane: bool = False  # start the waiting requests on an extra lane now
+    expected_wait_s: float = 0.0  # until a worker frees, had nothing been done
+    # When to ask again if nothing changes: the moment the oldest request's wait would
+    # pass the TTFT target, while a lane is free. None: no deadline.
+    wake_at: float | None = None
+
+
+def expected_wait_s(running: Sequence[RunningBatch], costs: CostEstimate) -> float:
+    """How long until the first running batch ends (0 when one is being stopped)."""
+    if not running or any(batch.stopping for batch in running):
+        return 0.0
+    return min(batch.remaining_steps * costs.step_s(batch.active) for batch in running)
+
+
+def plan_relief(
     waiting: Sequence[Queued],
     running: Sequence[RunningBatch],
     *,
     free_workers: int,
+    free_lanes: int,
     max_batch_size: int,
-    merge_max_generated: int,
-) -> list[int]:
-    """Indices into `running` of the batches to stop so that `waiting` can join them.
-
-    Only when no worker is free (a free worker serves the waiting requests anyway); at
-    most one batch per key, and none for a key whose batch is already being stopped (its
-    items rejoin the queue and gather the newcomers). Of the candidates, the one with the
-    fewest active items is stopped: the least work thrown away. A negative
-    `merge_max_generated` turns merging off."""
-    if free_workers > 0 or merge_max_generated < 0 or not waiting:
-        return []
+    costs: CostEstimate,
+    ttft_target_s: float,
+    now: float,
+) -> Relief:
+    """What to do for `waiting` (in arrival order) while every worker is busy: which
+    running batches to stop and merge, or whether to open an extra lane (see above)."""
+    if free_workers > 0 or not waiting:
+        return Relief()
+    wait = expected_wait_s(running, costs)
     waiting_per_key: dict[Hashable, int] = {}
     for item in waiting:
         waiting_per_key[item.batch_key] = waiting_per_key.get(item.batch_key, 0) + 1
     stopping_keys = {batch.batch_key for batch in running if batch.stopping}
-    chosen: list[int] = []
+    merges: list[int] = []
     for key, count in waiting_per_key.items():
         if key in stopping_keys:
             continue
-        candidates = [
-            index
-            for index, batch in enumerate(running)
-            if batch.batch_key == key
-            and not batch.resumed
-            and batch.restartable
-            and batch.active > 0
-            and batch.active + count <= max_batch_size
-            and batch.most_generated <= merge_max_generated
-        ]
-        if candidates:
-            chosen.append(min(candidates, key=lambda index: running[index].active))
-    return sorted(chosen)
+        best: tuple[float, int] | None = None
+        for index, batch in enumerate(running):
+            if not (
+                batch.batch_key == key
+                and not batch.resumed
+                and batch.restartable
+                and batch.active > 0
+                and batch.active + count <= max_batch_size
+            ):
+                continue
+            redo = costs.prefill_s(batch.reread_tokens)
+            gain = count * (wait - redo) - batch.active * redo
+            if gain > 0 and (best is None or gain > best[0]):
+                best = (gain, index)
+        if best is not None:
+            merges.append(best[1])
+    if merges:
+        return Relief(merges=sorted(merges), expected_wait_s=wait)
+    if free_lanes <= 0:
+        return Relief(expected_wait_s=wait)
+    oldest = min(item.arrived_at for item in waiting)
+    if now - oldest + wait > ttft_target_s:
+        return Relief(open_lane=True, expected_wait_s=wait)
+    return Relief(expected_wait_s=wait, wake_at=oldest + ttft_target_s - wait)
 
 
 def _group_by_key(waiting: Sequence[QueuedT]) -> list[list[QueuedT]]:

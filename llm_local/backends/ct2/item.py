@@ -13,7 +13,7 @@ Lifecycle: queued → running → finished (normally, with an error, or because 
 consumer left). The consumer leaving (`cancel`) makes the next `offer_token` return
 True, so CTranslate2 drops the item within one decoding step.
 
-A young batch may be stopped to merge it with newcomers (`grouping.plan_merges`): `preempt`
+A running batch may be stopped to merge it with newcomers (`grouping.plan_relief`): `preempt`
 makes the next `offer_token` return True without taking the token, and once the batch has
 returned `resume_after_preempt` appends the tokens produced so far to the prompt, so the
 item continues in its next batch where it stopped: the consumer sees one stream, and the
@@ -43,14 +43,25 @@ class BatchItem:
         arrived_at: float,
         relay: WakeupRelay,
         tenant_id: str | None = None,
+        static_prefix: Sequence[int] = (),
     ) -> None:
+        """`static_prefix`: leading prompt ids to pass as CTranslate2's static prompt
+        (the shared system block, see `prefix_cache.py`); the item then batches only with
+        items of the same prefix. Empty: none."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         self._original_prompt = list(prompt_ids)
         self.prompt_ids = list(prompt_ids)  # grows by the generated tokens when re-queued
         self.max_new_tokens = max_new_tokens  # for the whole generation, across batches
         self.sampling = sampling
-        self._batch_key = sampling.batch_key()
+        if len(static_prefix) >= len(prompt_ids) or list(prompt_ids[: len(static_prefix)]) != list(
+            static_prefix
+        ):
+            raise ValueError("static_prefix must be a shorter leading part of prompt_ids")
+        self.static_prefix: tuple[int, ...] = tuple(static_prefix)
+        # One static prompt per CTranslate2 call: the prefix is part of the batch key.
+        key = sampling.batch_key()
+        self._batch_key: Hashable = (key, self.static_prefix) if self.static_prefix else key
         self._arrived_at = arrived_at
         self._relay = relay
         self.tenant_id = tenant_id  # who asked: waiting items are planned tenant by tenant

@@ -45,6 +45,8 @@ class LoadPlan:
     intra_threads: Threads  # threads inside one batch; 0 = CTranslate2's default
     context_limit: int  # 0 = what the model's config.json says
     numerics: NumericsSettings | None = None  # None: no numerics check (tests, benches)
+    # Replicas opened beyond inter_threads, kept for extra lanes (scheduler.py).
+    extra_lanes: int = 0
 
 
 @dataclass(slots=True)
@@ -52,6 +54,9 @@ class LoadedModel:
     generator: ctranslate2.Generator
     tokenizer: HFTokenizer
     info: ModelInfo
+    lanes: int = 0  # of the generator's replicas, those kept for extra lanes
+    # What one token of a cached static prompt takes (prefix_cache.py); 0: unknown.
+    kv_bytes_per_token: int = 0
 
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
@@ -62,8 +67,10 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
 
     model_dir = find_converted(settings)
     if model_dir is None:
+        # Where it looked: a cache removed or emptied under a running server says so.
         raise BackendLoadError(
-            f"model {settings.model.name!r} not converted; run `llm-local convert`"
+            f"model {settings.model.name!r} not converted in {settings.model.cache_dir}; "
+            "run `llm-local convert`"
         )
     runtime = settings.runtime
     try:
@@ -109,7 +116,17 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         numerics=status,
         threads=layout,
     )
-    return LoadedModel(generator=generator, tokenizer=tokenizer, info=info)
+    from llm_local.backends.ct2.prefix_cache import activation_bytes, kv_bytes_per_token
+
+    return LoadedModel(
+        generator=generator,
+        tokenizer=tokenizer,
+        info=info,
+        lanes=plan.extra_lanes,
+        kv_bytes_per_token=kv_bytes_per_token(
+            plan.model_dir / MODEL_FILE, activation_bytes(str(generator.compute_type))
+        ),
+    )
 
 
 def open_generator(
@@ -124,7 +141,7 @@ def open_generator(
             device=plan.device,
             device_index=plan.device_index,
             compute_type=compute_type,
-            inter_threads=inter,
+            inter_threads=inter + plan.extra_lanes,
             intra_threads=intra,
         )
     except (RuntimeError, ValueError, OSError) as exc:

@@ -8,13 +8,17 @@ of `workers`. The scheduler knows nothing about CTranslate2: `execute` does the 
 and feeds tokens to the items (see `decode.py`), so the scheduling logic is testable with
 a fake `execute`.
 
-When requests wait, no worker is free and a batch of their key has only just started,
-the scheduler stops that batch and re-queues its items in front of the queue (see
-`grouping.plan_merges` and `BatchItem.preempt`): the next batch holds old and new together.
+When requests wait and no worker is free, the scheduler asks `grouping.plan_relief`, with
+the costs measured so far (`costs.py`), whether to stop a running batch and re-queue its
+items in front of the queue so that the next batch holds old and new together (see
+`BatchItem.preempt`), or to start the waiting requests on an extra lane: a replica kept
+beside the workers, used only when the TTFT target would be missed otherwise. Each
+decision is counted (`merges`, `lanes_opened`, `expected_wait_s`) and logged at debug.
 
-When `execute` raises, every unfinished item of that batch fails with BackendError and
-the scheduler keeps going. `aclose` fails what is queued, stops what is decoding (each
-item's next callback answers "stop") and returns once every worker thread is done.
+When `execute` raises (even a BaseException such as SystemExit: its thread died), every
+unfinished item of that batch fails with BackendError and the scheduler keeps going.
+`aclose` fails what is queued, stops what is decoding (each item's next callback answers
+"stop") and returns once every worker thread is done.
 
 The loop runs as a trio system task started by `start()`: the Backend protocol gives the
 backend no nursery of its own, and the system nursery is cancelled (after which this
@@ -32,7 +36,8 @@ from dataclasses import dataclass
 import trio
 
 from llm_local.backends.base import BackendError, BackendStats
-from llm_local.backends.ct2.grouping import RunningBatch, plan_dispatch, plan_merges
+from llm_local.backends.ct2.costs import PRIOR, CostEstimate
+from llm_local.backends.ct2.grouping import RunningBatch, plan_dispatch, plan_relief
 from llm_local.backends.ct2.item import BatchItem, TokenStream, WakeupRelay
 from llm_local.core.fairness import in_tenant_turns
 
@@ -55,6 +60,7 @@ class BatchStarted:
     max_new_tokens: int  # the longest any item of the batch asked for
     running_batches: int  # including this one
     resumed: int = 0  # items of it re-queued from a batch stopped to merge with newcomers
+    lane: bool = False  # started on an extra lane (the workers were all busy)
 
 
 class BatchScheduler:
@@ -70,11 +76,19 @@ class BatchScheduler:
         max_prompt_spread: int = 32,
         on_batch: Callable[[BatchStarted], None] | None = None,
         busy_batch_wait_s: float | None = None,
-        merge_max_generated: int = 4,
+        costs: Callable[[], CostEstimate] = lambda: PRIOR,
+        ttft_target_s: float = math.inf,
+        lanes: int = 0,
+        is_cached: Callable[[tuple[int, ...]], bool] = lambda prefix: False,
+        maintenance: Callable[[], Callable[[], None] | None] = lambda: None,
     ) -> None:
         """`busy_batch_wait_s`: the gathering window while a batch decodes (None: always
-        `batch_wait_s`); `merge_max_generated`: the most tokens an item of a running batch
-        may have produced for the batch to be stopped and merged (-1: never merge)."""
+        `batch_wait_s`); `costs`: the measured costs now; `ttft_target_s`: the time to
+        first token beyond which waiting requests go to one of `lanes` extra lanes;
+        `is_cached`: whether a static prefix is in the decoder's cache (a restart does
+        not read it again); `maintenance`: asked whenever no batch runs, returns blocking
+        work that needs the decoder idle (dropping its prefix cache), run on a thread
+        before the next batch starts."""
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         if max_batch_size < 1:
@@ -90,7 +104,11 @@ class BatchScheduler:
         self._max_batch_size = max_batch_size
         self._batch_wait_s = batch_wait_s
         self._busy_batch_wait_s = busy_batch_wait_s
-        self._merge_max_generated = merge_max_generated
+        self._costs = costs
+        self._ttft_target_s = ttft_target_s
+        self._lanes = max(lanes, 0)
+        self._is_cached = is_cached
+        self._maintenance = maintenance
         self._min_split_size = min_split_size
         self._max_prompt_spread = max_prompt_spread
         self._on_batch = on_batch
@@ -100,7 +118,9 @@ class BatchScheduler:
         self._running: list[list[BatchItem]] = []
         self._stopping: set[int] = set()  # id() of running batches told to stop for a merge
         self.merges = 0  # batches stopped so far to merge them with waiting requests
-        self._limiter = trio.CapacityLimiter(workers)
+        self.lanes_opened = 0  # batches started on an extra lane
+        self.expected_wait_s = 0.0  # the last planning's wait for a worker (0: none waits)
+        self._limiter = trio.CapacityLimiter(workers + self._lanes)
         self._changed = trio.Event()
         self._closing = False
         self._started = False
@@ -163,6 +183,9 @@ class BatchScheduler:
             running=sum(1 for batch in self._running for item in batch if item.active),
             queued=len(self._waiting),
             batches=len(self._running),
+            merges=self.merges,
+            lanes_opened=self.lanes_opened,
+            expected_wait_seconds=self.expected_wait_s if self._waiting else 0.0,
         )
 
     # -- the planning task ------------------------------------------------------------------
@@ -211,11 +234,15 @@ class BatchScheduler:
         while not (self._closing and not self._running):
             self._changed = trio.Event()
             wake_at: float | None = None
+            if not self._running and not self._closing:
+                work = self._maintenance()
+                if work is not None:
+                    await trio.to_thread.run_sync(work)
             if not self._closing:
                 plan = plan_dispatch(
                     # Tenants take turns at the batch places (core/fairness.py).
                     in_tenant_turns(self._waiting, lambda item: item.tenant_id),
-                    free_workers=self._workers - len(self._running),
+                    free_workers=self._workers - self._running_on_workers(),
                     max_batch_size=self._max_batch_size,
                     wait_s=self._batch_wait_s,
                     now=trio.current_time(),
@@ -226,33 +253,78 @@ class BatchScheduler:
                 )
                 for batch in plan.batches:
                     self._start_batch(workers, batch)
-                wake_at = plan.wake_at
-                self._stop_young_batches()
+                wake_at = _earliest(plan.wake_at, self._relieve(workers))
             if wake_at is None:
                 await self._changed.wait()
             else:
                 with trio.move_on_at(wake_at):
                     await self._changed.wait()
 
-    def _stop_young_batches(self) -> None:
-        """Stop the young batches the waiting requests should join (grouping.plan_merges)."""
-        if not self._waiting or self._merge_max_generated < 0:
-            return
+    def _running_on_workers(self) -> int:
+        # Replicas are alike: which one a batch runs on does not matter, only how many
+        # batches run. The batches beyond `workers` are the lanes, so a lane frees as soon
+        # as any batch ends, not only the one started on it.
+        return min(len(self._running), self._workers)
+
+    def _relieve(self, workers: trio.Nursery) -> float | None:
+        """Merge or open a lane for the waiting requests, as `plan_relief` decides; returns
+        when to plan again if nothing changes."""
+        if not self._waiting:
+            self.expected_wait_s = 0.0
+            return None
         running = [self._describe(batch) for batch in self._running]
-        chosen = plan_merges(
+        costs = self._costs()
+        free_lanes = self._lanes - (len(self._running) - self._running_on_workers())
+        now = trio.current_time()
+        relief = plan_relief(
             self._waiting,
             running,
-            free_workers=self._workers - len(self._running),
+            free_workers=self._workers - self._running_on_workers(),
+            free_lanes=free_lanes,
             max_batch_size=self._max_batch_size,
-            merge_max_generated=self._merge_max_generated,
+            costs=costs,
+            ttft_target_s=self._ttft_target_s,
+            now=now,
         )
-        for index in chosen:
+        self.expected_wait_s = relief.expected_wait_s
+        for index in relief.merges:
             batch = self._running[index]
             self._stopping.add(id(batch))
             for item in batch:
                 item.preempt()
             self.merges += 1
-            log.debug("stopping a batch of %d to merge it", running[index].active)
+            log.debug(
+                "stopping a batch of %d to merge it with %d waiting: it would re-read %d"
+                " tokens (%.0f ms) against an expected wait of %.0f ms",
+                running[index].active,
+                len(self._waiting),
+                running[index].reread_tokens,
+                costs.prefill_s(running[index].reread_tokens) * 1000,
+                relief.expected_wait_s * 1000,
+            )
+        if not relief.open_lane:
+            return relief.wake_at
+        plan = plan_dispatch(
+            self._waiting,
+            free_workers=free_lanes,
+            max_batch_size=self._max_batch_size,
+            wait_s=self._batch_wait_s,
+            now=now,
+            min_split_size=self._min_split_size,
+            max_prompt_spread=self._max_prompt_spread,
+            running_batches=len(self._running),
+            busy_wait_s=self._busy_batch_wait_s,
+        )
+        for batch in plan.batches:
+            self.lanes_opened += 1
+            log.debug(
+                "opening an extra lane for %d waiting: expected wait %.0f ms, TTFT target %.0f ms",
+                len(batch),
+                relief.expected_wait_s * 1000,
+                self._ttft_target_s * 1000,
+            )
+            self._start_batch(workers, batch, lane=True)
+        return plan.wake_at
 
     def _describe(self, batch: list[BatchItem]) -> RunningBatch:
         active = [item for item in batch if item.active]
@@ -266,7 +338,15 @@ class BatchScheduler:
                 item.sampling.seed is None and item.sampling.repetition_penalty == 1.0
                 for item in batch
             ),
+            remaining_steps=max(
+                (item.max_new_tokens - item.generated for item in active), default=0
+            ),
+            reread_tokens=sum(self._reread_tokens(item) for item in active),
         )
+
+    def _reread_tokens(self, item: BatchItem) -> int:
+        cached = len(item.static_prefix) if self._is_cached(item.static_prefix) else 0
+        return item.prompt_length + item.generated - cached
 
     def _report(self, event: BatchStarted) -> None:
         if self._on_batch is None:
@@ -277,11 +357,14 @@ class BatchScheduler:
             # An observer (metrics, tests) must not break the scheduler.
             log.exception("the on_batch observer failed")
 
-    def _start_batch(self, workers: trio.Nursery, batch: list[BatchItem]) -> None:
+    def _start_batch(
+        self, workers: trio.Nursery, batch: list[BatchItem], *, lane: bool = False
+    ) -> None:
         for item in batch:
             self._waiting.remove(item)
             self._release_slot(item)
         self._running.append(batch)
+
         workers.start_soon(self._run_batch, batch)
         self._report(
             BatchStarted(
@@ -291,6 +374,7 @@ class BatchScheduler:
                 max_new_tokens=max(item.max_new_tokens for item in batch),
                 running_batches=len(self._running),
                 resumed=sum(1 for item in batch if item.resumed),
+                lane=lane,
             )
         )
 
@@ -301,6 +385,15 @@ class BatchScheduler:
             await trio.to_thread.run_sync(self._execute, batch, limiter=self._limiter)
         except Exception as exc:
             log.warning("a batch of %d failed: %s", len(batch), exc)
+            error = exc
+        except BaseException as exc:
+            # Not cancellable (see above), so this came from the thread: it died with
+            # SystemExit or the like (a library calling sys.exit, a KeyboardInterrupt
+            # raised on it). Re-raised, it would take the whole scheduler down and every
+            # later request with it; it fails this batch alone, like any other error.
+            if isinstance(exc, trio.Cancelled):
+                raise
+            log.error("a worker thread died decoding a batch of %d: %r", len(batch), exc)
             error = exc
         finally:
             stopped = id(batch) in self._stopping
@@ -315,6 +408,14 @@ class BatchScheduler:
             self._waiting[:0] = requeued
             self._running.remove(batch)
             self._notify()
+
+
+def _earliest(first: float | None, second: float | None) -> float | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return min(first, second)
 
 
 def _is_cancellation(exc: BaseException) -> bool:

@@ -17,22 +17,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpclib.utils
 import trio
 import trio_asyncio
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from h2.exceptions import StreamClosedError
+from h2.settings import SettingCodes
 
 from llm_local.serving import ClientGone
 
 GrpclibHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT_SETTING = "limits.grpc_max_message_bytes"
+METADATA_LIMIT_SETTING = "limits.grpc_max_metadata_bytes"
 
 # On Python 3.12+ asyncio.current_task is C code that cannot see trio-asyncio's loop;
 # trio-asyncio replaces asyncio.current_task with a version that can, but grpclib keeps
@@ -48,11 +58,48 @@ async def asyncio_loop() -> AsyncIterator[None]:
         yield
 
 
-class TrioStream:
-    """A grpclib server stream as seen from trio code."""
+@dataclass(frozen=True, slots=True)
+class CallLimits:
+    """What one call may send; None = unbounded (grpclib's own behaviour)."""
 
-    def __init__(self, stream: Stream[Any, Any]) -> None:
+    max_message_bytes: int | None = None  # each request message
+    max_metadata_bytes: int | None = None  # the call's metadata, counted as HTTP/2 does
+
+
+NO_LIMITS = CallLimits()
+
+
+class MessageTooLarge(Exception):
+    """A request message's length prefix announced more than the limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(size, limit)
+        self.size = size
+        self.limit = limit
+
+
+def metadata_bytes(metadata: Any) -> int:
+    """The size of a call's metadata as HTTP/2 counts a header list (RFC 9113 6.5.2:
+    name + value + 32 per field)."""
+    if metadata is None:
+        return 0
+    total = 0
+    for name, value in metadata.items():
+        total += len(name) + len(value) + 32
+    return total
+
+
+class TrioStream:
+    """A grpclib server stream as seen from trio code.
+
+    `max_message_bytes` bounds each request message: grpclib itself reads a message's
+    32-bit length prefix and then buffers that many bytes, whatever they are (up to
+    4 GiB). Here a longer announcement ends the call before a byte of the body is read.
+    """
+
+    def __init__(self, stream: Stream[Any, Any], max_message_bytes: int | None = None) -> None:
         self._stream = stream
+        self._max_message_bytes = max_message_bytes
 
     def metadata_value(self, key: str) -> str | None:
         """The first value of a request metadata key (lower-case), or None."""
@@ -81,7 +128,8 @@ class TrioStream:
         return None if address is None else f"{address[0]}:{address[1]}"
 
     async def recv_message(self) -> Any:
-        return await trio_asyncio.aio_as_trio(self._stream.recv_message)()
+        """The next request message; MessageTooLarge when it is over the limit."""
+        return await trio_asyncio.aio_as_trio(_recv_bounded)(self._stream, self._max_message_bytes)
 
     async def send_message(self, message: Any) -> None:
         await self.send_messages((message,))
@@ -92,6 +140,42 @@ class TrioStream:
             await trio_asyncio.aio_as_trio(_send_all)(self._stream, messages)
         except StreamTerminatedError as exc:
             raise ClientGone(str(exc)) from exc
+
+
+class UndecodableMessage(Exception):
+    """The request message's bytes are not a valid message of its type (e.g. a string
+    field that is not UTF-8); `wire` holds them, to say which field."""
+
+    def __init__(self, wire: bytes, reason: str) -> None:
+        super().__init__(reason)
+        self.wire = wire
+        self.reason = reason
+
+
+async def _recv_bounded(stream: Stream[Any, Any], limit: int | None) -> Any:
+    # grpclib reads a message as two reads of the HTTP/2 stream: the 5-byte prefix, then
+    # the length it announced. Bounding every read of this stream refuses the body read
+    # before it starts, and keeping the last read gives the bytes a failed decode was
+    # about; grpclib has no public hook for either (its protocol stream is private).
+    protocol_stream = stream._stream
+    read = protocol_stream.recv_data
+    last_read = b""
+
+    async def bounded_read(size: int) -> bytes:
+        nonlocal last_read
+        if limit is not None and size > limit:
+            raise MessageTooLarge(size, limit)
+        data: bytes = await read(size)
+        last_read = data
+        return data
+
+    protocol_stream.recv_data = bounded_read
+    try:
+        return await stream.recv_message()
+    except DecodeError as exc:
+        raise UndecodableMessage(last_read, str(exc)) from None
+    finally:
+        protocol_stream.recv_data = read
 
 
 async def _send_all(stream: Stream[Any, Any], messages: Sequence[Any]) -> None:
@@ -128,14 +212,17 @@ class HandlerTracker:
         await self._idle.wait()
 
 
-def trio_handler(body: TrioBody, tracker: HandlerTracker | None = None) -> GrpclibHandler:
+def trio_handler(
+    body: TrioBody, tracker: HandlerTracker | None = None, limits: CallLimits = NO_LIMITS
+) -> GrpclibHandler:
     """A grpclib handler that runs `body` as a trio task.
 
     The call ends with OK when `body` returns, or with the status of the GRPCError it
     raises; other exceptions reach grpclib (UNKNOWN). Cancelling the handler (client
     gone, deadline) cancels `body`. The final status is sent here rather than by
     grpclib after the handler returns, so that `tracker` goes idle only once every
-    tracked call has told its client how it ended.
+    tracked call has told its client how it ended. Metadata over `limits` ends the call
+    with RESOURCE_EXHAUSTED before `body` runs.
     """
 
     async def handler(stream: Stream[Any, Any]) -> None:
@@ -143,7 +230,8 @@ def trio_handler(body: TrioBody, tracker: HandlerTracker | None = None) -> Grpcl
             tracker._enter()
         try:
             try:
-                await trio_asyncio.trio_as_aio(body)(TrioStream(stream))
+                _check_metadata(stream, limits.max_metadata_bytes)
+                await trio_asyncio.trio_as_aio(body)(TrioStream(stream, limits.max_message_bytes))
             except GRPCError as error:
                 status, message = error.status, error.message
             else:
@@ -157,11 +245,77 @@ def trio_handler(body: TrioBody, tracker: HandlerTracker | None = None) -> Grpcl
     return handler
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """HTTP/2 settings every connection advertises and enforces; None = h2's own.
+
+    A header block over `max_header_list_size` closes the whole connection (HPACK
+    cannot skip a block without decoding it, and h2 refuses to): the per-call metadata
+    limit (`CallLimits`) is meant to be well below it, so that ordinary excess gets a
+    status on its own call.
+    """
+
+    max_concurrent_streams: int | None = None
+    max_header_list_size: int | None = None
+
+
+class _LimitedProtocol(H2Protocol):  # type: ignore[misc]
+    limits = ConnectionLimits()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        limits = self.limits
+        changes = {
+            code: value
+            for code, value in (
+                (SettingCodes.MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
+                (SettingCodes.MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
+            )
+            if value is not None
+        }
+        if not changes:
+            return
+        # grpclib builds h2's connection itself and sends its first SETTINGS at once;
+        # these follow in a second frame (as grpclib does for its window size). h2
+        # applies its own settings when the client acknowledges them; the header limit
+        # holds from the first byte instead, on the decoder that enforces it.
+        connection = self.connection._connection
+        connection.update_settings(changes)
+        if limits.max_header_list_size is not None:
+            connection.decoder.max_header_list_size = limits.max_header_list_size
+        self.connection.flush()
+
+
+class _LimitedServer(Server):  # type: ignore[misc]
+    def __init__(self, handlers: list[Any], limits: ConnectionLimits) -> None:
+        super().__init__(handlers)
+        self._limits = limits
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        limited = _LimitedProtocol(protocol.handler, protocol.config, protocol.h2_config)
+        limited.limits = self._limits
+        return limited
+
+
+def _check_metadata(stream: Stream[Any, Any], limit: int | None) -> None:
+    size = metadata_bytes(stream.metadata)
+    if limit is not None and size > limit:
+        log.warning("refused a call with %d bytes of metadata (limit %d)", size, limit)
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED,
+            f"the request metadata is {size} bytes; this server accepts at most {limit} "
+            f"({METADATA_LIMIT_SETTING})",
+        )
+
+
 class AsyncioGrpcServer:
     """grpclib's Server driven from trio."""
 
-    def __init__(self, handlers: Collection[Any]) -> None:
-        self._server = Server(list(handlers))
+    def __init__(
+        self, handlers: Collection[Any], limits: ConnectionLimits = ConnectionLimits()
+    ) -> None:
+        self._server = _LimitedServer(list(handlers), limits)
         self._port: int | None = None
 
     @property

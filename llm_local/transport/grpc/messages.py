@@ -6,6 +6,9 @@ default; a field set to zero stays zero (and validation may reject it).
 
 from __future__ import annotations
 
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
+
 from llm_local.core.errors import InvalidRequest
 from llm_local.core.types import Finished
 from llm_local.core.validation import RawParams, RawRequest
@@ -79,3 +82,46 @@ def llama_finish(finished: Finished) -> llama_pb2.GenerateStreamResponse:
 
 def local_token(text: str) -> local_pb2.LocalGenerateStreamResponse:
     return local_pb2.LocalGenerateStreamResponse(token=text)
+
+
+def undecodable_request(descriptor: Descriptor, wire: bytes, reason: str) -> InvalidRequest:
+    """Why request bytes that protobuf refused are wrong, naming the field when it can:
+    protobuf says only "String field had bad UTF-8", not which one."""
+    field = first_non_utf8_string(descriptor, wire)
+    if field is not None:
+        return InvalidRequest(field, "is not valid UTF-8 (a proto string must be)")
+    return InvalidRequest("request", f"is not a valid {descriptor.name}: {reason}")
+
+
+def first_non_utf8_string(descriptor: Descriptor, wire: bytes, prefix: str = "") -> str | None:
+    """The path ("history[1].content") of the first string field in `wire` whose bytes
+    are not UTF-8, reading the wire format without decoding strings; None if none."""
+    from google.protobuf import empty_pb2
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    holder = empty_pb2.Empty()  # no fields of its own: every field stays raw bytes
+    try:
+        holder.ParseFromString(wire)
+    except DecodeError:
+        return None
+    seen: dict[str, int] = {}
+    fields = UnknownFieldSet(holder)
+    for raw in (fields[position] for position in range(len(fields))):
+        field = descriptor.fields_by_number.get(raw.field_number)
+        if field is None or raw.wire_type != _LENGTH_DELIMITED:
+            continue
+        index = seen[field.name] = seen.get(field.name, -1) + 1
+        path = f"{prefix}{field.name}" + (f"[{index}]" if field.is_repeated else "")
+        if field.type == FieldDescriptor.TYPE_STRING:
+            try:
+                raw.data.decode("utf-8")
+            except UnicodeDecodeError:
+                return path
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
+            inner = first_non_utf8_string(field.message_type, raw.data, f"{path}.")
+            if inner is not None:
+                return inner
+    return None
+
+
+_LENGTH_DELIMITED = 2  # the wire type of strings, bytes and embedded messages

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 from grpclib.reflection.service import ServerReflection
 
-from llm_local.transport.grpc.bridge import AsyncioGrpcServer, HandlerTracker, asyncio_loop
+from llm_local.transport.grpc.bridge import (
+    AsyncioGrpcServer,
+    CallLimits,
+    ConnectionLimits,
+    HandlerTracker,
+    asyncio_loop,
+)
 from llm_local.transport.grpc.health import StateHealth
 from llm_local.transport.grpc.services import (
     LLAMA_SERVICE,
@@ -31,6 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The header block a connection decodes at most, whatever the metadata limit: h2's own
+# default, or this many times the limit when that is larger.
+HEADER_BLOCK_FLOOR = 2**16
+HEADER_BLOCK_FACTOR = 4
 # How long closing may wait for grpclib's handlers once every call was cancelled.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -39,9 +49,11 @@ def build_handlers(
     service: Service, flow: GenerationFlow, tracker: HandlerTracker | None = None
 ) -> list[Any]:
     """The generation services (their calls counted by `tracker`), health, reflection."""
+    limits = service.settings.limits
+    call_limits = CallLimits(limits.grpc_max_message_bytes, limits.grpc_max_metadata_bytes)
     services: list[Any] = [
-        LlamaService(flow, tracker),
-        LLMLocalService(flow, tracker),
+        LlamaService(flow, tracker, call_limits),
+        LLMLocalService(flow, tracker, call_limits),
         StateHealth(service.state, (LLAMA_SERVICE, LOCAL_SERVICE)),
     ]
     return services + list(ServerReflection.extend(services))
@@ -59,7 +71,18 @@ async def serve_grpc(
     ssl_context = server_ssl_context(settings.tls)
     async with asyncio_loop():
         tracker = HandlerTracker()
-        server = AsyncioGrpcServer(build_handlers(service, flow, tracker))
+        limits = settings.limits
+        server = AsyncioGrpcServer(
+            build_handlers(service, flow, tracker),
+            ConnectionLimits(
+                max_concurrent_streams=limits.grpc_max_concurrent_streams,
+                # Metadata over the call limit gets RESOURCE_EXHAUSTED on its own call;
+                # only far beyond it (a header bomb) does the connection close.
+                max_header_list_size=max(
+                    HEADER_BLOCK_FLOOR, HEADER_BLOCK_FACTOR * limits.grpc_max_metadata_bytes
+                ),
+            ),
+        )
         await server.start(settings.server.host, settings.server.grpc_port, ssl_context)
         mode = "plain h2c"
         if settings.tls.enabled:

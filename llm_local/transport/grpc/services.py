@@ -11,6 +11,7 @@ with one crossing into asyncio.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,11 +21,23 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from llm_local.core.types import TextChunk
+from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
 from llm_local.proto.sentiric.llm.v1.llama_grpc import LlamaServiceBase
 from llm_local.proto.sentiric.llm.v1.local_grpc import LLMLocalServiceBase
 from llm_local.serving import CallError, CallMetadata, ClientGone, GenerationFlow
 from llm_local.transport.grpc import messages
-from llm_local.transport.grpc.bridge import HandlerTracker, TrioStream, trio_handler
+from llm_local.transport.grpc.bridge import (
+    MESSAGE_LIMIT_SETTING,
+    NO_LIMITS,
+    CallLimits,
+    HandlerTracker,
+    MessageTooLarge,
+    TrioStream,
+    UndecodableMessage,
+    trio_handler,
+)
+
+log = logging.getLogger(__name__)
 
 LLAMA_SERVICE = "sentiric.llm.v1.LlamaService"
 LOCAL_SERVICE = "sentiric.llm.v1.LLMLocalService"
@@ -48,8 +61,9 @@ def call_metadata(stream: TrioStream) -> CallMetadata:
 
 
 @asynccontextmanager
-async def grpc_status() -> AsyncIterator[None]:
-    """Turn the flow's outcomes into the gRPC status grpclib sends."""
+async def grpc_status(request_type: Any) -> AsyncIterator[None]:
+    """Turn the flow's outcomes (and what the transport refuses before the flow runs)
+    into the gRPC status grpclib sends."""
     try:
         yield
     except CallError as error:
@@ -57,18 +71,49 @@ async def grpc_status() -> AsyncIterator[None]:
     except ClientGone as gone:
         # Nobody is listening any more; this only keeps grpclib's log quiet.
         raise GRPCError(Status.CANCELLED, f"client went away: {gone}") from None
+    except UndecodableMessage as undecodable:
+        invalid = messages.undecodable_request(
+            request_type.DESCRIPTOR, undecodable.wire, undecodable.reason
+        )
+        # Refused before the flow sees a request: this line is all the log says of it.
+        log.info("refused an undecodable request message: %s", invalid)
+        raise GRPCError(Status.INVALID_ARGUMENT, str(invalid)) from None
+    except MessageTooLarge as large:
+        log.warning(
+            "refused a request message of %d bytes (%s = %d)",
+            large.size,
+            MESSAGE_LIMIT_SETTING,
+            large.limit,
+        )
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED,
+            f"the request message is {large.size} bytes; this server accepts at most "
+            f"{large.limit} ({MESSAGE_LIMIT_SETTING})",
+        ) from None
 
 
-class LlamaService(LlamaServiceBase):  # type: ignore[misc]
-    def __init__(self, flow: GenerationFlow, tracker: HandlerTracker | None = None) -> None:
+class _TrioService:
+    """A generation service whose one RPC runs `_generate_stream` as a trio task."""
+
+    def __init__(
+        self,
+        flow: GenerationFlow,
+        tracker: HandlerTracker | None = None,
+        limits: CallLimits = NO_LIMITS,
+    ) -> None:
         self._flow = flow
-        self._handler = trio_handler(self._generate_stream, tracker)
+        self._handler = trio_handler(self._generate_stream, tracker, limits)
 
+    async def _generate_stream(self, stream: TrioStream) -> None:
+        raise NotImplementedError
+
+
+class LlamaService(_TrioService, LlamaServiceBase):  # type: ignore[misc]
     async def GenerateStream(self, stream: Stream[Any, Any]) -> None:
         await self._handler(stream)
 
     async def _generate_stream(self, stream: TrioStream) -> None:
-        async with grpc_status():
+        async with grpc_status(llama_pb2.GenerateStreamRequest):
             message = await stream.recv_message()
 
             async def send(chunk: TextChunk) -> None:
@@ -83,16 +128,12 @@ class LlamaService(LlamaServiceBase):  # type: ignore[misc]
             await stream.send_message(messages.llama_finish(finished))
 
 
-class LLMLocalService(LLMLocalServiceBase):  # type: ignore[misc]
-    def __init__(self, flow: GenerationFlow, tracker: HandlerTracker | None = None) -> None:
-        self._flow = flow
-        self._handler = trio_handler(self._generate_stream, tracker)
-
+class LLMLocalService(_TrioService, LLMLocalServiceBase):  # type: ignore[misc]
     async def LocalGenerateStream(self, stream: Stream[Any, Any]) -> None:
         await self._handler(stream)
 
     async def _generate_stream(self, stream: TrioStream) -> None:
-        async with grpc_status():
+        async with grpc_status(local_pb2.LocalGenerateStreamRequest):
             message = await stream.recv_message()
 
             async def send(chunk: TextChunk) -> None:

@@ -10,13 +10,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from quart import Response, jsonify, request
+from quart import Response, current_app, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from llm_local.transport.http.config_view import config_body
 from llm_local.transport.http.health import health, liveness, readiness
-from llm_local.transport.http.openai.errors import OpenAIError
+from llm_local.transport.http.openai.errors import OpenAIError, too_large
 from llm_local.transport.http.openai.routes import add_openai_routes, error_response
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 def _http_error(error: HTTPException) -> Response:
     code = error.code or 500
     if request.path.startswith("/v1/"):
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        if code == 413 and isinstance(limit, int):
+            return error_response(too_large(limit))  # werkzeug's text names no limit
         # OpenAI's clients read only their own error shape (413, unknown route, 405...).
         kind = "server_error" if code >= 500 else "invalid_request_error"
         return error_response(OpenAIError(code, error.description or error.name, type=kind))
@@ -58,6 +61,32 @@ def _internal_error(error: Exception) -> Response:
     )
 
 
+HEADER_LIMIT_SETTING = "limits.http_max_header_bytes"
+
+
+def _limit_headers(app: QuartTrio, limit: int) -> None:
+    """Refuse a request whose headers exceed `limit` bytes with 431, naming the setting.
+
+    hypercorn bounds only a head that arrives in pieces (h11 counts what it buffers while
+    the head is incomplete); a whole head read at once passes it up to its 64 KiB read.
+    """
+
+    async def check() -> Response | None:
+        size = sum(len(name) + len(value) + 4 for name, value in request.headers.items())
+        if size <= limit:
+            return None
+        message = (
+            f"the request headers are {size} bytes; this server accepts at most {limit} "
+            f"({HEADER_LIMIT_SETTING})"
+        )
+        if request.path.startswith("/v1/"):
+            return error_response(OpenAIError(431, message, code="request_headers_too_large"))
+        return _json(431, {"error": "Request Header Fields Too Large", "message": message,
+                           "status": 431})  # fmt: skip
+
+    app.before_request(check)
+
+
 def metrics_response(service: Service) -> Response:
     body, content_type = service.metrics.render()
     return Response(body, status=200, content_type=content_type)
@@ -73,6 +102,7 @@ def create_app(service: Service, flow: GenerationFlow | None = None) -> QuartTri
     app.json.sort_keys = False
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _internal_error)
+    _limit_headers(app, service.settings.limits.http_max_header_bytes)
 
     async def get_health() -> Response:
         return _json(*health(service))
@@ -105,6 +135,7 @@ def create_metrics_app(service: Service) -> QuartTrio:
     app = QuartTrio(__name__)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _internal_error)
+    _limit_headers(app, service.settings.limits.http_max_header_bytes)
 
     async def get_metrics() -> Response:
         return metrics_response(service)

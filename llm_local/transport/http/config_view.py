@@ -88,6 +88,11 @@ def config_body(service: Service) -> dict[str, Any]:
                 if info.threads is None
                 else {"inter_threads": info.threads[0], "intra_threads": info.threads[1]}
             ),
+            # Which sampling options the backend honours (the rest are refused by name).
+            "sampling_support": {
+                "repetition_penalty": info.sampling.repetition_penalty,
+                "seed": info.sampling.seed,
+            },
         }
     return {
         "effective": effective,

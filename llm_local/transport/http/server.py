@@ -17,13 +17,19 @@ if TYPE_CHECKING:
 
     from llm_local.service import Service
     from llm_local.serving import GenerationFlow
+    from llm_local.settings.schema import LimitsSettings
 
 log = logging.getLogger(__name__)
 
 
-def hypercorn_config(host: str, port: int, grace_period_s: float) -> Config:
+def hypercorn_config(host: str, port: int, grace_period_s: float, limits: LimitsSettings) -> Config:
     config = Config()
     config.bind = [f"{host}:{port}"]
+    config.h2_max_concurrent_streams = limits.http_max_concurrent_streams
+    # One limit for headers over both protocols: h11 counts the request line and headers
+    # it buffers, h2 the header list.
+    config.h11_max_incomplete_size = limits.http_max_header_bytes
+    config.h2_max_header_list_size = limits.http_max_header_bytes
     # Route hypercorn's lines through our handlers (JSON or text) instead of its own.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.accesslog = None  # probes hit every few seconds; their lines are noise
@@ -56,7 +62,8 @@ async def serve_http(
     """Serve /health, /config, /metrics (and with `flow`, the OpenAI API) until
     `shutdown_event` is set."""
     server = service.settings.server
-    config = hypercorn_config(server.host, server.http_port, server.grace_period_s)
+    limits = service.settings.limits
+    config = hypercorn_config(server.host, server.http_port, server.grace_period_s, limits)
     await _serve(create_app(service, flow), config, "HTTP", shutdown_event, task_status)
 
 
@@ -74,5 +81,6 @@ async def serve_metrics(
     if server.metrics_port == 0:
         task_status.started()
         return
-    config = hypercorn_config(server.host, server.metrics_port, server.grace_period_s)
+    limits = service.settings.limits
+    config = hypercorn_config(server.host, server.metrics_port, server.grace_period_s, limits)
     await _serve(create_metrics_app(service), config, "metrics", shutdown_event, task_status)

@@ -177,8 +177,9 @@ async def test_an_unconverted_model_in_settings_says_to_convert(tmp_path: Path) 
 
     settings = load_settings(env="test", overrides={"model.cache_dir": str(tmp_path)})
     backend = create_backend(settings)
-    with pytest.raises(BackendLoadError, match=r"not converted; run `llm-local convert`"):
+    with pytest.raises(BackendLoadError, match=r"run `llm-local convert`") as caught:
         await backend.load()
+    assert f"not converted in {tmp_path}" in str(caught.value)
 
 
 @pytest.mark.model
@@ -192,7 +193,9 @@ async def test_settings_pick_the_converted_model_and_its_runtime() -> None:
     try:
         assert backend.info.model_name == settings.model.name
         assert backend.info.compute_type == "float32"
-        assert backend.generator.num_generators == settings.runtime.inter_threads
+        # One replica more than the workers, for the extra lane a TTFT target brings.
+        assert settings.runtime.ttft_target_ms > 0
+        assert backend.generator.num_generators == settings.runtime.inter_threads + 1
     finally:
         await backend.aclose()
 

@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from llm_local.backends.base import BackendError, ModelTokenizer
 from llm_local.backends.ct2 import BatchingOptions, BatchStarted, CT2Backend
+from llm_local.backends.ct2.costs import CostEstimate, CostModel
 from llm_local.backends.ct2.loader import LoadedModel
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
@@ -100,14 +102,28 @@ async def generate_all(backend: CT2Backend, requests: Sequence[GenerationRequest
     return [outcome for outcome in outcomes if outcome is not None]
 
 
+class FreeRestarts(CostModel):
+    """Costs as if reading prompt tokens were free, whatever is measured."""
+
+    def __init__(self) -> None:
+        super().__init__(CostEstimate(step_base_s=0.03, step_per_item_s=0.0, prefill_token_s=0.0))
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_step(self, batch_size: int, seconds: float) -> None:
+        pass
+
+
 @asynccontextmanager
 async def serving(
-    model: LoadedModel, events: list[BatchStarted], **options: float
+    model: LoadedModel, events: list[BatchStarted], costs: CostModel | None = None, **options: float
 ) -> AsyncIterator[CT2Backend]:
     backend = CT2Backend.from_loaded(
         model,
         batching=BatchingOptions(**options),
         on_batch=events.append,  # type: ignore[arg-type]
+        costs=costs,
     )
     await backend.load()
     try:
@@ -186,7 +202,10 @@ async def test_cancelling_one_item_leaves_the_rest_of_its_batch_intact(
 ) -> None:
     events: list[BatchStarted] = []
     kept = [MIXED_REQUESTS[0], MIXED_REQUESTS[2]]
-    async with serving(float32_model, events, batch_wait_ms=50, min_split_size=8) as backend:
+    # No static prefixes: the request sent without hints would batch apart otherwise.
+    async with serving(
+        float32_model, events, batch_wait_ms=50, min_split_size=8, prefix_cache_mb=0
+    ) as backend:
         alone = [await generate(backend, request) for request in kept]
         events.clear()
         ids = chat_ids(backend.tokenizer, "Tell me a long story about a dragon.")
@@ -226,7 +245,10 @@ async def test_mixed_sampling_options_are_never_in_one_batch(
         GenerationRequest(user_prompt="Name three colors.", max_new_tokens=5, sampling=sampled),
         GenerationRequest(user_prompt=FRANCE, max_new_tokens=5, sampling=seeded),
     ]
-    async with serving(float32_model, events, batch_wait_ms=50, min_split_size=8) as backend:
+    # No static prefixes: the batch keys are then the sampling options' own.
+    async with serving(
+        float32_model, events, batch_wait_ms=50, min_split_size=8, prefix_cache_mb=0
+    ) as backend:
         alone_greedy = [await generate(backend, request) for request in requests[:2]]
         events.clear()
         outcomes = await generate_all(backend, requests)
@@ -286,6 +308,91 @@ async def test_a_failing_batch_fails_only_its_own_requests(int8_model: LoadedMod
     assert isinstance(results["other batch"], list) and len(results["other batch"]) == 4
     assert len(after) == 3
     assert len(events) == 3
+
+
+class FailingMidway:
+    """The real Generator, except that a batch holding `poison` raises from inside
+    CTranslate2's decoding loop once `after_steps` token callbacks ran (CTranslate2 hands
+    a callback's exception out of generate_batch, as it does its own errors). The
+    failing part is the only thing stood in for: no prompt makes a real model fail
+    halfway through a batch on demand."""
+
+    def __init__(
+        self, generator: Any, poison: list[str], after_steps: int, error: BaseException
+    ) -> None:
+        self._generator = generator
+        self._poison = poison
+        self._after_steps = after_steps
+        self._error = error
+
+    def generate_batch(self, prompts: list[list[str]], **kwargs: Any) -> Any:
+        if self._poison not in prompts:
+            return self._generator.generate_batch(prompts, **kwargs)
+        callback = kwargs.pop("callback")
+        steps = 0
+
+        def failing(step: Any) -> bool:
+            nonlocal steps
+            steps += 1
+            if steps > self._after_steps:
+                raise self._error
+            return bool(callback(step))
+
+        return self._generator.generate_batch(prompts, callback=failing, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._generator, name)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("decoding failed"), SystemExit("the decoding thread exited")],
+    ids=["an error", "a dying thread"],
+)
+async def test_a_batch_that_fails_midway_fails_only_its_own_requests(
+    float32_model: LoadedModel, error: BaseException
+) -> None:
+    events: list[BatchStarted] = []
+    tokenizer = float32_model.tokenizer
+    poisoned_ids = chat_ids(tokenizer, FRANCE)
+    neighbour_ids = chat_ids(tokenizer, "Name three colors.")
+    failing = FailingMidway(
+        float32_model.generator, tokenizer.convert_ids_to_tokens(poisoned_ids), 4, error
+    )
+    model = LoadedModel(generator=failing, tokenizer=tokenizer, info=float32_model.info)
+    sampled = SamplingOptions(temperature=0.7, top_k=10)
+    # min_split_size: the two greedy requests stay one batch even with a worker idle.
+    async with serving(model, events, batch_wait_ms=50, min_split_size=8) as backend:
+        results: dict[str, tuple[list[int], BackendError | None]] = {}
+
+        async def run(name: str, ids: Sequence[int], sampling: SamplingOptions) -> None:
+            received: list[int] = []
+            try:
+                async with backend.generate(ids, 12, sampling) as stream:
+                    async for group in stream:
+                        received.extend(group)
+            except BackendError as exc:
+                results[name] = (received, exc)
+            else:
+                results[name] = (received, None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "poisoned", poisoned_ids, GREEDY)
+            # The same prompt: both decode from the first step, 2 tokens each in 4 steps.
+            nursery.start_soon(run, "same batch", poisoned_ids, GREEDY)
+            nursery.start_soon(run, "other batch", neighbour_ids, sampled)
+        # The backend keeps serving after the failure, on every worker.
+        async with backend.generate(neighbour_ids, 3, GREEDY) as stream:
+            after = [token async for group in stream for token in group]
+    assert [event.size for event in events[:2]] in ([2, 1], [1, 2])
+    for name in ("poisoned", "same batch"):
+        received, failure = results[name]
+        assert len(received) == 2  # 4 steps of a batch of 2, then the failure
+        assert failure is not None
+        assert str(error) in str(failure)
+    other_tokens, other_failure = results["other batch"]
+    assert other_failure is None and len(other_tokens) == 12
+    assert len(after) == 3
 
 
 async def test_aclose_with_generations_running_finishes_cleanly(test_model_dir: Path) -> None:
@@ -360,7 +467,7 @@ async def test_float32_greedy_after_a_merge_equals_each_request_alone(
         events,
         batch_wait_ms=0,
         busy_batch_wait_ms=0,
-        merge_max_generated=1000,  # every running batch counts as young: no timing
+        costs=FreeRestarts(),  # a restart always pays: no timing
     ) as backend:
         prompts = [(chat_ids(backend.tokenizer, text), limit) for text, limit in questions]
         prompts.append((chat_ids(backend.tokenizer, FRANCE), 12))

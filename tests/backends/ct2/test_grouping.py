@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
-from llm_local.backends.ct2.grouping import DispatchPlan, RunningBatch, plan_dispatch, plan_merges
+from llm_local.backends.ct2.costs import CostEstimate
+from llm_local.backends.ct2.grouping import (
+    DispatchPlan,
+    Relief,
+    RunningBatch,
+    expected_wait_s,
+    plan_dispatch,
+    plan_relief,
+)
 from llm_local.core.types import SamplingOptions
 
 GREEDY = SamplingOptions().batch_key()
@@ -239,51 +248,113 @@ def test_a_full_batch_does_not_wait_for_the_busy_window() -> None:
     assert [len(batch) for batch in result.batches] == [4]
 
 
-# -- merging with a young batch --------------------------------------------------------
+# -- relief when every worker is busy: merge, extra lane or wait -----------------------
+
+# A CPU-like machine: 30 ms a step whatever the batch, 3 ms a prompt token.
+CPU = CostEstimate(step_base_s=0.03, step_per_item_s=0.0, prefill_token_s=0.003)
+# A GPU-like one: prompt tokens cost next to nothing.
+GPU = CostEstimate(step_base_s=0.01, step_per_item_s=0.0, prefill_token_s=0.00001)
 
 
 def running(
     key: Hashable = GREEDY,
     *,
     active: int = 2,
-    most_generated: int = 1,
     stopping: bool = False,
     resumed: bool = False,
     restartable: bool = True,
+    remaining_steps: int = 100,
+    reread_tokens: int = 80,
 ) -> RunningBatch:
-    return RunningBatch(key, active, most_generated, stopping, resumed, restartable)
+    return RunningBatch(
+        key,
+        active,
+        most_generated=1,
+        stopping=stopping,
+        resumed=resumed,
+        restartable=restartable,
+        remaining_steps=remaining_steps,
+        reread_tokens=reread_tokens,
+    )
 
 
-def merges(
+def relief(
     queue: list[Waiting],
     batches: list[RunningBatch],
     *,
     free_workers: int = 0,
+    free_lanes: int = 0,
     max_batch_size: int = 8,
-    merge_max_generated: int = 4,
-) -> list[int]:
-    return plan_merges(
+    costs: CostEstimate = CPU,
+    ttft_target_s: float = 1.0,
+    now: float = 0.0,
+) -> Relief:
+    return plan_relief(
         queue,
         batches,
         free_workers=free_workers,
+        free_lanes=free_lanes,
         max_batch_size=max_batch_size,
-        merge_max_generated=merge_max_generated,
+        costs=costs,
+        ttft_target_s=ttft_target_s,
+        now=now,
     )
 
 
-def test_waiting_requests_stop_the_smallest_young_batch_of_their_key() -> None:
-    batches = [running(active=3), running(SAMPLED, active=1), running(active=2)]
+def merges(queue: list[Waiting], batches: list[RunningBatch], **options: Any) -> list[int]:
+    return relief(queue, batches, **options).merges
+
+
+def test_the_expected_wait_is_until_the_first_batch_ends() -> None:
+    batches = [running(remaining_steps=100), running(remaining_steps=20)]
+    assert expected_wait_s(batches, CPU) == pytest.approx(20 * 0.03)
+    # A batch being stopped frees its worker within a step.
+    assert expected_wait_s([*batches, running(stopping=True)], CPU) == 0.0
+    assert expected_wait_s([], CPU) == 0.0
+
+
+def test_a_young_batch_is_restarted_for_newcomers_that_would_wait_long() -> None:
+    # Re-reading 80 tokens costs 0.24 s for each of 2 items; 2 newcomers save 3 s each.
+    assert merges(waiting(GREEDY, 2), [running(reread_tokens=80, remaining_steps=100)]) == [0]
+
+
+def test_a_batch_far_into_its_tokens_is_left_alone_on_a_cpu_but_not_on_a_gpu() -> None:
+    # 400 tokens to re-read (1.2 s on the CPU) against a wait of 10 steps (0.3 s).
+    old = running(reread_tokens=400, remaining_steps=10)
+    assert merges(waiting(GREEDY, 2), [old]) == []
+    # The same restart costs 4 ms where prompt tokens are cheap: worth it.
+    assert merges(waiting(GREEDY, 2), [old], costs=GPU) == [0]
+
+
+def test_the_restart_must_save_the_newcomers_more_than_it_costs_the_batch() -> None:
+    # redo = 100 tokens = 0.3 s; wait = 20 steps = 0.6 s. One newcomer saves 0.3 s,
+    # the batch's items lose 0.3 s each: with 1 item a gain only past the break-even.
+    assert merges(
+        waiting(GREEDY, 1), [running(active=1, reread_tokens=90, remaining_steps=20)]
+    ) == [0]
+    assert (
+        merges(waiting(GREEDY, 1), [running(active=1, reread_tokens=100, remaining_steps=20)]) == []
+    )
+    assert (
+        merges(waiting(GREEDY, 1), [running(active=4, reread_tokens=100, remaining_steps=20)]) == []
+    )
+
+
+def test_the_most_profitable_batch_of_the_key_is_restarted() -> None:
+    batches = [
+        running(active=3, reread_tokens=300),
+        running(SAMPLED, active=1, reread_tokens=10),
+        running(active=2, reread_tokens=100),
+    ]
     assert merges(waiting(GREEDY, 2), batches) == [2]
 
 
-def test_no_merge_while_a_worker_is_free_or_nothing_waits() -> None:
-    assert merges(waiting(GREEDY, 2), [running()], free_workers=1) == []
-    assert merges([], [running()]) == []
+def test_no_relief_while_a_worker_is_free_or_nothing_waits() -> None:
+    assert relief(waiting(GREEDY, 2), [running()], free_workers=1, free_lanes=1) == Relief()
+    assert relief([], [running()], free_lanes=1) == Relief()
 
 
-def test_no_merge_into_an_old_batch_or_one_the_newcomers_overflow() -> None:
-    assert merges(waiting(GREEDY, 1), [running(most_generated=5)]) == []
-    assert merges(waiting(GREEDY, 1), [running(most_generated=4)]) == [0]
+def test_no_merge_the_newcomers_would_overflow() -> None:
     assert merges(waiting(GREEDY, 7), [running(active=2)], max_batch_size=8) == []
     assert merges(waiting(GREEDY, 6), [running(active=2)], max_batch_size=8) == [0]
 
@@ -305,5 +376,27 @@ def test_a_seeded_or_penalised_batch_is_never_restarted() -> None:
     assert merges(waiting(GREEDY, 1), [running(restartable=False)]) == []
 
 
-def test_a_negative_merge_limit_turns_merging_off() -> None:
-    assert merges(waiting(GREEDY, 1), [running(most_generated=0)], merge_max_generated=-1) == []
+def test_an_extra_lane_opens_once_the_wait_would_pass_the_ttft_target() -> None:
+    # Another key: no merge possible. The batch ends in 50 steps = 1.5 s > 1 s target.
+    busy = [running(SAMPLED, remaining_steps=50)]
+    decided = relief(waiting(GREEDY, 1), busy, free_lanes=1)
+    assert decided.open_lane
+    assert decided.expected_wait_s == pytest.approx(1.5)
+    # No lane left: the requests wait.
+    assert not relief(waiting(GREEDY, 1), busy, free_lanes=0).open_lane
+
+
+def test_below_the_target_the_requests_wait_and_the_planner_looks_again_in_time() -> None:
+    # The batch ends in 20 steps = 0.6 s: under the 1 s target for a request just arrived.
+    busy = [running(SAMPLED, remaining_steps=20)]
+    decided = relief(waiting(GREEDY, 1, at=0.0), busy, free_lanes=1, now=0.1)
+    assert not decided.open_lane
+    assert decided.wake_at == pytest.approx(1.0 - 0.6)
+    # Having waited 0.5 s already, 0.6 s more passes the target.
+    assert relief(waiting(GREEDY, 1, at=0.0), busy, free_lanes=1, now=0.5).open_lane
+
+
+def test_a_merge_is_preferred_to_a_lane() -> None:
+    decided = relief(waiting(GREEDY, 2), [running(remaining_steps=100)], free_lanes=1)
+    assert decided.merges == [0]
+    assert not decided.open_lane

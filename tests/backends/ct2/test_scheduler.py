@@ -8,6 +8,7 @@ with prompt [p] gets tokens p*1000, p*1000+1, ...
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -17,13 +18,19 @@ import trio
 import trio.testing
 
 from llm_local.backends.base import BackendError, BackendStats
+from llm_local.backends.ct2.costs import CostEstimate
 from llm_local.backends.ct2.item import BatchItem, WakeupRelay
 from llm_local.backends.ct2.scheduler import BatchScheduler, BatchStarted, SchedulerClosedError
 from llm_local.core.types import SamplingOptions
 
 GREEDY = SamplingOptions()
 SAMPLED = SamplingOptions(temperature=0.8, top_k=20)
-POISON = 666
+POISON = 666  # a batch holding it raises an Exception
+THREAD_EXIT = 667  # a batch holding it ends its thread with SystemExit (not an Exception)
+# Reading a prompt token costs so much that restarting a batch never pays.
+NEVER_MERGE = CostEstimate(step_base_s=0.001, step_per_item_s=0.0, prefill_token_s=1e6)
+# Reading prompt tokens is free: restarting a batch for newcomers always pays.
+ALWAYS_MERGE = CostEstimate(step_base_s=0.001, step_per_item_s=0.0, prefill_token_s=0.0)
 
 
 class ScriptedDecoder:
@@ -51,6 +58,8 @@ class ScriptedDecoder:
             raise RuntimeError("the test never opened the gate")
         if any(item.prompt_ids[0] == POISON for item in batch):
             raise RuntimeError("poisoned batch")
+        if any(item.prompt_ids[0] == THREAD_EXIT for item in batch):
+            raise SystemExit("a library called sys.exit() on the decoding thread")
         limit = max(item.remaining_new_tokens for item in batch)
         alive = list(range(len(batch)))
         for step in range(limit):
@@ -94,7 +103,9 @@ def make_scheduler(
     max_queued: int = 64,
     on_batch: list[BatchStarted] | None = None,
     busy_batch_wait_s: float | None = None,
-    merge_max_generated: int = -1,  # off: most tests look at batches merging would change
+    costs: CostEstimate = NEVER_MERGE,  # most tests look at batches merging would change
+    ttft_target_s: float = math.inf,
+    lanes: int = 0,
 ) -> BatchScheduler:
     scheduler = BatchScheduler(
         decoder,
@@ -105,7 +116,9 @@ def make_scheduler(
         min_split_size=8,  # these tests look at batches the splitting would not touch
         on_batch=None if on_batch is None else on_batch.append,
         busy_batch_wait_s=busy_batch_wait_s,
-        merge_max_generated=merge_max_generated,
+        costs=lambda: costs,
+        ttft_target_s=ttft_target_s,
+        lanes=lanes,
     )
     scheduler.start()
     return scheduler
@@ -199,7 +212,14 @@ async def test_the_queue_stays_bounded(decoder: ScriptedDecoder) -> None:
     assert sorted(results) == [[1000], [2000], [3000], [4000], [5000]]
 
 
-async def test_a_failing_batch_fails_only_its_own_items(decoder: ScriptedDecoder) -> None:
+@pytest.mark.parametrize(
+    ("failing", "why"),
+    [(POISON, "poisoned batch"), (THREAD_EXIT, "sys.exit()")],
+    ids=["an error", "a dying thread"],
+)
+async def test_a_failing_batch_fails_only_its_own_items(
+    decoder: ScriptedDecoder, failing: int, why: str
+) -> None:
     scheduler = make_scheduler(decoder)
     outcomes: dict[int, object] = {}
 
@@ -210,13 +230,18 @@ async def test_a_failing_batch_fails_only_its_own_items(decoder: ScriptedDecoder
             outcomes[prompt] = str(exc)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, POISON, GREEDY)
-        nursery.start_soon(run, 7, GREEDY)  # same batch as the poison: fails with it
+        nursery.start_soon(run, failing, GREEDY)
+        nursery.start_soon(run, 7, GREEDY)  # same batch as the failing one: fails with it
         nursery.start_soon(run, 8, SAMPLED)  # another batch: unharmed
-    assert outcomes[POISON] == outcomes[7] == "generation failed: poisoned batch"
+    assert outcomes[failing] == outcomes[7]
+    assert str(outcomes[failing]).startswith("generation failed: ")
+    assert why in str(outcomes[failing])
     assert outcomes[8] == [8000, 8001]
-    # The scheduler keeps serving after a failure.
-    assert await collect(scheduler, new_item(9, 1)) == [9000]
+    # The scheduler keeps serving after a failure, on both workers at once.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 10, GREEDY)
+        nursery.start_soon(run, 11, SAMPLED)
+    assert outcomes[10] == [10000, 10001] and outcomes[11] == [11000, 11001]
     await scheduler.aclose()
 
 
@@ -328,7 +353,7 @@ async def test_a_young_batch_is_stopped_and_continues_merged_with_the_newcomers(
     decoder: ScriptedDecoder,
 ) -> None:
     events: list[BatchStarted] = []
-    scheduler = make_scheduler(decoder, workers=1, on_batch=events, merge_max_generated=1000)
+    scheduler = make_scheduler(decoder, workers=1, on_batch=events, costs=ALWAYS_MERGE)
     results: dict[int, list[int]] = {}
 
     async def run(prompt: int, max_new_tokens: int, first: trio.Event | None = None) -> None:
@@ -361,9 +386,7 @@ async def test_a_young_batch_is_stopped_and_continues_merged_with_the_newcomers(
 async def test_a_requeued_item_can_leave_while_it_waits(decoder: ScriptedDecoder) -> None:
     events: list[BatchStarted] = []
     # A long busy window keeps the re-queued item in the queue while the other batch runs.
-    scheduler = make_scheduler(
-        decoder, on_batch=events, busy_batch_wait_s=60, merge_max_generated=1000
-    )
+    scheduler = make_scheduler(decoder, on_batch=events, busy_batch_wait_s=60, costs=ALWAYS_MERGE)
     first = {prompt: trio.Event() for prompt in (1, 9)}
     leave = {prompt: trio.CancelScope() for prompt in (1, 9)}
     seen: dict[int, list[int]] = {1: [], 9: []}
@@ -399,4 +422,80 @@ async def test_a_requeued_item_can_leave_while_it_waits(decoder: ScriptedDecoder
     assert seen[1] == [1000 + n for n in range(len(seen[1]))]
     assert decoder.batches[-1] == [2]
     assert [event.resumed for event in events] == [0, 0, 0]
-    assert scheduler.stats() == BackendStats(running=0, queued=0, batches=0)
+    assert scheduler.stats() == BackendStats(running=0, queued=0, batches=0, merges=1)
+
+
+async def test_an_extra_lane_serves_newcomers_while_the_workers_are_busy(
+    decoder: ScriptedDecoder,
+) -> None:
+    events: list[BatchStarted] = []
+    # One worker, one lane; the waiting request passes the (zero) TTFT target at once.
+    scheduler = make_scheduler(
+        decoder, workers=1, lanes=1, ttft_target_s=0.0, on_batch=events, costs=NEVER_MERGE
+    )
+    first = trio.Event()
+    got: dict[int, list[int]] = {}
+
+    async def long_one() -> None:
+        with trio.CancelScope() as scope:
+            leave_long.append(scope)
+            async with scheduler.generation(new_item(1, 10_000)) as stream:
+                async for _ in stream:
+                    first.set()
+
+    async def short_one(prompt: int) -> None:
+        got[prompt] = await collect(scheduler, new_item(prompt, 3, SAMPLED))
+
+    leave_long: list[trio.CancelScope] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_one)
+        await first.wait()
+        await short_one(2)  # served while item 1 still holds the only worker
+        assert decoder.active >= 1
+        assert scheduler.lanes_opened == 1
+        await short_one(3)  # the lane is free again: it serves the next newcomer too
+        leave_long[0].cancel()
+    await scheduler.aclose()
+    assert got == {2: [2000, 2001, 2002], 3: [3000, 3001, 3002]}
+    assert [event.lane for event in events] == [False, True, True]
+    assert scheduler.stats().lanes_opened == 2
+
+
+async def test_no_request_starves_under_sustained_load(decoder: ScriptedDecoder) -> None:
+    """Closed-loop clients of two keys keep both workers busy, merges always pay and a
+    lane is there: every request is still served within a bounded number of batches."""
+    events: list[BatchStarted] = []
+    scheduler = make_scheduler(
+        decoder,
+        workers=2,
+        max_batch_size=6,
+        lanes=1,
+        ttft_target_s=0.0,
+        on_batch=events,
+        costs=ALWAYS_MERGE,
+    )
+    waited_batches: list[int] = []
+    next_prompt = iter(range(1, 10_000))
+
+    async def client(sampling: SamplingOptions, length: int, rounds: int) -> None:
+        for _ in range(rounds):
+            before = len(events)
+            item = new_item(next(next_prompt), length, sampling)
+            tokens = await collect(scheduler, item)
+            assert len(tokens) == length
+            waited_batches.append(len(events) - before)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for index in range(12):
+                # Lengths differ: requests end and arrive at all moments.
+                nursery.start_soon(client, GREEDY if index % 3 else SAMPLED, 3 + 7 * index % 40, 6)
+    await scheduler.aclose()
+    assert len(waited_batches) == 12 * 6
+    # 12 clients, batches of up to 4: a request waits for at most the batches of the
+    # requests ahead of it (3 full batches) plus its own, and each merge restart.
+    assert scheduler.merges > 0 and scheduler.lanes_opened > 0  # the load did exercise both
+    # Oldest first: while a request waits, each of the 11 other clients' requests can
+    # start at most twice (its batch, and once more after a merge restart), however long
+    # the load lasts. (Its own batch and its own restart: 2 more.)
+    assert max(waited_batches) <= 2 * 12

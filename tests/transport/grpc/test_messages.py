@@ -90,3 +90,23 @@ def test_responses() -> None:
         5,
     )
     assert messages.local_token("é").token == "é"
+
+
+def test_a_string_that_is_not_utf8_is_named_by_its_path() -> None:
+    descriptor = llama_pb2.GenerateStreamRequest.DESCRIPTOR
+    good = llama_pb2.GenerateStreamRequest(
+        user_prompt="Hi", history=[llama_pb2.ConversationTurn(role="user", content="ok")] * 2
+    ).SerializeToString()
+    # history (field 4) once more: role "user", content (field 2) bytes that are not UTF-8.
+    bad_turn = b"\x0a\x04user\x12\x02\xc3\x28"
+    bad_stop = b"\x2a\x05\x32\x03\xff\xfe\x00"  # params (5) -> stop_sequences (6)
+
+    assert messages.first_non_utf8_string(descriptor, good) is None
+    assert messages.first_non_utf8_string(descriptor, b"\x12\x01\xff") == "user_prompt"
+    with_turn = good + b"\x22" + bytes([len(bad_turn)]) + bad_turn
+    assert messages.first_non_utf8_string(descriptor, with_turn) == "history[2].content"
+    assert messages.first_non_utf8_string(descriptor, bad_stop) == "params.stop_sequences[0]"
+    refusal = messages.undecodable_request(descriptor, b"\x12\x01\xff", "bad UTF-8")
+    assert str(refusal) == "user_prompt: is not valid UTF-8 (a proto string must be)"
+    unlocated = messages.undecodable_request(descriptor, b"\x12\x09", "truncated")
+    assert str(unlocated) == "request: is not a valid GenerateStreamRequest: truncated"

@@ -78,5 +78,7 @@ def model_not_found(name: str) -> OpenAIError:
 
 def too_large(limit: int) -> OpenAIError:
     return OpenAIError(
-        413, f"the request body is larger than {limit} bytes", code="request_too_large"
+        413,
+        f"the request body is larger than {limit} bytes (openai.max_body_bytes)",
+        code="request_too_large",
     )

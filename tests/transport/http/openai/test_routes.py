@@ -197,6 +197,7 @@ async def test_oversized_body_is_413_and_bad_json_400(make_service: ServiceFacto
 
     assert large.status_code == 413
     assert (await large.get_json())["error"]["type"] == "invalid_request_error"
+    assert "openai.max_body_bytes" in (await large.get_json())["error"]["message"]
     assert broken.status_code == 400
     assert "not valid JSON" in (await broken.get_json())["error"]["message"]
     assert unknown.status_code == 404
