@@ -68,16 +68,22 @@ k8s-check: install-dev
 	bash deploy/kubernetes/check.sh
 
 unit: install-dev docker-check k8s-check
-	$(BIN)/pytest -m "not e2e"
+	$(PYTEST) -m "not e2e"
 
 e2e: install-dev
 	ENV=test $(BIN)/llm-local convert
-	$(BIN)/pytest -m e2e
+	$(PYTEST) -m e2e
+
+# The suite runs on every core (pytest-xdist, one file per worker so that a module's
+# shared server stays in one process): most of its time is servers starting and models
+# loading, single-threaded. PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= auto
+PYTEST := $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test: install-dev
 	ENV=test $(BIN)/llm-local convert
 	$(MAKE) --no-print-directory lint typecheck docker-check k8s-check
-	$(BIN)/pytest
+	$(PYTEST)
 
 run: install
 	$(BIN)/llm-local convert

@@ -36,6 +36,9 @@ def server(serve: Callable[..., Any]) -> Any:
             "LLM_LOCAL_SERVICE_SERVER__STALL_TIMEOUT_S": str(STALL_TIMEOUT_S),
             "LLM_LOCAL_SERVICE_RUNTIME__MAX_BATCH_SIZE": str(BATCH),
             "LLM_LOCAL_SERVICE_RUNTIME__INTER_THREADS": "1",
+            # No extra lane: the fairness test counts the batches of the one worker, and a
+            # lane opened on a busy machine would start a second flood batch beside it.
+            "LLM_LOCAL_SERVICE_RUNTIME__TTFT_TARGET_MS": "0",
             "LLM_LOCAL_SERVICE_RUNTIME__COMPUTE_TYPE": "int8",
             "LLM_LOCAL_SERVICE_NUMERICS__ACCEPT_UNVERIFIED": "true",
             "LLM_LOCAL_SERVICE_CAPACITY__MAX_PER_TENANT": str(TENANT_LIMIT),

@@ -16,6 +16,7 @@ from llm_local.backends.ct2.prefix_cache import (
     activation_bytes,
     kv_bytes_per_token,
     read_variable_shapes,
+    release_freed_memory,
 )
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
@@ -135,6 +136,9 @@ async def _cache_many_system_prompts(model: LoadedModel, budget_mb: float, count
     await backend.load()
     try:
         await answers(backend, "You are a helpful assistant.", ["Hi"], 1)  # warm the buffers
+        # Memory freed earlier in this process (another test's model) would otherwise be
+        # reused by the cache without showing as growth.
+        release_freed_memory()
         before = _rss_bytes()
         for tenant in range(count):
             system = f"Tenant {tenant}. " + PERSONA
