@@ -247,7 +247,9 @@ def test_over_capacity_is_refused_and_cancelled_streams_free_the_backend(
         call.cancel()
 
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert refused_after < 2.0  # nothing queued: at once, not after a wait
+    # Nothing queued: at once, not after the 30 s queue timeout (a loose bound: a loaded
+    # 2-core machine may take a second or two for any call).
+    assert refused_after < 15.0
     server.wait_for_metric("llm_local_backend_running", 0)
     server.wait_for_metric("llm_local_backend_queued", 0)
     server.wait_for_metric("llm_local_requests_running", 0)

@@ -63,7 +63,9 @@ def test_over_capacity_is_rejected_quickly_while_admitted_streams_complete(
 
     assert rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert local_rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert rejected_after < 2.0  # nothing queued: an answer at once, not after a wait
+    # Nothing queued: an answer at once, not after the 30 s queue timeout (a loose bound:
+    # a loaded 2-core machine may take a second or two for any call).
+    assert rejected_after < 15.0
     for call in admitted:
         responses = list(call)
         assert call.code() == grpc.StatusCode.OK
