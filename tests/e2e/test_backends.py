@@ -36,7 +36,7 @@ max_concurrent = {CAPACITY}
 max_queued = 0
 
 [test.server]
-slow_start_s = 1.0  # so that even the fast ct2 load is seen "loading"
+slow_start_s = 2.0  # so that even the fast ct2 load is seen "loading"
 """
 
 
@@ -67,17 +67,19 @@ def servers(
 ) -> dict[str, Started]:
     settings_file = tmp_path_factory.mktemp("backends") / "settings.toml"
     settings_file.write_text(SETTINGS)
-    launched = {
-        backend: serve(
+    started: dict[str, Started] = {}
+    # One at a time, each watched from the moment it listens: a server started while
+    # another one is being watched could finish loading unseen on a busy machine.
+    for backend in BACKENDS:
+        server = serve(
             env={
                 "LLM_LOCAL_SETTINGS_FILES": str(settings_file),
                 "LLM_LOCAL_SERVICE_BACKEND": backend,
             },
             wait="listening",
         )
-        for backend in BACKENDS
-    }
-    return {backend: watch_until_ready(server, rpc) for backend, server in launched.items()}
+        started[backend] = watch_until_ready(server, rpc)
+    return started
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
