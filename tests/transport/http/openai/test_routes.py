@@ -221,3 +221,54 @@ async def test_closing_a_stream_stops_the_generation(make_service: ServiceFactor
             # Quart's test connection waits for a body end that a disconnected request
             # never sends (hypercorn does not wait): end it here.
             connection._client_send.close()  # type: ignore[attr-defined]
+
+
+def requests_total(service: Service, rpc: str, code: str) -> float:
+    value: float = service.metrics.requests.labels(service=rpc, code=code)._value.get()
+    return value
+
+
+async def test_each_refusal_before_the_flow_is_counted_once_with_its_code(
+    make_service: ServiceFactory,
+) -> None:
+    service = await ready(
+        make_service(
+            openai__api_keys="key",
+            openai__max_body_bytes=2048,
+            limits__http_max_header_bytes=4096,
+        )
+    )
+    auth = {"Authorization": "Bearer key"}
+    refusals: list[tuple[str, dict[str, Any], str, int]] = [
+        # (path, post() arguments, the counted code, the HTTP status)
+        ("/v1/completions", {"json": {"prompt": "Hi"}}, "UNAUTHENTICATED", 401),
+        (CHAT, {"data": b"{not json", "headers": auth}, "INVALID_ARGUMENT", 400),
+        (CHAT, {"json": [1, 2], "headers": auth}, "INVALID_ARGUMENT", 400),
+        (CHAT, {"json": chat_body(model="gpt-4"), "headers": auth}, "NOT_FOUND", 404),
+        (CHAT, {"json": chat_body("x" * 4096), "headers": auth}, "RESOURCE_EXHAUSTED", 413),
+        (
+            "/v1/completions",
+            {"json": {"prompt": "Hi"}, "headers": {**auth, "x-padding": "p" * 8192}},
+            "RESOURCE_EXHAUSTED",
+            431,
+        ),
+    ]
+    rpcs = {CHAT: "openai.chat.completions", "/v1/completions": "openai.completions"}
+    async with client_for(service) as client:
+        for path, arguments, code, status in refusals:
+            before = requests_total(service, rpcs[path], code)
+            response = await client.post(path, **arguments)
+            assert response.status_code == status, (path, code)
+            assert requests_total(service, rpcs[path], code) == before + 1, (path, code, status)
+        # A request the flow refuses is counted there, once too.
+        invalid = await client.post(CHAT, json=chat_body(temperature=-1), headers=auth)
+        assert invalid.status_code == 400
+
+    assert requests_total(service, "openai.chat.completions", "INVALID_ARGUMENT") == 3
+    total = sum(
+        sample.value
+        for metric in service.metrics.requests.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    assert total == len(refusals) + 1
