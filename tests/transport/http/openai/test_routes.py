@@ -272,3 +272,49 @@ async def test_each_refusal_before_the_flow_is_counted_once_with_its_code(
         if sample.name.endswith("_total")
     )
     assert total == len(refusals) + 1
+
+
+async def test_a_plain_completion_gets_the_bos_its_tokenizer_asks_for_exactly_once(
+    make_service: ServiceFactory,
+) -> None:
+    from llm_local.backends.fake import FakeBackend
+    from llm_local.backends.fake.tokenizer import IM_START
+
+    prompt = "User: Hi\nAssistant:"
+    received: dict[tuple[bool, str], tuple[tuple[int, ...], int]] = {}
+    for asks in (True, False):
+        service = await ready(make_service(fake=FakeConfig(plain_prompt_bos=asks)))
+        backend = service.backend
+        assert isinstance(backend, FakeBackend)
+        async with client_for(service) as client:
+            for text in (prompt, "<|im_start|>" + prompt):
+                response = await client.post("/v1/completions", json={"prompt": text})
+                usage = (await response.get_json())["usage"]
+                received[asks, text] = (backend.calls[-1].prompt_ids, usage["prompt_tokens"])
+
+    plain_ids = tuple(prompt.encode())
+    # Asked for: one BOS, whether the prompt spelled it or not, and counted in the usage.
+    assert received[True, prompt] == ((IM_START, *plain_ids), len(plain_ids) + 1)
+    assert received[True, "<|im_start|>" + prompt] == ((IM_START, *plain_ids), len(plain_ids) + 1)
+    # Not asked for: the prompt's own ids, a spelled BOS kept as written.
+    assert received[False, prompt] == (plain_ids, len(plain_ids))
+    assert received[False, "<|im_start|>" + prompt] == ((IM_START, *plain_ids), len(plain_ids) + 1)
+
+
+async def test_a_chat_prompt_is_the_same_whether_or_not_plain_prompts_get_a_bos(
+    make_service: ServiceFactory,
+) -> None:
+    from llm_local.backends.fake import FakeBackend
+
+    seen = []
+    for asks in (True, False):
+        service = await ready(make_service(fake=FakeConfig(plain_prompt_bos=asks)))
+        backend = service.backend
+        assert isinstance(backend, FakeBackend)
+        async with client_for(service) as client:
+            response = await client.post(CHAT, json=chat_body("Hi"))
+            usage = (await response.get_json())["usage"]
+        seen.append((backend.calls[-1].prompt_ids, usage["prompt_tokens"]))
+
+    assert seen[0] == seen[1]
+    assert seen[0][1] == len(seen[0][0])
