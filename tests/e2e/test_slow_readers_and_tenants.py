@@ -27,7 +27,7 @@ ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
 STALL_TIMEOUT_S = 2.0
 BATCH = 4
 TENANT_LIMIT = 12
-FLOOD_TOKENS = 96
+FLOOD_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +103,10 @@ def test_one_tenant_flooding_delays_another_by_at_most_one_batch(
     lock = threading.Lock()
 
     def stream(name: str, tenant: str) -> None:
-        # Long enough that the flood's first batch still decodes when the lone request
-        # arrives (two refusals later), on a busy machine too: 24 tokens was not (a second
-        # batch of the flood had started, and the lone one came a batch later than meant).
+        # Long enough that the flood's first batch still decodes while the lone request
+        # arrives and the flood's extra requests are refused, on a busy machine too: with
+        # 24 tokens it could end first (the lone request then came a batch later than this
+        # test means, or the flood was below its limit).
         call = rpc.llama(
             channel, endless(FLOOD_TOKENS), metadata=(("x-tenant-id", tenant),), timeout=120
         )
@@ -132,6 +133,9 @@ def test_one_tenant_flooding_delays_another_by_at_most_one_batch(
     else:
         pytest.fail(f"the flood never waited in the backend: {running} running, {queued} queued")
 
+    lone = threading.Thread(target=stream, args=("lone", "lone"))
+    lone.start()
+
     # The flooding tenant is at its limit: refused at once, by name, on both APIs.
     refused = rpc.error(lambda: list(rpc.llama(channel, endless(4), (("x-tenant-id", "flood"),))))
     assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -140,8 +144,6 @@ def test_one_tenant_flooding_delays_another_by_at_most_one_batch(
     assert status == 429
     assert "tenant 'flood' at its limit" in body
 
-    lone = threading.Thread(target=stream, args=("lone", "lone"))
-    lone.start()
     for thread in [*flood, lone]:
         thread.join(timeout=120)
     assert set(finished) == {*(f"flood-{n}" for n in range(TENANT_LIMIT)), "lone"}
