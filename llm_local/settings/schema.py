@@ -54,7 +54,7 @@ class RuntimeSettings:
     device_index: int
     compute_type: ComputeType
     # "auto" (both): from the CPUs this process may use and measured thread scaling
-    # (backends/ct2/threads.py); numbers win.
+    # (backends/shared/threads.py); numbers win.
     inter_threads: Threads  # parallel batches (workers)
     intra_threads: Threads  # threads inside one batch; 0 = CTranslate2's default
     max_batch_size: int  # requests decoded together in one batch
