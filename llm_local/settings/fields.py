@@ -270,7 +270,7 @@ FIELDS: tuple[Field, ...] = (
     integer("transformers.max_requests_per_batch", 1),
     integer("transformers.max_batch_tokens", 0),
     integer("transformers.kv_cache_tokens", 0),
-    integer("llama_cpp.context_tokens", 0),
+    integer("llama_cpp.kv_cache_tokens", 0),
     integer("llama_cpp.sequences", 1),
     integer("llama_cpp.prefill_chunk_tokens", 1),
     integer("llama_cpp.gpu_layers", 0),

@@ -89,9 +89,10 @@ class LlamaCppSettings:
     """The `llama_cpp` backend's own options (backends/llama_cpp): the GGUF served as is by
     llama.cpp's library, its requests decoded by our continuous-batching scheduler."""
 
-    # Prompt + completion tokens one request may hold (its own KV cache slice);
+    # Tokens the KV cache holds for all requests together (one pool, shared): a request
+    # starts only when its prompt + max_new_tokens fit what the running ones left.
     # 0 = the model's training context.
-    context_tokens: int
+    kv_cache_tokens: int
     sequences: int  # requests decoded together (llama.cpp sequences); more wait their turn
     # Prompt tokens read per step while other requests decode: the newcomer's wait
     # against the running streams' pace.

@@ -34,7 +34,7 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("transformers.max_requests_per_batch", 0),
     ("transformers.max_batch_tokens", -1),
     ("transformers.kv_cache_tokens", "lots"),
-    ("llama_cpp.context_tokens", -1),
+    ("llama_cpp.kv_cache_tokens", -1),
     ("llama_cpp.sequences", 0),
     ("llama_cpp.prefill_chunk_tokens", 0),
     ("llama_cpp.gpu_layers", -1),

@@ -74,6 +74,7 @@ class LlamaCppBackend:
             handle.ctx,
             handle.memory,
             sequences=options.sequences,
+            kv_cache_tokens=options.kv_cache_tokens,
             context_per_sequence=handle.context_per_sequence,
             batch_tokens=options.batch_tokens,
             prefill_chunk_tokens=model.prefill_chunk_tokens,

@@ -59,7 +59,7 @@ class ModelOptions:
 
 @dataclass(frozen=True, slots=True)
 class ContextOptions:
-    context_tokens: int  # per sequence
+    kv_cache_tokens: int  # for all sequences together
     sequences: int
     batch_tokens: int  # the most tokens one llama_decode call takes
     threads: int
@@ -74,20 +74,21 @@ def model_params(lib: Any, options: ModelOptions) -> Any:
 
 
 def context_params(lib: Any, options: ContextOptions) -> Any:
-    """llama_context_params: one KV cache slice of `context_tokens` per sequence.
+    """llama_context_params: one KV cache pool that every sequence draws from.
 
-    Not unified: each sequence owns its slice, so a request that validation let in (its
-    prompt plus its completion fit the context limit) never finds the cache full because
-    of its neighbours.
+    Unified: a sequence may grow to the whole pool, and memory follows what requests use,
+    not sequences x the longest context. The scheduler admits a request only when its
+    prompt + max_new_tokens fit what the running ones may still take (policy.admit), so
+    the pool never runs out under a decode.
     """
     params = lib.llama_context_default_params()
-    params.n_ctx = options.context_tokens * options.sequences
+    params.n_ctx = options.kv_cache_tokens
     params.n_batch = options.batch_tokens
     params.n_ubatch = options.batch_tokens
     params.n_seq_max = options.sequences
     params.n_threads = options.threads
     params.n_threads_batch = options.threads
-    params.kv_unified = False
+    params.kv_unified = True
     params.no_perf = True
     return params
 
@@ -104,9 +105,9 @@ class LoadedLibraryModel:
         if not self.model:
             raise BackendLoadError(f"llama.cpp cannot load {path} (see its log above)")
         self.train_context = int(lib.llama_model_n_ctx_train(self.model))
-        tokens = context.context_tokens or self.train_context
+        tokens = context.kv_cache_tokens or self.train_context
         self.context_options = ContextOptions(
-            context_tokens=tokens,
+            kv_cache_tokens=tokens,
             sequences=context.sequences,
             batch_tokens=context.batch_tokens,
             threads=context.threads,
@@ -117,12 +118,13 @@ class LoadedLibraryModel:
             lib.llama_model_free(self.model)
             self.model = None
             raise BackendLoadError(
-                f"llama.cpp cannot make a context of {tokens} tokens x "
+                f"llama.cpp cannot make a context of {tokens} tokens for "
                 f"{context.sequences} sequences (memory?)"
             )
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.memory = lib.llama_get_memory(self.ctx)
-        self.context_per_sequence = int(lib.llama_n_ctx_seq(self.ctx))
+        # What one sequence may hold: the pool, within the model's training context.
+        self.context_per_sequence = min(int(lib.llama_n_ctx_seq(self.ctx)), self.train_context)
 
     def description(self) -> str:
         """e.g. "llama ?B Q4_1" (architecture, size, file type)."""

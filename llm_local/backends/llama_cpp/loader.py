@@ -23,6 +23,7 @@ from llm_local.backends.llama_cpp.library import (
     ModelOptions,
     library,
 )
+from llm_local.backends.llama_cpp.threads import measure_threads
 from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
 from llm_local.backends.shared.threads import usable_cpus
 
@@ -47,7 +48,8 @@ class LoadPlan:
     gguf: Path
     model: ModelSettings
     options: LlamaCppSettings
-    threads: int
+    threads: int  # the CPUs we may use when auto (then measured at load), else as set
+    measure_threads: bool
     batch_tokens: int
 
 
@@ -80,6 +82,7 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
         model=settings.model,
         options=options,
         threads=threads,
+        measure_threads=options.threads == "auto",
         batch_tokens=batch_tokens(options),
     )
 
@@ -148,7 +151,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         plan.gguf,
         ModelOptions(gpu_layers=options.gpu_layers, repack=options.repack),
         ContextOptions(
-            context_tokens=options.context_tokens,
+            kv_cache_tokens=options.kv_cache_tokens,
             sequences=options.sequences,
             batch_tokens=plan.batch_tokens,
             threads=plan.threads,
@@ -156,6 +159,10 @@ def load_model(plan: LoadPlan) -> LoadedModel:
     )
     try:
         tokenizer = LlamaVocabTokenizer(lib, handle.model, handle.vocab)
+        threads = plan.threads
+        if plan.measure_threads:
+            probe = tokenizer.encode("Hello")[0]
+            threads = measure_threads(lib, handle.ctx, handle.memory, probe, plan.threads)
         if tokenizer.chat_template is None:
             log.warning("%s has no chat template: chat requests will be refused", plan.gguf)
         limit = handle.context_per_sequence
@@ -167,17 +174,17 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             device="cuda:0" if options.gpu_layers > 0 else "cpu",
             compute_type=file_type(handle.description()),
             context_limit=limit,
-            threads=(1, plan.threads),
+            threads=(1, threads),
         )
     except BaseException:
         handle.free()
         raise
     log.info(
-        "llama.cpp: %s, %d sequences x %d tokens, %d threads, repack %s",
+        "llama.cpp: %s, %d sequences sharing %d KV cache tokens, %d threads, repack %s",
         handle.description(),
         options.sequences,
-        handle.context_per_sequence,
-        plan.threads,
+        handle.context_options.kv_cache_tokens,
+        threads,
         "on" if options.repack else "off",
     )
     return LoadedModel(

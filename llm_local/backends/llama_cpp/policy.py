@@ -12,7 +12,10 @@ sequence. The rule, after llama.cpp's server slots and Ollama's runner:
 - a newcomer whose prompt is read in full gets its first token sampled in that same step.
 
 `admit` picks which waiting requests take the free sequences: tenants take turns
-(core/fairness.py), each tenant's requests in arrival order.
+(core/fairness.py), each tenant's requests in arrival order, and a request starts only
+when its prompt + max_new_tokens fit the KV cache tokens the running requests may still
+claim (the pool is shared: nothing can run out of room under a decode). Admission stops at
+the first request that does not fit, so that a long request is not overtaken forever.
 """
 
 from __future__ import annotations
@@ -52,8 +55,22 @@ def plan_step(
     return plan
 
 
-def admit(waiting: Sequence[T], free_sequences: int, tenant: Callable[[T], str | None]) -> list[T]:
-    """The waiting requests that start now, in the order they start."""
-    if free_sequences <= 0 or not waiting:
-        return []
-    return list(in_tenant_turns(waiting, tenant))[:free_sequences]
+def admit(
+    waiting: Sequence[T],
+    free_sequences: int,
+    tenant: Callable[[T], str | None],
+    *,
+    reserve: Callable[[T], int],
+    free_tokens: int,
+) -> list[T]:
+    """The waiting requests that start now, in the order they start.
+
+    `reserve(item)`: the KV cache tokens the item may come to hold; `free_tokens`: what
+    the running requests leave of the pool."""
+    started: list[T] = []
+    for item in in_tenant_turns(waiting, tenant):
+        if len(started) >= free_sequences or reserve(item) > free_tokens:
+            break
+        started.append(item)
+        free_tokens -= reserve(item)
+    return started

@@ -75,6 +75,7 @@ class LlamaScheduler:
         memory: Any,
         *,
         sequences: int,
+        kv_cache_tokens: int,
         context_per_sequence: int,
         batch_tokens: int,
         prefill_chunk_tokens: int,
@@ -87,6 +88,7 @@ class LlamaScheduler:
         self._ctx = ctx
         self._memory = memory
         self._sequences = sequences
+        self._kv_cache_tokens = kv_cache_tokens
         self._context_per_sequence = context_per_sequence
         self._batch_tokens = batch_tokens
         self._prefill_chunk_tokens = prefill_chunk_tokens
@@ -191,7 +193,14 @@ class LlamaScheduler:
             for running in [r for r in self._running if not r.item.active]:
                 self._release(running)
             self._waiting = [item for item in self._waiting if item.active]
-            starting = admit(self._waiting, len(self._free_ids), lambda item: item.tenant_id)
+            reserved = sum(_reserve(running.item) for running in self._running)
+            starting = admit(
+                self._waiting,
+                len(self._free_ids),
+                lambda item: item.tenant_id,
+                reserve=_reserve,
+                free_tokens=self._kv_cache_tokens - reserved,
+            )
             for item in starting:
                 self._waiting.remove(item)
         for item in starting:
@@ -278,3 +287,8 @@ class LlamaScheduler:
             if running.item.offer_token(token, is_end) or is_end:
                 self._release(running)
         self._running_count = len(self._running)
+
+
+def _reserve(item: BatchItem) -> int:
+    """The KV cache tokens a request may come to hold: its prompt and every new token."""
+    return item.prompt_length + item.max_new_tokens

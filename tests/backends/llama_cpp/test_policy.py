@@ -63,12 +63,32 @@ def test_every_decoding_sequence_moves_and_the_batch_never_overflows(
     assert prefill == min(budget, sum(prompt_left))
 
 
+def tenant(item: tuple[str | None, int]) -> str | None:
+    return item[0]
+
+
+def size(item: tuple[str | None, int]) -> int:
+    return item[1]
+
+
 def test_free_sequences_go_to_tenants_in_turn() -> None:
     waiting = [("a", 1), ("a", 2), ("a", 3), ("b", 1), (None, 1)]
-    started = admit(waiting, 3, lambda item: item[0])
+    started = admit(waiting, 3, tenant, reserve=size, free_tokens=100)
     assert started == [("a", 1), ("b", 1), (None, 1)]
 
 
 def test_nothing_starts_without_a_free_sequence() -> None:
-    assert admit([("a", 1)], 0, lambda item: item[0]) == []
-    assert admit([], 4, lambda item: item) == []
+    assert admit([("a", 1)], 0, tenant, reserve=size, free_tokens=100) == []
+    assert admit([], 4, tenant, reserve=size, free_tokens=100) == []
+
+
+def test_a_request_starts_only_when_its_tokens_fit_the_kv_cache_left() -> None:
+    waiting = [("a", 600), ("b", 300), ("c", 100)]
+    # 700 tokens left: a fits, then b does not, and c waits behind b (no overtaking).
+    assert admit(waiting, 8, tenant, reserve=size, free_tokens=700) == [("a", 600)]
+    assert admit(waiting, 8, tenant, reserve=size, free_tokens=1000) == [
+        ("a", 600),
+        ("b", 300),
+        ("c", 100),
+    ]
+    assert admit(waiting, 8, tenant, reserve=size, free_tokens=500) == []
