@@ -72,17 +72,21 @@ def servers(
 ) -> dict[str, Started]:
     settings_file = tmp_path_factory.mktemp("backends") / "settings.toml"
     settings_file.write_text(SETTINGS)
-    launched = {
-        backend: serve(
-            env={
-                "LLM_LOCAL_SETTINGS_FILES": str(settings_file),
-                "LLM_LOCAL_SERVICE_BACKEND": backend,
-            },
-            wait="listening",
+    # One after the other, each watched from the moment it listens: a server started
+    # beside others would be ready before anyone looked at it loading.
+    return {
+        backend: watch_until_ready(
+            serve(
+                env={
+                    "LLM_LOCAL_SETTINGS_FILES": str(settings_file),
+                    "LLM_LOCAL_SERVICE_BACKEND": backend,
+                },
+                wait="listening",
+            ),
+            rpc,
         )
         for backend in BACKENDS
     }
-    return {backend: watch_until_ready(server, rpc) for backend, server in launched.items()}
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
