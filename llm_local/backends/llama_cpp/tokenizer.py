@@ -34,6 +34,10 @@ class LlamaVocabTokenizer:
             token = int(getattr(lib, getter)(vocab))
             if token >= 0:
                 self._special_tokens[name] = self._text(token)
+        # The GGUF's tokenizer.ggml.add_bos_token: a plain (template-less) prompt starts with
+        # bos when it asks for one (main's ModelTokenizer.plain_prompt_bos_id, issue 26).
+        bos = int(lib.llama_vocab_bos(vocab))
+        self._plain_prompt_bos_id = bos if bos >= 0 and lib.llama_vocab_get_add_bos(vocab) else None
         # Every end-of-generation token the vocabulary marks (eos, eot, <|im_end|>, ...).
         self._end_token_ids = frozenset(
             token for token in range(self.vocab_size) if lib.llama_vocab_is_eog(vocab, token)
@@ -42,6 +46,10 @@ class LlamaVocabTokenizer:
     @property
     def end_token_ids(self) -> frozenset[int]:
         return self._end_token_ids
+
+    @property
+    def plain_prompt_bos_id(self) -> int | None:
+        return self._plain_prompt_bos_id
 
     @property
     def chat_template(self) -> str | None:

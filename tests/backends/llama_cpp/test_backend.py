@@ -121,6 +121,7 @@ async def test_the_tokenizer_is_the_gguf_s_own_with_its_chat_template(
     assert ids[0] in tokenizer.encode("<|im_start|>")  # parsed as one special token
     assert tokenizer.encode("<|im_end|>")[0] in tokenizer.end_token_ids
     assert tokenizer.decode(ids) == "user\nHello"  # special tokens give no text
+    assert tokenizer.plain_prompt_bos_id is None  # SmolLM2's GGUF asks for no bos
 
 
 async def stream_tokens(
