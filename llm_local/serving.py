@@ -64,9 +64,12 @@ class Code(enum.Enum):
     CANCELLED = 1
     INVALID_ARGUMENT = 3
     DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
     RESOURCE_EXHAUSTED = 8
+    UNIMPLEMENTED = 12
     UNAVAILABLE = 14
     INTERNAL = 13
+    UNAUTHENTICATED = 16
 
 
 class CallError(Exception):
@@ -148,6 +151,12 @@ class GenerationFlow:
     def in_flight(self) -> int:
         """Generation calls started and not yet ended."""
         return len(self._calls)
+
+    def refused(self, rpc: str | None, code: Code, tenant: str | None = None) -> None:
+        """Count a call the transport refused before it reached `generate` (too large,
+        undecodable, ...), under the service label `rpc` it would have had (None: the
+        transport cannot tell). The transport has logged why; nothing else is recorded."""
+        self._service.metrics.observe_refusal(service=rpc, code=code.name, tenant=tenant)
 
     async def generate(
         self,

@@ -64,6 +64,15 @@ class ModelTokenizer(Protocol):
         """Names the template may use: bos_token, eos_token, ... -> their text."""
         ...
 
+    @property
+    def plain_prompt_bos_id(self) -> int | None:
+        """The id a plain prompt (a text completion: no chat template) starts with,
+        when the model's tokenizer configuration asks for one (``add_bos_token`` in
+        tokenizer_config.json or the GGUF's ``tokenizer.ggml.add_bos_token``, or a
+        post-processor that adds it); None when it asks for none. Core adds it once
+        (core.prompt.with_bos); a chat prompt gets its BOS from its template instead."""
+        ...
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens spelled in the text become their ids,
         nothing is added around it (the chat template already placed bos etc.)."""

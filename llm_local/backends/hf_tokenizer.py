@@ -11,6 +11,10 @@ What it reads:
   ``{"name", "template"}`` entries of which the one named ``default`` is used).
 - ``tokenizer_config.json``: the special tokens (bos/eos/unk/pad) the template may use.
 - ``generation_config.json``: ``eos_token_id`` (one id or a list) ends a turn.
+- whether a plain prompt starts with the BOS: ``tokenizer_config.json["add_bos_token"]``
+  when it says (transformers writes the GGUF's ``tokenizer.ggml.add_bos_token`` there),
+  else whether ``tokenizer.json``'s post-processor puts a token before the text (Llama 3
+  configures ``<|begin_of_text|>`` only there).
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ class HFTokenizer:
         chat_template: str | None,
         special_tokens: Mapping[str, str],
         generation_eos_ids: Iterable[int] = (),
+        plain_prompt_bos_id: int | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        self._plain_prompt_bos_id = plain_prompt_bos_id
         self._chat_template = chat_template
         self._special_tokens = dict(special_tokens)
         self._end_token_ids = _collect_end_token_ids(
@@ -80,11 +86,15 @@ class HFTokenizer:
             raise TokenizerLoadError(f"{tokenizer_path} cannot be read: {exc}") from exc
         config = _read_json_object(directory / TOKENIZER_CONFIG_FILE)
         generation_config = _read_json_object(directory / GENERATION_CONFIG_FILE)
+        special_tokens = _special_tokens(config)
         return cls(
             tokenizer,
             chat_template=_read_chat_template(directory, config),
-            special_tokens=_special_tokens(config),
+            special_tokens=special_tokens,
             generation_eos_ids=_as_id_list(generation_config.get("eos_token_id")),
+            plain_prompt_bos_id=_plain_prompt_bos_id(
+                tokenizer, config.get("add_bos_token"), special_tokens.get("bos_token")
+            ),
         )
 
     @property
@@ -102,6 +112,10 @@ class HFTokenizer:
     @property
     def special_tokens(self) -> dict[str, str]:
         return dict(self._special_tokens)
+
+    @property
+    def plain_prompt_bos_id(self) -> int | None:
+        return self._plain_prompt_bos_id
 
     @property
     def vocab_size(self) -> int:
@@ -140,6 +154,25 @@ def _collect_end_token_ids(
         if token_id is not None:
             ids.add(token_id)
     return frozenset(ids)
+
+
+def _plain_prompt_bos_id(
+    tokenizer: Tokenizer, add_bos_token: object, bos_text: str | None
+) -> int | None:
+    """The BOS a plain prompt starts with (module docstring), or None."""
+    if isinstance(add_bos_token, bool):
+        if not add_bos_token or bos_text is None:
+            return None
+        bos_id: int | None = tokenizer.token_to_id(bos_text)
+        return bos_id
+    # No flag: ask the post-processor what it adds around a text, and keep a single
+    # token it puts in front (a BOS); what it may add after (an EOS) a completion never
+    # wants, and llama.cpp and vLLM's servers would not add it either by this rule.
+    bare: list[int] = tokenizer.encode("a", add_special_tokens=False).ids
+    framed: list[int] = tokenizer.encode("a", add_special_tokens=True).ids
+    if len(framed) > len(bare) and framed[1 : 1 + len(bare)] == bare:
+        return framed[0]
+    return None
 
 
 def _read_json_object(path: Path) -> dict[str, object]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,4 +74,19 @@ def load_gguf(path: Path, hf_dir: Path) -> Any:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
+    keep_add_bos_token(tokenizer, hf_dir / "tokenizer_config.json")
     return model
+
+
+def keep_add_bos_token(tokenizer: Any, config_path: Path) -> None:
+    """Write the GGUF's ``tokenizer.ggml.add_bos_token`` (which transformers read into
+    the tokenizer) into tokenizer_config.json, where serving looks for it: transformers
+    5 leaves it out when it saves, and without it serving can only guess from the
+    post-processor whether a plain prompt wants a BOS."""
+    flag = getattr(tokenizer, "add_bos_token", None)
+    if not isinstance(flag, bool) or not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config, dict) and "add_bos_token" not in config:
+        config["add_bos_token"] = flag
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")

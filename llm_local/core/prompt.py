@@ -27,6 +27,13 @@ with it the run ends a few ids earlier, where the context begins). A template th
 injects a default system prompt (SmolLM2's) shares that block across requests without
 one. A plain text completion shares nothing.
 
+A plain text completion (no chat template) is encoded as is, then given the BOS its
+model's tokenizer configuration asks for (`ModelTokenizer.plain_prompt_bos_id`), exactly
+once: a prompt whose text already starts with it keeps the one it has. That is what vLLM
+and llama.cpp's server do on a completion; models trained with a BOS (Llama 3's
+``<|begin_of_text|>``, Phi-3's ``<s>``) answer worse without it. A chat prompt is left
+as its template made it: the template places the BOS itself when the model wants one.
+
 A model without a chat template gets this plain format::
 
     System: <system turn>
@@ -144,6 +151,8 @@ def prepare_prompt(
         raise ValueError(f"context_limit must be positive, got {context_limit}")
     text = build_prompt(request, tokenizer)
     ids = tuple(tokenizer.encode(text))
+    if not request.chat_template:
+        ids = with_bos(ids, tokenizer.plain_prompt_bos_id)
     room = context_limit - len(ids)
     if room < 1:
         raise InvalidRequest(
@@ -160,6 +169,13 @@ def prepare_prompt(
         context_bound=max_new_tokens < request.max_new_tokens,
         shared_prefix_length=shared_prefix_length(request, tokenizer, ids),
     )
+
+
+def with_bos(ids: Sequence[int], bos_id: int | None) -> tuple[int, ...]:
+    """`ids` starting with `bos_id` exactly once (None: as they are)."""
+    if bos_id is None or (ids and ids[0] == bos_id):
+        return tuple(ids)
+    return (bos_id, *ids)
 
 
 def render_plain(messages: list[Message]) -> str:

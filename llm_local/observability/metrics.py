@@ -5,7 +5,14 @@ services as they like without "duplicated timeseries" errors, and /metrics shows
 this service's series (no process-global default registry).
 
 Counters and histograms are fed by the request path (`observe_request`,
-`observe_inter_token`, `rejected`, `stalled`) and the model loader (`set_model_state`).
+`observe_refusal`, `observe_inter_token`, `rejected`, `stalled`) and the model loader
+(`set_model_state`).
+
+``llm_local_requests_total`` counts every generation call that ended, refusals included:
+the flow's outcomes (`observe_request`), and the calls a transport refused before the
+flow saw them (`observe_refusal`: a message over the size limit, oversized metadata, an
+undecodable message, an HTTP body that is not JSON, ...), under the service label the
+call would have had, or ``unknown`` when the transport cannot tell.
 
 Per-tenant series (``llm_local_tenant_*``) carry a `tenant` label from a bounded set
 (core/fairness.TenantLabels): the first ``server.metrics_tenant_labels`` tenant ids seen
@@ -42,6 +49,8 @@ if TYPE_CHECKING:
     from llm_local.service import Service
 
 PREFIX = "llm_local"
+# The service label of a refused call whose service the transport cannot tell.
+UNKNOWN_SERVICE = "unknown"
 DEFAULT_TENANT_LABELS = 32
 
 MODEL_PHASES = ("loading", "ready", "failed", "stopping")
@@ -116,7 +125,7 @@ class Metrics:
 
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "Finished generation requests by RPC service and status code.",
+            "Ended generation requests by RPC service and status code, refusals included.",
             ["service", "code"],
             registry=registry,
         )
@@ -213,6 +222,14 @@ class Metrics:
         if completion_tokens > 0:
             self.completion_tokens.labels(service=service).inc(completion_tokens)
             self.tenant_completion_tokens.labels(tenant=tenant_label).inc(completion_tokens)
+
+    def observe_refusal(self, *, service: str | None, code: str, tenant: str | None = None) -> None:
+        """A call the transport refused before it reached the request flow: it counts
+        among the requests (by `code`, under `service` or ``unknown``), and has no
+        duration, tokens or time to first token to observe."""
+        label = service or UNKNOWN_SERVICE
+        self.requests.labels(service=label, code=code).inc()
+        self.tenant_requests.labels(tenant=self.tenant_labels.label(tenant), code=code).inc()
 
     def observe_inter_token(self, seconds: float) -> None:
         self.inter_token_latency.observe(seconds)

@@ -302,6 +302,8 @@ FIELDS: tuple[Field, ...] = (
     number("server.slow_start_s", 0),
     number("server.stall_timeout_s", 0, exclusive_minimum=True),
     integer("server.metrics_tenant_labels", 0),
+    number("server.grpc_max_connection_age_s", 0),
+    number("server.grpc_max_connection_age_grace_s", 0),
     optional_path("tls.cert_path"),
     optional_path("tls.key_path"),
     optional_path("tls.ca_path"),

@@ -170,6 +170,11 @@ class ServerSettings:
     stall_timeout_s: float
     # Tenants with their own label in /metrics (the first seen); later ones are "other".
     metrics_tenant_labels: int
+    # A gRPC connection this old gets GOAWAY (its client reconnects and finds replicas
+    # started since); 0 = connections live for ever. Spread by +-10 % per connection.
+    grpc_max_connection_age_s: float
+    # How long the calls running on such a connection may still take before it closes.
+    grpc_max_connection_age_grace_s: float
 
 
 @dataclass(frozen=True, slots=True)

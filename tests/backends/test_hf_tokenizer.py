@@ -168,3 +168,36 @@ def test_a_broken_config_file_is_named(tiny_dir: Path) -> None:
     (tiny_dir / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(TokenizerLoadError, match=r"tokenizer_config\.json cannot be read"):
         HFTokenizer.from_directory(tiny_dir)
+
+
+# -- whether a plain prompt starts with the BOS ------------------------------------------------
+
+
+def test_add_bos_token_in_the_config_decides_the_plain_prompt_bos(tiny_dir: Path) -> None:
+    write_json(tiny_dir / "tokenizer_config.json", {"bos_token": "<s>", "add_bos_token": True})
+    assert HFTokenizer.from_directory(tiny_dir).plain_prompt_bos_id == TINY_VOCAB["<s>"]
+    write_json(tiny_dir / "tokenizer_config.json", {"bos_token": "<s>", "add_bos_token": False})
+    assert HFTokenizer.from_directory(tiny_dir).plain_prompt_bos_id is None
+
+
+def test_without_the_flag_the_post_processor_decides(tiny_dir: Path) -> None:
+    from tokenizers.processors import TemplateProcessing
+
+    write_json(tiny_dir / "tokenizer_config.json", {"bos_token": "<s>"})
+    assert HFTokenizer.from_directory(tiny_dir).plain_prompt_bos_id is None  # adds nothing
+
+    # Llama 3's shape: the BOS only in tokenizer.json's post-processor.
+    tokenizer = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", TINY_VOCAB["<s>"])]
+    )
+    tokenizer.save(str(tiny_dir / "tokenizer.json"))
+    loaded = HFTokenizer.from_directory(tiny_dir)
+    assert loaded.plain_prompt_bos_id == TINY_VOCAB["<s>"]
+    assert loaded.encode("hello") == [TINY_VOCAB["hello"]]  # encode itself adds nothing
+
+
+@pytest.mark.model
+def test_smollm2_plain_prompts_get_no_bos(smol: HFTokenizer) -> None:
+    # Its GGUF: tokenizer.ggml.add_bos_token = false.
+    assert smol.plain_prompt_bos_id is None

@@ -29,9 +29,11 @@ from llm_local.convert.sources import resolve_source
 from llm_local.settings.loader import load_settings
 from llm_local.settings.schema import AppSettings
 
-pytestmark = pytest.mark.model
-
 CONVERT_TIMEOUT_S = 600
+
+# The module's fixture converts twice (a conversion killed halfway, then a rerun): on a
+# busy 2-core machine that outlasts pytest's 300 s default, which counts the fixture.
+pytestmark = [pytest.mark.model, pytest.mark.timeout(2 * CONVERT_TIMEOUT_S + 60)]
 
 
 def convert_command(*args: str) -> list[str]:

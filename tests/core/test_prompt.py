@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from llm_local.core.errors import InvalidRequest
-from llm_local.core.prompt import PreparedPrompt, build_prompt, prepare_prompt
+from llm_local.core.prompt import PreparedPrompt, build_prompt, prepare_prompt, with_bos
 from llm_local.core.types import ChatTurn, GenerationRequest, Role
 
 # SmolLM2-135M-Instruct's template (chat_template.jinja of the converted test model).
@@ -46,8 +46,15 @@ ALTERNATING_TEMPLATE = (
 class CharTokenizer:
     """One token per character: token counts are easy to reason about."""
 
-    def __init__(self, chat_template: str | None = SMOLLM2_TEMPLATE) -> None:
+    def __init__(
+        self, chat_template: str | None = SMOLLM2_TEMPLATE, bos_id: int | None = None
+    ) -> None:
         self._chat_template = chat_template
+        self._bos_id = bos_id
+
+    @property
+    def plain_prompt_bos_id(self) -> int | None:
+        return self._bos_id
 
     @property
     def end_token_ids(self) -> frozenset[int]:
@@ -239,3 +246,57 @@ def test_real_tokenizer_encodes_template_markers_as_special_tokens(smollm2_token
     assert prepared.ids.count(1) == 3  # <|im_start|>: system, user, assistant
     assert prepared.ids.count(2) == 2  # <|im_end|>: system, user
     assert smollm2_tokenizer.decode(prepared.ids).endswith("assistant\n")
+
+
+# -- the BOS of a plain completion ---------------------------------------------------------
+
+BOS = 2  # "\x02" to the character tokenizer: a prompt can spell it
+
+
+def test_with_bos_adds_it_once_and_only_when_asked() -> None:
+    assert with_bos((65, 66), None) == (65, 66)
+    assert with_bos((65, 66), BOS) == (BOS, 65, 66)
+    assert with_bos((BOS, 65), BOS) == (BOS, 65)
+    assert with_bos((), BOS) == (BOS,)
+
+
+def test_a_plain_completion_gets_the_bos_its_tokenizer_asks_for_exactly_once() -> None:
+    asks = CharTokenizer(bos_id=BOS)
+    plain = prepare_prompt(request(user_prompt="Once", chat_template=False), asks, 1000)
+    spelled = prepare_prompt(request(user_prompt="\x02Once", chat_template=False), asks, 1000)
+    none = prepare_prompt(
+        request(user_prompt="Once", chat_template=False), CharTokenizer(bos_id=None), 1000
+    )
+
+    assert plain.ids == (BOS, *map(ord, "Once"))
+    assert plain.text == "Once"  # the text is the request's; the BOS is an id
+    assert spelled.ids == (BOS, *map(ord, "Once"))  # already there: not a second one
+    assert none.ids == tuple(map(ord, "Once"))
+
+
+def test_the_bos_counts_against_the_context() -> None:
+    asks = CharTokenizer(bos_id=BOS)
+    plain = request(user_prompt="abc", chat_template=False, max_new_tokens=10)
+    assert prepare_prompt(plain, asks, context_limit=6).max_new_tokens == 2
+    with pytest.raises(InvalidRequest):
+        prepare_prompt(plain, asks, context_limit=4)
+
+
+@pytest.mark.parametrize("template", [SMOLLM2_TEMPLATE, None])
+def test_a_chat_prompt_is_left_as_its_template_made_it(template: str | None) -> None:
+    asks = CharTokenizer(template, bos_id=BOS)
+    prepared = prepare_prompt(request(system_prompt="Be brief."), asks, 10_000)
+    assert prepared.ids == tuple(map(ord, prepared.text))
+    assert BOS not in prepared.ids
+
+
+@pytest.mark.model
+def test_smollm2_asks_for_no_bos_on_a_plain_completion(smollm2_tokenizer: Any) -> None:
+    # Its GGUF says tokenizer.ggml.add_bos_token = false, and its post-processor adds
+    # nothing: a completion prompt reaches the model as its text encodes.
+    text = "The capital of France is"
+    prepared = prepare_prompt(
+        request(user_prompt=text, chat_template=False), smollm2_tokenizer, context_limit=2048
+    )
+    assert smollm2_tokenizer.plain_prompt_bos_id is None
+    assert prepared.ids == tuple(smollm2_tokenizer.encode(text))

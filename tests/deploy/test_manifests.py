@@ -113,6 +113,10 @@ def test_ports_are_the_contract_ports_and_the_ones_the_service_listens_on(
     assert declared == CONTRACT_PORTS
     server = effective_settings(rendered, service)["server"]
     assert {name: server[f"{name}_port"] for name in CONTRACT_PORTS} == CONTRACT_PORTS
+    # Gateways reconnect (and resolve the headless Service again) within minutes, so
+    # pods added by a scale-out get calls; a stream running then may finish.
+    assert 0 < server["grpc_max_connection_age_s"] <= 600
+    assert server["grpc_max_connection_age_grace_s"] >= server["grace_period_s"]
 
     grpc = rendered.one("Service", "llm-local-grpc")["spec"]
     assert grpc["clusterIP"] == "None", "gRPC needs a headless Service for client-side balancing"

@@ -150,7 +150,9 @@ def test_sigterm_mid_stream_loses_nothing_and_moves_new_calls_to_the_other_repli
 
         signalled = time.monotonic()
         stopping.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: stopping.http_get("/health/ready")[0] == 503, 2, "readiness 503")
+        # What counts is the order, not the milliseconds: out of readiness while its
+        # streams still run. The bound is one against hanging, on a possibly loaded machine.
+        wait_for(lambda: stopping.http_get("/health/ready")[0] == 503, 15, "readiness 503")
         not_ready_after = time.monotonic() - signalled
         # Still draining its streams, yet already out of the endpoints.
         assert stopping.process.poll() is None
@@ -166,7 +168,7 @@ def test_sigterm_mid_stream_loses_nothing_and_moves_new_calls_to_the_other_repli
         channel.close()
 
     # The stopping replica: out of readiness at once, drained, exited cleanly.
-    assert not_ready_after < 1.0
+    assert not_ready_after < GRACE_PERIOD_S / 4
     assert status == 0
     log = stopping.log_text()
     assert "received SIGTERM" in log

@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,10 +206,11 @@ def test_second_converter_run_skips_and_leaves_the_model_untouched(
     assert snapshot(volume) == before
 
 
-@pytest.fixture(scope="module")
-def service(
-    host: Host, service_container: Any, seeded_volume: Path
+@contextmanager
+def running_service(
+    host: Host, service_container: Any
 ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
+    """The service container's command as a process, stopped as compose stops it."""
     overrides = {key: str(free_port()) for key in PORT_KEYS}
     overrides["LLM_LOCAL_SERVICE_MODEL_NAME"] = TEST_MODEL_SOURCE
     # 0.0.0.0 inside a container is that container's own network; here it would be
@@ -239,6 +241,14 @@ def service(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def service(
+    host: Host, service_container: Any, seeded_volume: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
+    with running_service(host, service_container) as running:
+        yield running
 
 
 def service_log(host: Host) -> str:
@@ -325,10 +335,12 @@ def test_service_answers_a_grpc_generate_stream_call(
 
 
 def test_service_stops_cleanly_within_the_compose_stop_grace_period(
-    service_container: Any, service: tuple[subprocess.Popen[bytes], dict[str, str]]
+    host: Host, service_container: Any, seeded_volume: Path
 ) -> None:
-    # `docker compose stop` sends SIGTERM and kills after stop_grace_period.
-    process, _ = service
-    assert process.poll() is None
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=service_container.stop_grace_period_s) == 0
+    # A service of its own: stopping the module's shared one would leave the tests that
+    # run after this one (in whatever order) without a service.
+    with running_service(host, service_container) as (process, environ):
+        wait_healthy(host, process, environ)
+        # `docker compose stop` sends SIGTERM and kills after stop_grace_period.
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=service_container.stop_grace_period_s) == 0

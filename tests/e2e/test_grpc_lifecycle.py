@@ -1,6 +1,6 @@
 """Capacity and graceful stop of a real server: 2 generations at once, none queued.
 
-The last test stops the module's server with SIGTERM.
+The graceful-stop test stops a server of its own, so that the tests pass in any order.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ GRACE_PERIOD_S = 6.0  # long enough for a short stream on a busy 2-core machine
 COUNTING = "Write the numbers from 1 to 1000, separated by commas."
 
 
+SETTINGS = {
+    "LLM_LOCAL_SERVICE_CAPACITY__MAX_CONCURRENT": "2",
+    "LLM_LOCAL_SERVICE_CAPACITY__MAX_QUEUED": "0",
+    "LLM_LOCAL_SERVICE_SERVER__GRACE_PERIOD_S": str(GRACE_PERIOD_S),
+}
+
+
 @pytest.fixture(scope="module")
 def server(serve: Callable[..., Any]) -> Any:
-    return serve(
-        env={
-            "LLM_LOCAL_SERVICE_CAPACITY__MAX_CONCURRENT": "2",
-            "LLM_LOCAL_SERVICE_CAPACITY__MAX_QUEUED": "0",
-            "LLM_LOCAL_SERVICE_SERVER__GRACE_PERIOD_S": str(GRACE_PERIOD_S),
-        }
-    )
+    return serve(env=SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,9 @@ def test_over_capacity_is_rejected_quickly_while_admitted_streams_complete(
 
     assert rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert local_rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert rejected_after < 2.0  # nothing queued: an answer at once, not after a wait
+    # Nothing queued: an answer at once, not after the 30 s queue timeout (a loose bound:
+    # a loaded 2-core machine may take a second or two for any call).
+    assert rejected_after < 15.0
     for call in admitted:
         responses = list(call)
         assert call.code() == grpc.StatusCode.OK
@@ -73,8 +76,10 @@ def test_over_capacity_is_rejected_quickly_while_admitted_streams_complete(
 
 
 def test_sigterm_lets_streams_finish_within_the_grace_period_and_exits_zero(
-    server: Any, channel: grpc.Channel, rpc: Any
+    serve: Callable[..., Any], rpc: Any
 ) -> None:
+    server = serve(env=SETTINGS)
+    channel = server.channel()
     short = rpc.llama(channel, counting(12))  # well within the grace period
     endless = rpc.llama(channel, counting(1500))  # far beyond it
     wait_until_running(server, 2)

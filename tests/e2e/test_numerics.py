@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,38 +52,61 @@ def readme_answer(server: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_auto_measures_once_serves_a_verified_type_and_reuses_the_verdict(
-    serve: Callable[..., Any], own_cache: Path
-) -> None:
-    env = {
+def auto_settings(cache_dir: Path) -> dict[str, str]:
+    return {
         **CHECKED,
-        "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(own_cache),
+        "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(cache_dir),
         "LLM_LOCAL_SERVICE_RUNTIME__COMPUTE_TYPE": "auto",
         "LLM_LOCAL_SERVICE_RUNTIME__INTER_THREADS": "auto",
         "LLM_LOCAL_SERVICE_RUNTIME__INTRA_THREADS": "auto",
     }
-    first = serve(env=env, wait="listening")
+
+
+@dataclass(frozen=True)
+class FirstStart:
+    """What the first `auto` start on the module's own cache showed."""
+
+    health: dict[str, Any]
+    config: dict[str, Any]
+    log: str
+    readme_answer: subprocess.CompletedProcess[str]
+    exit_status: int
+
+
+@pytest.fixture(scope="module")
+def first_auto_start(serve: Callable[..., Any], own_cache: Path) -> FirstStart:
+    """The first start measures and caches the verdict, whichever test asks first: the
+    tests that need a cached verdict depend on this, not on running after another test."""
+    first = serve(env=auto_settings(own_cache), wait="listening")
     first.wait("ready", timeout=MEASURE_TIMEOUT_S)
     code, health = first.http_json("/health")
     assert code == 200
-    numerics = health["numerics"]
+    # The README's first example, with the default greedy decoding.
+    answer = readme_answer(first)
+    _, config = first.http_json("/config")
+    log = first.log_text()
+    return FirstStart(health, config, log, answer, first.stop())
+
+
+def test_auto_measures_once_serves_a_verified_type_and_reuses_the_verdict(
+    serve: Callable[..., Any], own_cache: Path, first_auto_start: FirstStart
+) -> None:
+    numerics = first_auto_start.health["numerics"]
     assert numerics["verified"] is True
     assert numerics["chosen_by"] == "auto"
     assert numerics["nll_ratio"] <= 1.25
     assert numerics["agreement_ratio"] >= 0.6
-    assert "measuring compute types on this machine" in first.log_text()
+    assert "measuring compute types on this machine" in first_auto_start.log
     assert list(own_cache.rglob("verdicts/*.json")), "the verdict was not cached"
-    # The README's first example, with the default greedy decoding: a faithful type
-    # answers it as the unquantized model does.
-    answer = readme_answer(first)
+    # A faithful type answers the README's first example as the unquantized model does.
+    answer = first_auto_start.readme_answer
     assert answer.returncode == 0, answer.stderr
     assert "Paris" in answer.stdout
-    _, config = first.http_json("/config")
-    threads = config["effective"]["loaded_model"]["threads"]
+    threads = first_auto_start.config["effective"]["loaded_model"]["threads"]
     assert threads["inter_threads"] >= 1 and threads["intra_threads"] >= 1
-    assert first.stop() == 0
+    assert first_auto_start.exit_status == 0
 
-    second = serve(env=env)
+    second = serve(env=auto_settings(own_cache))
     log = second.log_text()
     assert "numerics verdict for this machine found" in log
     assert "measuring compute types" not in log
@@ -143,8 +167,10 @@ def test_accepting_unverified_numerics_serves_with_a_warning_everywhere(
     assert "serving unverified numerics (numerics.accept_unverified)" in server.log_text()
 
 
-def test_doctor_prints_the_verdict_table_from_the_cached_verdict(own_cache: Path) -> None:
-    # After the auto test above (pytest keeps a module's order): its verdict is cached.
+def test_doctor_prints_the_verdict_table_from_the_cached_verdict(
+    own_cache: Path, first_auto_start: FirstStart
+) -> None:
+    # The first auto start cached its verdict in own_cache.
     result = subprocess.run(
         [sys.executable, "-m", "llm_local", "doctor", "--json"],
         env={**os.environ, "ENV": "test", "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(own_cache)},

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from llm_local.backends.hf_tokenizer import HFTokenizer
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
@@ -113,7 +115,7 @@ def test_stop_sequences_and_max_tokens(client: openai.OpenAI) -> None:
     assert short.usage.completion_tokens == 3
 
 
-def test_plain_completion_continues_the_prompt(client: openai.OpenAI) -> None:
+def test_plain_completion_continues_the_prompt(client: openai.OpenAI, test_model_dir: Path) -> None:
     completion = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=6)
     streamed = client.completions.create(
         model=MODEL, prompt="One, two, three,", max_tokens=6, stream=True
@@ -123,6 +125,10 @@ def test_plain_completion_continues_the_prompt(client: openai.OpenAI) -> None:
     assert choice.finish_reason == "length"
     assert completion.usage.completion_tokens == 6
     assert "".join(chunk.choices[0].text for chunk in streamed) == choice.text
+    # SmolLM2's configuration asks for no BOS on a plain prompt: exactly its own tokens.
+    tokenizer = HFTokenizer.from_directory(test_model_dir)
+    assert tokenizer.plain_prompt_bos_id is None
+    assert completion.usage.prompt_tokens == len(tokenizer.encode("One, two, three,"))
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
 STALL_TIMEOUT_S = 2.0
 BATCH = 4
 TENANT_LIMIT = 12
+FLOOD_TOKENS = 96
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,12 @@ def test_one_tenant_flooding_delays_another_by_at_most_one_batch(
     lock = threading.Lock()
 
     def stream(name: str, tenant: str) -> None:
-        call = rpc.llama(channel, endless(24), metadata=(("x-tenant-id", tenant),), timeout=120)
+        # Long enough that the flood's first batch still decodes when the lone request
+        # arrives (two refusals later), on a busy machine too: 24 tokens was not (a second
+        # batch of the flood had started, and the lone one came a batch later than meant).
+        call = rpc.llama(
+            channel, endless(FLOOD_TOKENS), metadata=(("x-tenant-id", tenant),), timeout=120
+        )
         for response in call:
             if response.WhichOneof("type") == "token":
                 with lock:

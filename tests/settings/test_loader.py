@@ -53,6 +53,10 @@ def test_production_keeps_phi3_and_tightens_the_server() -> None:
     assert settings.model.cache_dir == Path("/var/cache/llm-local/models")
     assert settings.server.require_tenant_id is True
     assert settings.logging.format == "json"
+    # gRPC connections age out (a scale-out reaches the gateway); development: never.
+    assert settings.server.grpc_max_connection_age_s > 0
+    assert settings.server.grpc_max_connection_age_grace_s > 0
+    assert load_settings("development").server.grpc_max_connection_age_s == 0
 
 
 def test_production_listens_on_every_interface_unless_configured_otherwise(

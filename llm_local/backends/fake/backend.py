@@ -28,7 +28,7 @@ from llm_local.backends.base import (
     BackendStats,
     ModelInfo,
 )
-from llm_local.backends.fake.tokenizer import IM_END, FakeTokenizer
+from llm_local.backends.fake.tokenizer import IM_END, IM_START, FakeTokenizer
 from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
 
 DEFAULT_REPLY = "Echo: {prompt}"
@@ -47,6 +47,9 @@ class FakeConfig:
     fail_after_tokens: int | None = None  # raise BackendError after this many tokens
     context_limit: int = 2048
     model_name: str = "fake"
+    # Whether its tokenizer configuration asks for a BOS before a plain prompt (as Llama
+    # 3's and Phi-3's do); its BOS is its bos_token, <|im_start|>.
+    plain_prompt_bos: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -95,7 +98,7 @@ class FakeBackend:
 
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.config = config or FakeConfig()
-        self._tokenizer = FakeTokenizer()
+        self._tokenizer = FakeTokenizer(IM_START if self.config.plain_prompt_bos else None)
         self._info = ModelInfo(
             backend="fake",
             model_name=self.config.model_name,

@@ -30,7 +30,15 @@ _SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(text) for text in _SPECIA
 
 
 class FakeTokenizer:
-    """Implements ModelTokenizer."""
+    """Implements ModelTokenizer. `bos_id`: the BOS a plain prompt gets (None: none, as
+    SmolLM2's configuration says; tests set one to stand for Llama 3 or Phi-3)."""
+
+    def __init__(self, bos_id: int | None = None) -> None:
+        self._bos_id = bos_id
+
+    @property
+    def plain_prompt_bos_id(self) -> int | None:
+        return self._bos_id
 
     @property
     def end_token_ids(self) -> frozenset[int]:

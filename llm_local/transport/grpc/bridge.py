@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -30,12 +31,16 @@ import trio_asyncio
 from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import EventsProcessor, H2Protocol
 from grpclib.server import Server, Stream
+from h2.errors import ErrorCodes
+from h2.events import RequestReceived
 from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
 
 from llm_local.serving import ClientGone
+from llm_local.transport.grpc.connection_age import ConnectionAge, refuses_stream
 
 GrpclibHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
 
@@ -184,6 +189,8 @@ async def _send_all(stream: Stream[Any, Any], messages: Sequence[Any]) -> None:
 
 
 TrioBody = Callable[[TrioStream], Awaitable[None]]
+# Told the status of a call refused before its body ran (to count it).
+RefusalHook = Callable[[Status], None]
 
 
 class HandlerTracker:
@@ -213,7 +220,10 @@ class HandlerTracker:
 
 
 def trio_handler(
-    body: TrioBody, tracker: HandlerTracker | None = None, limits: CallLimits = NO_LIMITS
+    body: TrioBody,
+    tracker: HandlerTracker | None = None,
+    limits: CallLimits = NO_LIMITS,
+    on_refusal: RefusalHook | None = None,
 ) -> GrpclibHandler:
     """A grpclib handler that runs `body` as a trio task.
 
@@ -222,7 +232,7 @@ def trio_handler(
     gone, deadline) cancels `body`. The final status is sent here rather than by
     grpclib after the handler returns, so that `tracker` goes idle only once every
     tracked call has told its client how it ended. Metadata over `limits` ends the call
-    with RESOURCE_EXHAUSTED before `body` runs.
+    with RESOURCE_EXHAUSTED before `body` runs (and `on_refusal` hears of it).
     """
 
     async def handler(stream: Stream[Any, Any]) -> None:
@@ -230,7 +240,12 @@ def trio_handler(
             tracker._enter()
         try:
             try:
-                _check_metadata(stream, limits.max_metadata_bytes)
+                try:
+                    _check_metadata(stream, limits.max_metadata_bytes)
+                except GRPCError as refusal:
+                    if on_refusal is not None:
+                        on_refusal(refusal.status)
+                    raise
                 await trio_asyncio.trio_as_aio(body)(TrioStream(stream, limits.max_message_bytes))
             except GRPCError as error:
                 status, message = error.status, error.message
@@ -252,19 +267,63 @@ class ConnectionLimits:
     A header block over `max_header_list_size` closes the whole connection (HPACK
     cannot skip a block without decoding it, and h2 refuses to): the per-call metadata
     limit (`CallLimits`) is meant to be well below it, so that ordinary excess gets a
-    status on its own call.
+    status on its own call. `max_age`: how long a connection lives (connection_age.py);
+    None = for ever.
     """
 
     max_concurrent_streams: int | None = None
     max_header_list_size: int | None = None
+    max_age: ConnectionAge | None = None
+
+
+class _ServerEvents(EventsProcessor):  # type: ignore[misc]
+    """grpclib's event processing, plus what its server lacks: refusing streams opened
+    after our GOAWAY, telling of calls to unknown methods, and telling the protocol when
+    a stream's handler is done (to close an aged connection once it has none)."""
+
+    def __init__(self, protocol: _LimitedProtocol) -> None:
+        super().__init__(protocol.handler, protocol.connection)
+        self._protocol = protocol
+
+    def process_request_received(self, event: RequestReceived) -> None:
+        protocol = self._protocol
+        if refuses_stream(event.stream_id, protocol.last_stream_id):
+            self.connection._connection.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        if protocol.on_unknown_method is not None:
+            # grpclib has h2 decode header names and values to str.
+            headers: dict[Any, Any] = dict(event.headers or ())
+            path = headers.get(":path")
+            if path not in protocol.known_paths:
+                protocol.on_unknown_method()  # grpclib answers UNIMPLEMENTED itself
+        super().process_request_received(event)
+
+    def register(self, stream: Any) -> Callable[[], None]:
+        release = super().register(stream)
+
+        def release_stream() -> None:
+            release()
+            self._protocol.stream_released()
+
+        return release_stream
 
 
 class _LimitedProtocol(H2Protocol):  # type: ignore[misc]
     limits = ConnectionLimits()
+    known_paths: frozenset[str] = frozenset()
+    on_unknown_method: Callable[[], None] | None = None
+    # The last stream id our GOAWAY named; None until the connection reached its age.
+    last_stream_id: int | None = None
+    _age_timer: asyncio.TimerHandle | None = None
+    _grace_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.processor = _ServerEvents(self)
         limits = self.limits
+        if limits.max_age is not None:
+            loop = asyncio.get_running_loop()
+            self._age_timer = loop.call_later(limits.max_age.age_s(random.random), self._go_away)
         changes = {
             code: value
             for code, value in (
@@ -285,16 +344,87 @@ class _LimitedProtocol(H2Protocol):  # type: ignore[misc]
             connection.decoder.max_header_list_size = limits.max_header_list_size
         self.connection.flush()
 
+    def _go_away(self) -> None:
+        """The connection reached its age: GOAWAY, then close once its streams end."""
+        self._age_timer = None
+        max_age = self.limits.max_age
+        if max_age is None or self.connection.is_closing():
+            return
+        h2_connection = self.connection._connection
+        self.last_stream_id = h2_connection.highest_inbound_stream_id
+        # Written past h2: its close_connection() would also stop the running streams
+        # (h2 refuses every frame after a GOAWAY it sent), and they are to finish. What
+        # h2 has buffered goes first, so the frame lands between whole frames.
+        self.connection.flush()
+        goaway = GoAwayFrame(
+            stream_id=0, last_stream_id=self.last_stream_id, error_code=ErrorCodes.NO_ERROR
+        )
+        goaway.additional_data = b"max_age"
+        self.connection._transport.write(goaway.serialize())
+        running = len(self.processor.streams)
+        log.debug(
+            "gRPC connection reached its maximum age: GOAWAY sent, %d streams running",
+            running,
+            extra={"running": running},
+        )
+        if not running:
+            self._close()
+            return
+        loop = asyncio.get_running_loop()
+        self._grace_timer = loop.call_later(max_age.grace_s, self._grace_over)
+
+    def stream_released(self) -> None:
+        if self.last_stream_id is not None and not self.processor.streams:
+            # After grpclib has finished with the stream (its final frames are written).
+            asyncio.get_running_loop().call_soon(self._close)
+
+    def _grace_over(self) -> None:
+        self._grace_timer = None
+        running = len(self.processor.streams)
+        if running:
+            log.warning(
+                "an aged gRPC connection still had %d streams at the end of its grace "
+                "period: closing it under them",
+                running,
+                extra={"running": running},
+            )
+        self._close()
+
+    def _close(self) -> None:
+        self._cancel_timers()
+        if not self.connection.is_closing():
+            # Cancels what still runs (the grace is over); the transport sends what it
+            # holds before it closes.
+            self.processor.close("the connection reached its maximum age")
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._age_timer, self._grace_timer):
+            if timer is not None:
+                timer.cancel()
+        self._age_timer = self._grace_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
 
 class _LimitedServer(Server):  # type: ignore[misc]
-    def __init__(self, handlers: list[Any], limits: ConnectionLimits) -> None:
+    def __init__(
+        self,
+        handlers: list[Any],
+        limits: ConnectionLimits,
+        on_unknown_method: Callable[[], None] | None,
+    ) -> None:
         super().__init__(handlers)
         self._limits = limits
+        self._on_unknown_method = on_unknown_method
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = super()._protocol_factory()
         limited = _LimitedProtocol(protocol.handler, protocol.config, protocol.h2_config)
         limited.limits = self._limits
+        limited.known_paths = frozenset(self._mapping)
+        limited.on_unknown_method = self._on_unknown_method
         return limited
 
 
@@ -310,12 +440,16 @@ def _check_metadata(stream: Stream[Any, Any], limit: int | None) -> None:
 
 
 class AsyncioGrpcServer:
-    """grpclib's Server driven from trio."""
+    """grpclib's Server driven from trio; `on_unknown_method` is told of each call to a
+    method no handler serves (grpclib answers it UNIMPLEMENTED)."""
 
     def __init__(
-        self, handlers: Collection[Any], limits: ConnectionLimits = ConnectionLimits()
+        self,
+        handlers: Collection[Any],
+        limits: ConnectionLimits = ConnectionLimits(),
+        on_unknown_method: Callable[[], None] | None = None,
     ) -> None:
-        self._server = _LimitedServer(list(handlers), limits)
+        self._server = _LimitedServer(list(handlers), limits, on_unknown_method)
         self._port: int | None = None
 
     @property

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 from grpclib.reflection.service import ServerReflection
 
+from llm_local.serving import Code
+from llm_local.settings.schema import ServerSettings
 from llm_local.transport.grpc.bridge import (
     AsyncioGrpcServer,
     CallLimits,
@@ -22,6 +24,7 @@ from llm_local.transport.grpc.bridge import (
     HandlerTracker,
     asyncio_loop,
 )
+from llm_local.transport.grpc.connection_age import ConnectionAge
 from llm_local.transport.grpc.health import StateHealth
 from llm_local.transport.grpc.services import (
     LLAMA_SERVICE,
@@ -59,6 +62,15 @@ def build_handlers(
     return services + list(ServerReflection.extend(services))
 
 
+def connection_age(settings: ServerSettings) -> ConnectionAge | None:
+    """The connections' maximum age from settings; None when switched off (0)."""
+    if settings.grpc_max_connection_age_s <= 0:
+        return None
+    return ConnectionAge(
+        settings.grpc_max_connection_age_s, settings.grpc_max_connection_age_grace_s
+    )
+
+
 async def serve_grpc(
     service: Service,
     flow: GenerationFlow,
@@ -81,7 +93,10 @@ async def serve_grpc(
                 max_header_list_size=max(
                     HEADER_BLOCK_FLOOR, HEADER_BLOCK_FACTOR * limits.grpc_max_metadata_bytes
                 ),
+                max_age=connection_age(settings.server),
             ),
+            # A call to a method nobody serves never reaches a service: counted here.
+            on_unknown_method=lambda: flow.refused(None, Code.UNIMPLEMENTED),
         )
         await server.start(settings.server.host, settings.server.grpc_port, ssl_context)
         mode = "plain h2c"

@@ -12,7 +12,7 @@ with one crossing into asyncio.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,7 +24,7 @@ from llm_local.core.types import TextChunk
 from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
 from llm_local.proto.sentiric.llm.v1.llama_grpc import LlamaServiceBase
 from llm_local.proto.sentiric.llm.v1.local_grpc import LLMLocalServiceBase
-from llm_local.serving import CallError, CallMetadata, ClientGone, GenerationFlow
+from llm_local.serving import CallError, CallMetadata, ClientGone, Code, GenerationFlow
 from llm_local.transport.grpc import messages
 from llm_local.transport.grpc.bridge import (
     MESSAGE_LIMIT_SETTING,
@@ -61,9 +61,12 @@ def call_metadata(stream: TrioStream) -> CallMetadata:
 
 
 @asynccontextmanager
-async def grpc_status(request_type: Any) -> AsyncIterator[None]:
+async def grpc_status(
+    request_type: Any, refused: Callable[[Code], None] = lambda code: None
+) -> AsyncIterator[None]:
     """Turn the flow's outcomes (and what the transport refuses before the flow runs)
-    into the gRPC status grpclib sends."""
+    into the gRPC status grpclib sends. The flow counts its own outcomes; `refused` is
+    told of the transport's refusals, which the flow never sees."""
     try:
         yield
     except CallError as error:
@@ -77,6 +80,7 @@ async def grpc_status(request_type: Any) -> AsyncIterator[None]:
         )
         # Refused before the flow sees a request: this line is all the log says of it.
         log.info("refused an undecodable request message: %s", invalid)
+        refused(Code.INVALID_ARGUMENT)
         raise GRPCError(Status.INVALID_ARGUMENT, str(invalid)) from None
     except MessageTooLarge as large:
         log.warning(
@@ -85,6 +89,7 @@ async def grpc_status(request_type: Any) -> AsyncIterator[None]:
             MESSAGE_LIMIT_SETTING,
             large.limit,
         )
+        refused(Code.RESOURCE_EXHAUSTED)
         raise GRPCError(
             Status.RESOURCE_EXHAUSTED,
             f"the request message is {large.size} bytes; this server accepts at most "
@@ -95,6 +100,8 @@ async def grpc_status(request_type: Any) -> AsyncIterator[None]:
 class _TrioService:
     """A generation service whose one RPC runs `_generate_stream` as a trio task."""
 
+    rpc = ""  # the service label of its log lines and metrics
+
     def __init__(
         self,
         flow: GenerationFlow,
@@ -102,25 +109,39 @@ class _TrioService:
         limits: CallLimits = NO_LIMITS,
     ) -> None:
         self._flow = flow
-        self._handler = trio_handler(self._generate_stream, tracker, limits)
+        self._handler = trio_handler(
+            self._generate_stream,
+            tracker,
+            limits,
+            # Oversized metadata: refused before the body, whose tenant id is unread.
+            on_refusal=lambda status: flow.refused(self.rpc, Code(status.value)),
+        )
+
+    def _refused(self, stream: TrioStream) -> Callable[[Code], None]:
+        def count(code: Code) -> None:
+            self._flow.refused(self.rpc, code, call_metadata(stream).tenant_id)
+
+        return count
 
     async def _generate_stream(self, stream: TrioStream) -> None:
         raise NotImplementedError
 
 
 class LlamaService(_TrioService, LlamaServiceBase):  # type: ignore[misc]
+    rpc = "LlamaService"
+
     async def GenerateStream(self, stream: Stream[Any, Any]) -> None:
         await self._handler(stream)
 
     async def _generate_stream(self, stream: TrioStream) -> None:
-        async with grpc_status(llama_pb2.GenerateStreamRequest):
+        async with grpc_status(llama_pb2.GenerateStreamRequest, self._refused(stream)):
             message = await stream.recv_message()
 
             async def send(chunk: TextChunk) -> None:
                 await stream.send_message(messages.llama_token(chunk.text))
 
             finished = await self._flow.generate(
-                "LlamaService",
+                self.rpc,
                 lambda: messages.llama_raw_request(message),
                 call_metadata(stream),
                 send,
@@ -129,18 +150,20 @@ class LlamaService(_TrioService, LlamaServiceBase):  # type: ignore[misc]
 
 
 class LLMLocalService(_TrioService, LLMLocalServiceBase):  # type: ignore[misc]
+    rpc = "LLMLocalService"
+
     async def LocalGenerateStream(self, stream: Stream[Any, Any]) -> None:
         await self._handler(stream)
 
     async def _generate_stream(self, stream: TrioStream) -> None:
-        async with grpc_status(local_pb2.LocalGenerateStreamRequest):
+        async with grpc_status(local_pb2.LocalGenerateStreamRequest, self._refused(stream)):
             message = await stream.recv_message()
 
             async def send(chunk: TextChunk) -> None:
                 await stream.send_message(messages.local_token(chunk.text))
 
             await self._flow.generate(
-                "LLMLocalService",
+                self.rpc,
                 messages.local_raw_request(message),
                 call_metadata(stream),
                 send,

@@ -14,10 +14,11 @@ from quart import Response, current_app, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from llm_local.serving import Code
 from llm_local.transport.http.config_view import config_body
 from llm_local.transport.http.health import health, liveness, readiness
 from llm_local.transport.http.openai.errors import OpenAIError, too_large
-from llm_local.transport.http.openai.routes import add_openai_routes, error_response
+from llm_local.transport.http.openai.routes import RPC_BY_PATH, add_openai_routes, error_response
 
 if TYPE_CHECKING:
     from llm_local.service import Service
@@ -64,8 +65,10 @@ def _internal_error(error: Exception) -> Response:
 HEADER_LIMIT_SETTING = "limits.http_max_header_bytes"
 
 
-def _limit_headers(app: QuartTrio, limit: int) -> None:
-    """Refuse a request whose headers exceed `limit` bytes with 431, naming the setting.
+def _limit_headers(app: QuartTrio, limit: int, flow: GenerationFlow | None = None) -> None:
+    """Refuse a request whose headers exceed `limit` bytes with 431, naming the setting;
+    `flow` counts the refusal when it was a generation call (RESOURCE_EXHAUSTED, as the
+    gRPC port counts oversized metadata).
 
     hypercorn bounds only a head that arrives in pieces (h11 counts what it buffers while
     the head is incomplete); a whole head read at once passes it up to its 64 KiB read.
@@ -79,6 +82,9 @@ def _limit_headers(app: QuartTrio, limit: int) -> None:
             f"the request headers are {size} bytes; this server accepts at most {limit} "
             f"({HEADER_LIMIT_SETTING})"
         )
+        rpc = RPC_BY_PATH.get(request.path)
+        if flow is not None and rpc is not None and request.method == "POST":
+            flow.refused(rpc, Code.RESOURCE_EXHAUSTED)
         if request.path.startswith("/v1/"):
             return error_response(OpenAIError(431, message, code="request_headers_too_large"))
         return _json(431, {"error": "Request Header Fields Too Large", "message": message,
@@ -102,7 +108,7 @@ def create_app(service: Service, flow: GenerationFlow | None = None) -> QuartTri
     app.json.sort_keys = False
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _internal_error)
-    _limit_headers(app, service.settings.limits.http_max_header_bytes)
+    _limit_headers(app, service.settings.limits.http_max_header_bytes, flow)
 
     async def get_health() -> Response:
         return _json(*health(service))

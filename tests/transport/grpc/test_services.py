@@ -329,3 +329,81 @@ async def test_end_token_is_not_sent_as_text(start_server: StartServer) -> None:
 
     assert [r.token for r in responses[:-1]] == [b"ok"]
     assert server.backend.answer_ids(server.backend.calls[0].prompt_ids)[-1] == IM_END
+
+
+async def test_each_refusal_before_the_flow_is_counted_once_with_its_code(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(
+        limits__grpc_max_message_bytes=1024, limits__grpc_max_metadata_bytes=1024
+    )
+    metrics = server.service.metrics
+
+    def count(service: str, code: str) -> float:
+        value: float = metrics.requests.labels(service=service, code=code)._value.get()
+        return value
+
+    def raw_call(path: str, wire: bytes) -> grpc.RpcError:
+        method = server.channel.unary_stream(
+            path, request_serializer=lambda data: data, response_deserializer=lambda data: data
+        )
+        return server.error(lambda: list(method(wire, timeout=10)))
+
+    llama_path = "/sentiric.llm.v1.LlamaService/GenerateStream"
+    local_path = "/sentiric.llm.v1.LLMLocalService/LocalGenerateStream"
+    padding = (("x-padding", "p" * 2048),)
+    refusals: list[tuple[Callable[[], grpc.RpcError], str, grpc.StatusCode]] = [
+        # (the call, its service label, its code)
+        (
+            lambda: server.error(lambda: list(server.llama(request("a" * 2048)))),
+            "LlamaService",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (
+            lambda: server.error(lambda: list(server.local("b" * 2048))),
+            "LLMLocalService",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (
+            lambda: server.error(lambda: list(server.llama(request(), metadata=padding))),
+            "LlamaService",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (
+            lambda: server.error(lambda: list(server.local("Hi", metadata=padding))),
+            "LLMLocalService",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        # user_prompt (field 2) whose bytes are not UTF-8
+        (
+            lambda: raw_call(llama_path, b"\x12\x01\xff"),
+            "LlamaService",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda: raw_call(local_path, b"\x0a\x01\xff"),
+            "LLMLocalService",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda: raw_call("/sentiric.llm.v1.LlamaService/Nothing", b""),
+            "unknown",
+            grpc.StatusCode.UNIMPLEMENTED,
+        ),
+    ]
+    for call, service, code in refusals:
+        before = count(service, code.name)
+        error = await server.call(call)
+        assert error.code() == code, (service, code, error.details())
+        assert count(service, code.name) == before + 1, (service, code)
+
+    total = sum(
+        sample.value
+        for metric in metrics.requests.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    assert total == len(refusals)
+    # The connection and the flow serve on.
+    assert (await server.call(lambda: list(server.llama(request()))))[-1].HasField("finish_details")
+    assert count("LlamaService", "OK") == 1

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from llm_local.core.errors import InvalidRequest
 from llm_local.core.types import Finished, FinishReason, TextChunk
 from llm_local.core.validation import RawRequest
-from llm_local.serving import CallError, CallMetadata, ClientGone, GenerationFlow
+from llm_local.serving import CallError, CallMetadata, ClientGone, Code, GenerationFlow
 from llm_local.transport.http.openai.auth import authorized
 from llm_local.transport.http.openai.errors import (
     SERVER_ERROR,
@@ -53,6 +54,11 @@ TRACE_ID_HEADER = "x-trace-id"
 SPAN_ID_HEADER = "x-span-id"
 # The service label of the request metrics and log lines (gRPC's are its service names).
 RPC_NAMES: dict[Kind, str] = {"chat": "openai.chat.completions", "completion": "openai.completions"}
+# The same labels by path, for what is refused before a route runs (headers too large).
+RPC_BY_PATH: dict[str, str] = {
+    "/v1/chat/completions": RPC_NAMES["chat"],
+    "/v1/completions": RPC_NAMES["completion"],
+}
 # Chunks a slow client may fall behind before generation waits for it.
 STREAM_BUFFER = 64
 
@@ -94,20 +100,32 @@ def add_openai_routes(app: QuartTrio, service: Service, flow: GenerationFlow) ->
         return jsonify(model_object(identifier, created))
 
     async def generate(kind: Kind) -> Response:
-        if refusal := denied():
-            return refusal
+        rpc = RPC_NAMES[kind]
+
+        def refuse(code: Code, error: OpenAIError) -> Response:
+            # Refused before the flow: counted here, as the flow counts what it refuses.
+            flow.refused(rpc, code, _tenant_header())
+            return error_response(error)
+
+        if denied():
+            return refuse(Code.UNAUTHENTICATED, unauthorized())
         try:
             body = json.loads(await request.get_data(as_text=False))
+        except RequestEntityTooLarge:
+            flow.refused(rpc, Code.RESOURCE_EXHAUSTED, _tenant_header())
+            raise  # the app's error handler answers 413 naming the limit
         except ValueError as exc:
-            return error_response(OpenAIError(400, f"the request body is not valid JSON: {exc}"))
+            invalid_json = OpenAIError(400, f"the request body is not valid JSON: {exc}")
+            return refuse(Code.INVALID_ARGUMENT, invalid_json)
         if not isinstance(body, dict):
-            return error_response(OpenAIError(400, "the request body must be a JSON object"))
+            not_object = OpenAIError(400, "the request body must be a JSON object")
+            return refuse(Code.INVALID_ARGUMENT, not_object)
         try:
             parsed: OpenAIRequest | InvalidRequest = parse_request(kind, body, limits)
         except InvalidRequest as exc:
             parsed = exc
         if isinstance(parsed, OpenAIRequest) and parsed.model not in (None, *names):
-            return error_response(model_not_found(str(parsed.model)))
+            return refuse(Code.NOT_FOUND, model_not_found(str(parsed.model)))
         user = body.get("user")
         call = _call_metadata(user if isinstance(user, str) else None)
         completion = Completion(kind=kind, model=identifier)
@@ -139,6 +157,10 @@ def _raiser(error: InvalidRequest) -> Callable[[], RawRequest]:
         raise error
 
     return convert
+
+
+def _tenant_header() -> str | None:
+    return (request.headers.get(TENANT_ID_HEADER) or "").strip() or None
 
 
 def _call_metadata(user: str | None) -> CallMetadata:

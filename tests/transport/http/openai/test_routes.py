@@ -221,3 +221,100 @@ async def test_closing_a_stream_stops_the_generation(make_service: ServiceFactor
             # Quart's test connection waits for a body end that a disconnected request
             # never sends (hypercorn does not wait): end it here.
             connection._client_send.close()  # type: ignore[attr-defined]
+
+
+def requests_total(service: Service, rpc: str, code: str) -> float:
+    value: float = service.metrics.requests.labels(service=rpc, code=code)._value.get()
+    return value
+
+
+async def test_each_refusal_before_the_flow_is_counted_once_with_its_code(
+    make_service: ServiceFactory,
+) -> None:
+    service = await ready(
+        make_service(
+            openai__api_keys="key",
+            openai__max_body_bytes=2048,
+            limits__http_max_header_bytes=4096,
+        )
+    )
+    auth = {"Authorization": "Bearer key"}
+    refusals: list[tuple[str, dict[str, Any], str, int]] = [
+        # (path, post() arguments, the counted code, the HTTP status)
+        ("/v1/completions", {"json": {"prompt": "Hi"}}, "UNAUTHENTICATED", 401),
+        (CHAT, {"data": b"{not json", "headers": auth}, "INVALID_ARGUMENT", 400),
+        (CHAT, {"json": [1, 2], "headers": auth}, "INVALID_ARGUMENT", 400),
+        (CHAT, {"json": chat_body(model="gpt-4"), "headers": auth}, "NOT_FOUND", 404),
+        (CHAT, {"json": chat_body("x" * 4096), "headers": auth}, "RESOURCE_EXHAUSTED", 413),
+        (
+            "/v1/completions",
+            {"json": {"prompt": "Hi"}, "headers": {**auth, "x-padding": "p" * 8192}},
+            "RESOURCE_EXHAUSTED",
+            431,
+        ),
+    ]
+    rpcs = {CHAT: "openai.chat.completions", "/v1/completions": "openai.completions"}
+    async with client_for(service) as client:
+        for path, arguments, code, status in refusals:
+            before = requests_total(service, rpcs[path], code)
+            response = await client.post(path, **arguments)
+            assert response.status_code == status, (path, code)
+            assert requests_total(service, rpcs[path], code) == before + 1, (path, code, status)
+        # A request the flow refuses is counted there, once too.
+        invalid = await client.post(CHAT, json=chat_body(temperature=-1), headers=auth)
+        assert invalid.status_code == 400
+
+    assert requests_total(service, "openai.chat.completions", "INVALID_ARGUMENT") == 3
+    total = sum(
+        sample.value
+        for metric in service.metrics.requests.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    assert total == len(refusals) + 1
+
+
+async def test_a_plain_completion_gets_the_bos_its_tokenizer_asks_for_exactly_once(
+    make_service: ServiceFactory,
+) -> None:
+    from llm_local.backends.fake import FakeBackend
+    from llm_local.backends.fake.tokenizer import IM_START
+
+    prompt = "User: Hi\nAssistant:"
+    received: dict[tuple[bool, str], tuple[tuple[int, ...], int]] = {}
+    for asks in (True, False):
+        service = await ready(make_service(fake=FakeConfig(plain_prompt_bos=asks)))
+        backend = service.backend
+        assert isinstance(backend, FakeBackend)
+        async with client_for(service) as client:
+            for text in (prompt, "<|im_start|>" + prompt):
+                response = await client.post("/v1/completions", json={"prompt": text})
+                usage = (await response.get_json())["usage"]
+                received[asks, text] = (backend.calls[-1].prompt_ids, usage["prompt_tokens"])
+
+    plain_ids = tuple(prompt.encode())
+    # Asked for: one BOS, whether the prompt spelled it or not, and counted in the usage.
+    assert received[True, prompt] == ((IM_START, *plain_ids), len(plain_ids) + 1)
+    assert received[True, "<|im_start|>" + prompt] == ((IM_START, *plain_ids), len(plain_ids) + 1)
+    # Not asked for: the prompt's own ids, a spelled BOS kept as written.
+    assert received[False, prompt] == (plain_ids, len(plain_ids))
+    assert received[False, "<|im_start|>" + prompt] == ((IM_START, *plain_ids), len(plain_ids) + 1)
+
+
+async def test_a_chat_prompt_is_the_same_whether_or_not_plain_prompts_get_a_bos(
+    make_service: ServiceFactory,
+) -> None:
+    from llm_local.backends.fake import FakeBackend
+
+    seen = []
+    for asks in (True, False):
+        service = await ready(make_service(fake=FakeConfig(plain_prompt_bos=asks)))
+        backend = service.backend
+        assert isinstance(backend, FakeBackend)
+        async with client_for(service) as client:
+            response = await client.post(CHAT, json=chat_body("Hi"))
+            usage = (await response.get_json())["usage"]
+        seen.append((backend.calls[-1].prompt_ids, usage["prompt_tokens"]))
+
+    assert seen[0] == seen[1]
+    assert seen[0][1] == len(seen[0][0])
