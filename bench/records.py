@@ -32,6 +32,7 @@ class ServerVariant:
 
 
 GRPC_TRANSFORMERS = "grpc-transformers"
+GRPC_LLAMA_CPP = "grpc-llama-cpp"
 
 # Every llm-local configuration the benchmark drives: each is a closed-loop scenario of
 # its own (gRPC, same levels) and a target of the open-loop sweep. Adding one is one line.
@@ -41,6 +42,11 @@ SERVER_VARIANTS = (
         GRPC_TRANSFORMERS,
         "llm-local gRPC server, transformers backend (unconverted model, continuous batching)",
         {"LLM_LOCAL_SERVICE_BACKEND": "transformers"},
+    ),
+    ServerVariant(
+        GRPC_LLAMA_CPP,
+        "llm-local gRPC server, llama_cpp backend (the GGUF as is, our continuous batching)",
+        {"LLM_LOCAL_SERVICE_BACKEND": "llama_cpp"},
     ),
 )
 VARIANT_SCENARIOS = tuple(variant.scenario for variant in SERVER_VARIANTS)

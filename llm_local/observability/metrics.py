@@ -315,7 +315,7 @@ class Metrics:
 
 def _backend_metrics(stats: BackendStats) -> Iterator[Metric]:
     """What the backend does now, the batching decisions it took so far, and the costs it
-    measured (backends/ct2/costs.py); a figure the backend does not measure is left out."""
+    measured (backends/shared/costs.py); a figure the backend does not measure is left out."""
     counters = (
         ("merges", "Running batches restarted to take waiting requests in.", stats.merges),
         (

@@ -54,7 +54,7 @@ class RuntimeSettings:
     device_index: int
     compute_type: ComputeType
     # "auto" (both): from the CPUs this process may use and measured thread scaling
-    # (backends/ct2/threads.py); numbers win.
+    # (backends/shared/threads.py); numbers win.
     inter_threads: Threads  # parallel batches (workers)
     intra_threads: Threads  # threads inside one batch; 0 = CTranslate2's default
     max_batch_size: int  # requests decoded together in one batch
@@ -82,6 +82,26 @@ class TransformersSettings:
     # Tokens the paged KV cache holds for all requests together; 0 = transformers sizes
     # it from free device memory (right on a GPU of its own, far too much on a shared CPU).
     kv_cache_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaCppSettings:
+    """The `llama_cpp` backend's own options (backends/llama_cpp): the GGUF served as is by
+    llama.cpp's library, its requests decoded by our continuous-batching scheduler."""
+
+    # Tokens the KV cache holds for all requests together (one pool, shared): a request
+    # starts only when its prompt + max_new_tokens fit what the running ones left.
+    # 0 = the model's training context.
+    kv_cache_tokens: int
+    sequences: int  # requests decoded together (llama.cpp sequences); more wait their turn
+    # Prompt tokens read per step while other requests decode: the newcomer's wait
+    # against the running streams' pace.
+    prefill_chunk_tokens: int
+    gpu_layers: int  # layers offloaded to a GPU (a CUDA build of the library); 0 = CPU only
+    threads: Threads  # "auto": the CPUs this process may use (affinity, cgroup quota)
+    # llama.cpp's extra weight layouts (repacking for AMX, AArch64 kernels): off, because
+    # the AMX path takes the process down at the first decode (docs/FINDINGS.md).
+    repack: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +222,7 @@ class AppSettings:
     model: ModelSettings
     runtime: RuntimeSettings
     transformers: TransformersSettings
+    llama_cpp: LlamaCppSettings
     numerics: NumericsSettings
     generation: GenerationDefaults
     capacity: CapacitySettings

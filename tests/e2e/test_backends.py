@@ -1,7 +1,8 @@
-"""The same requests against both real backends: ct2 (the converted model) and
-transformers (the same model unconverted, decoded by continuous batching).
+"""The same requests against every real backend: ct2 (the converted model), transformers
+(the same model unconverted, decoded by continuous batching) and llama_cpp (the GGUF as
+is, decoded by our continuous-batching scheduler over llama.cpp's library).
 
-Both servers start from one settings file; the only difference between them is the
+The servers start from one settings file; the only difference between them is the
 `backend` setting (LLM_LOCAL_SERVICE_BACKEND). Each is a real `llm-local serve` on the real
 SmolLM2-135M in float32 (ENV=test: greedy), with room for three generations and no
 queue. Every test below runs once per backend.
@@ -24,7 +25,11 @@ from llm_local.proto.sentiric.llm.v1 import llama_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
-BACKENDS = ("ct2", "transformers")
+BACKENDS = ("ct2", "transformers", "llama_cpp")
+# What each computes: ct2 and transformers float32 (ENV=test), llama.cpp the GGUF's weights.
+COMPUTE_TYPES = {"ct2": "float32", "transformers": "float32", "llama_cpp": "q4_1"}
+# Backends that honour a repetition penalty and a seed per request.
+FULL_SAMPLING = ("ct2", "llama_cpp")
 QUESTION = "What is the capital of France? Answer in one sentence."
 # Greedy SmolLM2 counts on and on: a generation that outlives any test's patience.
 ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
@@ -131,21 +136,15 @@ def test_switching_backends_is_one_setting(servers: dict[str, Started]) -> None:
         }
         return settings
 
-    ct2, transformers = configs["ct2"], configs["transformers"]
-    assert without_backend_and_ports(ct2) == without_backend_and_ports(transformers)
+    ct2 = configs["ct2"]
     for name, config in configs.items():
+        assert without_backend_and_ports(config) == without_backend_and_ports(ct2)
         loaded = config["effective"]["loaded_model"]
         assert loaded["backend"] == name
         assert loaded["model_name"] == ct2["effective"]["loaded_model"]["model_name"]
-        assert loaded["compute_type"] == "float32"
-    assert ct2["effective"]["loaded_model"]["sampling_support"] == {
-        "repetition_penalty": True,
-        "seed": True,
-    }
-    assert transformers["effective"]["loaded_model"]["sampling_support"] == {
-        "repetition_penalty": False,
-        "seed": False,
-    }
+        assert loaded["compute_type"] == COMPUTE_TYPES[name]
+        full = name in FULL_SAMPLING
+        assert loaded["sampling_support"] == {"repetition_penalty": full, "seed": full}
 
 
 def test_health_says_loading_until_the_model_is_ready(
@@ -205,7 +204,7 @@ def test_sampling_options_the_backend_cannot_honour_are_refused_by_name(
         "repetition_penalty": 1.3,
     }
 
-    if backend == "ct2":  # CTranslate2 applies both
+    if backend in FULL_SAMPLING:  # CTranslate2 and llama.cpp's samplers apply both
         assert list(rpc.llama(channel, penalised))[-1].finish_details.completion_tokens > 0
         assert list(rpc.llama(channel, seeded))[-1].finish_details.completion_tokens > 0
         assert post_json(server, "/v1/chat/completions", openai_body)[0] == 200

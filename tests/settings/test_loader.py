@@ -260,6 +260,7 @@ def test_raw_is_plain_json_ready_data_of_the_effective_values(
         "model",
         "runtime",
         "transformers",
+        "llama_cpp",
         "generation",
         "capacity",
         "server",

@@ -34,6 +34,12 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("transformers.max_requests_per_batch", 0),
     ("transformers.max_batch_tokens", -1),
     ("transformers.kv_cache_tokens", "lots"),
+    ("llama_cpp.kv_cache_tokens", -1),
+    ("llama_cpp.sequences", 0),
+    ("llama_cpp.prefill_chunk_tokens", 0),
+    ("llama_cpp.gpu_layers", -1),
+    ("llama_cpp.threads", 0),
+    ("llama_cpp.repack", "maybe"),
     ("generation.max_new_tokens", 0),
     ("generation.max_new_tokens", 4096),  # above max_new_tokens_limit (2048)
     ("generation.max_new_tokens_limit", "lots"),

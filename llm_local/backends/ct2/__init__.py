@@ -2,8 +2,8 @@
 
 Modules: ``backend`` (the Backend), ``loader`` (settings to a loaded model),
 ``scheduler`` (queue, batch forming, worker threads), ``grouping`` (the pure batching
-policy), ``item`` (one generation and its thread-to-trio token bridge), ``decode`` (one
-batch through ``generate_batch``; sampling options and seeds).
+policy), ``decode`` (one batch through ``generate_batch``; sampling options and seeds).
+The token bridge, the cost model and the thread count live in ``backends.shared``.
 """
 
 from llm_local.backends.base import BackendFactory

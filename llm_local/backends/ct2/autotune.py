@@ -32,7 +32,7 @@ from typing import Any
 
 from llm_local.backends.base import BackendLoadError
 from llm_local.backends.ct2.measure import KERNEL_ENV
-from llm_local.backends.ct2.threads import choose_layout, intra_candidates, usable_cpus
+from llm_local.backends.shared.threads import choose_layout, intra_candidates, usable_cpus
 from llm_local.convert.cache import installed_version, write_json_atomically
 from llm_local.convert.reference import PROBE_VERSION
 from llm_local.core.numerics import Bounds, Measurement, Reference, candidate_label, choose

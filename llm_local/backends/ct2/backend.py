@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from llm_local.backends.base import BackendError, BackendStats, ModelInfo
-from llm_local.backends.ct2.costs import CostModel
 from llm_local.backends.ct2.decode import make_batch_executor
-from llm_local.backends.ct2.item import BatchItem
 from llm_local.backends.ct2.loader import LoadedModel, LoadPlan, load_model, plan_from_settings
 from llm_local.backends.ct2.prefix_cache import PrefixCachePolicy, release_freed_memory
 from llm_local.backends.ct2.scheduler import BatchScheduler, BatchStarted
 from llm_local.backends.hf_tokenizer import HFTokenizer
+from llm_local.backends.shared.bridge import BatchItem
+from llm_local.backends.shared.costs import CostModel
 from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
 
 if TYPE_CHECKING:

@@ -37,9 +37,9 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llm_local.backends.ct2.costs import CostModel
-from llm_local.backends.ct2.item import BatchItem
 from llm_local.backends.ct2.prefix_cache import PrefixCachePolicy
+from llm_local.backends.shared.bridge import BatchItem
+from llm_local.backends.shared.costs import CostModel
 from llm_local.core.types import SamplingOptions
 
 if TYPE_CHECKING:

@@ -60,7 +60,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from llm_local.backends.ct2.costs import CostEstimate
+from llm_local.backends.shared.costs import CostEstimate
 
 
 class Queued(Protocol):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
+from llm_local.backends.shared.context import CONTEXT_LIMIT_KEYS, DEFAULT_CONTEXT_LIMIT
 
 if TYPE_CHECKING:
     import ctranslate2
@@ -23,15 +24,6 @@ if TYPE_CHECKING:
 BACKEND_NAME = "ct2"
 MODEL_FILE = "model.bin"
 MANIFEST_FILE = "manifest.json"  # written by `llm-local convert` (llm_local.convert.cache)
-DEFAULT_CONTEXT_LIMIT = 2048
-# Where model configs state their context length, in order of preference.
-CONTEXT_LIMIT_KEYS = (
-    "max_position_embeddings",
-    "n_positions",
-    "max_sequence_length",
-    "max_seq_len",
-    "seq_length",
-)
 
 
 @dataclass(frozen=True, slots=True)

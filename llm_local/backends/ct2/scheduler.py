@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import trio
 
 from llm_local.backends.base import BackendError, BackendStats
-from llm_local.backends.ct2.costs import PRIOR, CostEstimate
 from llm_local.backends.ct2.grouping import RunningBatch, plan_dispatch, plan_relief
-from llm_local.backends.ct2.item import BatchItem, TokenStream, WakeupRelay
+from llm_local.backends.shared.bridge import BatchItem, TokenStream, WakeupRelay
+from llm_local.backends.shared.costs import PRIOR, CostEstimate
 from llm_local.core.fairness import in_tenant_turns
 
 log = logging.getLogger(__name__)

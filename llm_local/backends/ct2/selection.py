@@ -24,8 +24,8 @@ from llm_local.backends.ct2 import autotune
 from llm_local.backends.ct2.canary import measure
 from llm_local.backends.ct2.loader import LoadPlan, open_generator
 from llm_local.backends.ct2.measure import KERNEL_ENV
-from llm_local.backends.ct2.threads import usable_cpus
 from llm_local.backends.hf_tokenizer import HFTokenizer
+from llm_local.backends.shared.threads import usable_cpus
 from llm_local.convert.reference import read_reference
 from llm_local.core.numerics import (
     Bounds,

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from llm_local.backends.base import BackendError, BackendStats, ModelInfo
-from llm_local.backends.ct2.item import BatchItem, WakeupRelay
 from llm_local.backends.hf_tokenizer import HFTokenizer
+from llm_local.backends.shared.bridge import BatchItem, WakeupRelay
 from llm_local.backends.transformers.loader import (
     LoadedModel,
     LoadPlan,

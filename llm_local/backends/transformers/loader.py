@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
-from llm_local.backends.ct2.loader import CONTEXT_LIMIT_KEYS, DEFAULT_CONTEXT_LIMIT
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
+from llm_local.backends.shared.context import CONTEXT_LIMIT_KEYS, DEFAULT_CONTEXT_LIMIT
 from llm_local.core.types import SamplingSupport
 
 if TYPE_CHECKING:

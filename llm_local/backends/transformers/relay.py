@@ -3,7 +3,7 @@
 transformers' continuous batching manager hands every output of a step to its
 `OutputRouter` on its generation thread, as one list. `TokenRelay` takes that router's
 place: for each output it passes the request's new tokens to the request's `BatchItem`
-(the ct2 backend's thread-to-trio token buffer, reused as is), whose `WakeupRelay` crosses
+(the shared thread-to-trio token buffer, `backends.shared.bridge`), whose `WakeupRelay` crosses
 into trio once per step for all of them. Outputs of requests nobody waits for any more
 (cancelled, their consumer gone) are dropped, where transformers' own router would queue
 them forever for a `get_result` call that never comes.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_local.backends.base import BackendError
-from llm_local.backends.ct2.item import BatchItem
+from llm_local.backends.shared.bridge import BatchItem
 
 
 @dataclass(slots=True)

@@ -12,7 +12,13 @@ if TYPE_CHECKING:
     from llm_local.settings.schema import AppSettings
 
 # Read from package metadata: importing transformers would cost seconds and memory.
-VERSIONED_DISTRIBUTIONS = ("llm-local", "ctranslate2", "transformers", "tokenizers")
+VERSIONED_DISTRIBUTIONS = (
+    "llm-local",
+    "ctranslate2",
+    "transformers",
+    "tokenizers",
+    "llama-cpp-python",
+)
 
 
 def package_versions() -> dict[str, str | None]:

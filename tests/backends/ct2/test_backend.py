@@ -15,7 +15,8 @@ import trio
 from llm_local.backends.base import BackendError, BackendLoadError
 from llm_local.backends.ct2 import BatchingOptions, CT2Backend
 from llm_local.backends.ct2.decode import sampling_arguments
-from llm_local.backends.ct2.loader import DEFAULT_CONTEXT_LIMIT, LoadedModel, read_context_limit
+from llm_local.backends.ct2.loader import LoadedModel, read_context_limit
+from llm_local.backends.shared.context import DEFAULT_CONTEXT_LIMIT
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.types import (

@@ -20,8 +20,8 @@ import trio
 
 from llm_local.backends.base import BackendError, ModelTokenizer
 from llm_local.backends.ct2 import BatchingOptions, BatchStarted, CT2Backend
-from llm_local.backends.ct2.costs import CostEstimate, CostModel
 from llm_local.backends.ct2.loader import LoadedModel
+from llm_local.backends.shared.costs import CostEstimate, CostModel
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.types import (

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from llm_local.backends.ct2.costs import CostEstimate
 from llm_local.backends.ct2.grouping import (
     DispatchPlan,
     Relief,
@@ -17,6 +16,7 @@ from llm_local.backends.ct2.grouping import (
     plan_dispatch,
     plan_relief,
 )
+from llm_local.backends.shared.costs import CostEstimate
 from llm_local.core.types import SamplingOptions
 
 GREEDY = SamplingOptions().batch_key()

@@ -18,9 +18,9 @@ import trio
 import trio.testing
 
 from llm_local.backends.base import BackendError, BackendStats
-from llm_local.backends.ct2.costs import CostEstimate
-from llm_local.backends.ct2.item import BatchItem, WakeupRelay
 from llm_local.backends.ct2.scheduler import BatchScheduler, BatchStarted, SchedulerClosedError
+from llm_local.backends.shared.bridge import BatchItem, WakeupRelay
+from llm_local.backends.shared.costs import CostEstimate
 from llm_local.core.types import SamplingOptions
 
 GREEDY = SamplingOptions()

@@ -17,7 +17,7 @@ import pytest
 from llm_local.backends.base import NumericsRejected
 from llm_local.backends.ct2 import autotune, selection
 from llm_local.backends.ct2.loader import LoadedModel, load_model
-from llm_local.backends.ct2.threads import usable_cpus
+from llm_local.backends.shared.threads import usable_cpus
 from llm_local.convert.reference import REFERENCE_FILE, read_reference
 from llm_local.core.numerics import Measurement
 from llm_local.settings.schema import NumericsSettings

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from llm_local.backends.base import BackendError
-from llm_local.backends.ct2.item import BatchItem, WakeupRelay
+from llm_local.backends.shared.bridge import BatchItem, WakeupRelay
 from llm_local.backends.transformers.relay import TokenRelay, make_output_router
 from llm_local.core.types import SamplingOptions
 

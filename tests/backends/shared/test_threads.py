@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_local.backends.ct2.threads import (
+from llm_local.backends.shared.threads import (
     cgroup_cpu_quota,
     choose_layout,
     intra_candidates,

@@ -127,6 +127,23 @@ class BatchItem:
             return True  # trio is gone: nobody will read this item any more
         return done
 
+    def end_from_thread(self, error: BaseException | None) -> None:
+        """`batch_ended` for a decoding thread that ends the item without a token (an
+        error, or no room left): the consumer's wake-up crosses through the relay, since
+        a trio event may only be set on the trio thread."""
+        with self._lock:
+            if self._finished or self._cancelled:
+                return
+            self._finished = True
+            if error is not None:
+                self._error = error
+            else:
+                self._ended_early = True
+            schedule_wakeup = not self._wake_pending
+            self._wake_pending = True
+        if schedule_wakeup:
+            self._relay.request(self)
+
     # -- trio side --------------------------------------------------------------------------
 
     @property

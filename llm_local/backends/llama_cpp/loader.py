@@ -1,0 +1,201 @@
+"""Settings to a loaded llama.cpp model and context: blocking code, run on a thread.
+
+The GGUF is served as is: no conversion, no cache. Sources (convert/sources.py):
+- a `.gguf` file, or a `package:DIST/PATH` naming one: read in place;
+- a Hugging Face Hub repository that holds one `.gguf` file (more than one: the error
+  lists them, give the file instead): downloaded through huggingface_hub's cache, found
+  there without the network when `model.offline` says so;
+- a Hugging Face model directory (safetensors) is refused at start-up: the ct2 and
+  transformers backends serve those.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llm_local.backends.base import BackendLoadError, ModelInfo
+from llm_local.backends.llama_cpp.library import (
+    ContextOptions,
+    LoadedLibraryModel,
+    ModelOptions,
+    library,
+)
+from llm_local.backends.llama_cpp.threads import measure_threads
+from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
+from llm_local.backends.shared.threads import usable_cpus
+
+if TYPE_CHECKING:
+    from llm_local.convert.sources import ModelSource
+    from llm_local.settings.schema import AppSettings, LlamaCppSettings, ModelSettings
+
+BACKEND_NAME = "llama_cpp"
+# The library's own default batch: room for every sequence's token plus a prompt chunk,
+# and at least this much for reading a prompt while nothing else decodes.
+MIN_BATCH_TOKENS = 512
+
+log = logging.getLogger("llm_local.backends.llama_cpp")
+
+
+class SourceNotServed(BackendLoadError):
+    retryable = False  # the settings must change
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    gguf: Path
+    model: ModelSettings
+    options: LlamaCppSettings
+    threads: int  # the CPUs we may use when auto (then measured at load), else as set
+    measure_threads: bool
+    batch_tokens: int
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    handle: LoadedLibraryModel
+    tokenizer: LlamaVocabTokenizer
+    info: ModelInfo
+    prefill_chunk_tokens: int
+
+
+def batch_tokens(options: LlamaCppSettings) -> int:
+    """Tokens one llama_decode may take: every sequence's token plus a prompt chunk."""
+    return max(MIN_BATCH_TOKENS, options.sequences + options.prefill_chunk_tokens)
+
+
+def plan_from_settings(settings: AppSettings) -> LoadPlan:
+    """Where the GGUF is and how it runs; BackendLoadError if this backend cannot serve it."""
+    from llm_local.convert.errors import ConversionError
+    from llm_local.convert.sources import resolve_source
+
+    try:
+        source = resolve_source(settings.model)
+    except ConversionError as exc:
+        raise BackendLoadError(str(exc)) from exc
+    options = settings.llama_cpp
+    threads = usable_cpus() if options.threads == "auto" else int(options.threads)
+    return LoadPlan(
+        gguf=gguf_path(source, settings.model),
+        model=settings.model,
+        options=options,
+        threads=threads,
+        measure_threads=options.threads == "auto",
+        batch_tokens=batch_tokens(options),
+    )
+
+
+def gguf_path(source: ModelSource, model: ModelSettings) -> Path:
+    """The local GGUF file of `source`, downloading a hub repository's one GGUF."""
+    if source.kind == "gguf" and source.path is not None:
+        return source.path
+    if source.kind == "hf_dir":
+        raise SourceNotServed(
+            f"model {source.spec!r} is a Hugging Face model directory: the llama_cpp backend "
+            'serves GGUF files; serve it with backend = "ct2" (converted) or '
+            '"transformers", or give a .gguf file'
+        )
+    return _hub_gguf(source.spec, model)
+
+
+def _hub_gguf(repo_id: str, model: ModelSettings) -> Path:
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    try:
+        if model.offline:
+            from huggingface_hub import snapshot_download
+
+            snapshot = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=model.revision,
+                    cache_dir=model.download_dir,
+                    local_files_only=True,
+                    allow_patterns=["*.gguf"],
+                )
+            )
+            names = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf"))
+        else:
+            snapshot = None
+            names = sorted(
+                name
+                for name in list_repo_files(repo_id, revision=model.revision)
+                if name.endswith(".gguf")
+            )
+    except Exception as exc:  # huggingface_hub's errors are many; each is a load error here
+        raise BackendLoadError(
+            f"cannot find a GGUF in hub repository {repo_id!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if len(names) != 1:
+        found = ", ".join(names) if names else "none"
+        raise SourceNotServed(
+            f"the llama_cpp backend serves a hub repository holding one .gguf file; "
+            f"{repo_id!r} holds {found}: give the file's path instead, or serve the "
+            'repository with backend = "ct2" or "transformers"'
+        )
+    if snapshot is not None:
+        return snapshot / names[0]
+    return Path(
+        hf_hub_download(repo_id, names[0], revision=model.revision, cache_dir=model.download_dir)
+    )
+
+
+def load_model(plan: LoadPlan) -> LoadedModel:
+    """Load the plan's GGUF into one context (seconds: call it on a thread)."""
+    lib = library()
+    options = plan.options
+    handle = LoadedLibraryModel(
+        lib,
+        plan.gguf,
+        ModelOptions(gpu_layers=options.gpu_layers, repack=options.repack),
+        ContextOptions(
+            kv_cache_tokens=options.kv_cache_tokens,
+            sequences=options.sequences,
+            batch_tokens=plan.batch_tokens,
+            threads=plan.threads,
+        ),
+    )
+    try:
+        tokenizer = LlamaVocabTokenizer(lib, handle.model, handle.vocab)
+        threads = plan.threads
+        if plan.measure_threads:
+            probe = tokenizer.encode("Hello")[0]
+            threads = measure_threads(lib, handle.ctx, handle.memory, probe, plan.threads)
+        if tokenizer.chat_template is None:
+            log.warning("%s has no chat template: chat requests will be refused", plan.gguf)
+        limit = handle.context_per_sequence
+        if plan.model.context_limit:
+            limit = min(limit, plan.model.context_limit)
+        info = ModelInfo(
+            backend=BACKEND_NAME,
+            model_name=plan.model.name,
+            device="cuda:0" if options.gpu_layers > 0 else "cpu",
+            compute_type=file_type(handle.description()),
+            context_limit=limit,
+            threads=(1, threads),
+        )
+    except BaseException:
+        handle.free()
+        raise
+    log.info(
+        "llama.cpp: %s, %d sequences sharing %d KV cache tokens, %d threads, repack %s",
+        handle.description(),
+        options.sequences,
+        handle.context_options.kv_cache_tokens,
+        threads,
+        "on" if options.repack else "off",
+    )
+    return LoadedModel(
+        handle=handle,
+        tokenizer=tokenizer,
+        info=info,
+        prefill_chunk_tokens=options.prefill_chunk_tokens,
+    )
+
+
+def file_type(description: str) -> str:
+    """The weights' type from llama_model_desc ("llama 135M Q4_1" -> "q4_1")."""
+    words = description.split()
+    return words[-1].lower() if words else "unknown"

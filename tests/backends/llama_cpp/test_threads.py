@@ -1,0 +1,58 @@
+"""`threads = "auto"`: the count measured at load follows the shared doubling rule and is
+what the library decodes with afterwards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llm_local.backends.llama_cpp import threads
+
+
+class FakeLibrary:
+    """Records the thread counts set; batches are plain objects (nothing is decoded)."""
+
+    def __init__(self) -> None:
+        self.thread_settings: list[tuple[int, int]] = []
+
+    def llama_set_n_threads(self, ctx: Any, n_threads: int, n_threads_batch: int) -> None:
+        self.thread_settings.append((n_threads, n_threads_batch))
+
+    def llama_batch_init(self, n_tokens: int, embd: int, n_seq_max: int) -> object:
+        return object()
+
+    def llama_batch_free(self, batch: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("speeds", "expected"),
+    [
+        ({1: 73.0, 2: 1.6}, 1),  # a busy second core: one thread (measured, FINDINGS)
+        ({1: 40.0, 2: 75.0}, 2),  # a doubling that pays 1.5x
+        ({1: 40.0, 2: 55.0}, 1),  # one that does not
+        ({1: 10.0, 2: 18.0, 4: 34.0}, 4),
+    ],
+)
+def test_the_measured_count_is_chosen_and_set(
+    monkeypatch: pytest.MonkeyPatch, speeds: dict[int, float], expected: int
+) -> None:
+    monkeypatch.setattr(
+        threads,
+        "_tokens_per_second",
+        lambda lib, ctx, memory, batch, token: speeds[lib.thread_settings[-1][0]],
+    )
+    lib = FakeLibrary()
+
+    chosen = threads.measure_threads(lib, ctx=None, memory=None, token=1, cpus=max(speeds))
+
+    assert chosen == expected
+    assert [count for count, _ in lib.thread_settings[:-1]] == sorted(speeds)
+    assert lib.thread_settings[-1] == (expected, expected)  # what decoding runs with
+
+
+def test_one_cpu_measures_nothing() -> None:
+    lib = FakeLibrary()
+    assert threads.measure_threads(lib, ctx=None, memory=None, token=1, cpus=1) == 1
+    assert lib.thread_settings == [(1, 1)]
