@@ -57,11 +57,15 @@ def watch_until_ready(server: Any, rpc: Any) -> Started:
     channel = server.channel()
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while time.monotonic() < deadline:
+        # gRPC first, HTTP second: a server goes from loading to ready once, so a gRPC
+        # answer followed by a "not ready" HTTP answer was given while loading. (The other
+        # order counted a gRPC "SERVING" given just after the model became ready.)
+        grpc_status = rpc.health(channel)
         status, body = server.http_json("/health")
         if status == 200:
             return started
         started.http_while_loading.append((status, body))
-        started.grpc_while_loading.append(rpc.health(channel))
+        started.grpc_while_loading.append(grpc_status)
         time.sleep(0.1)
     raise AssertionError(f"not ready in {LOAD_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
 
