@@ -4,6 +4,8 @@ Dockerfiles' pip steps): static checks `make test` runs; `make image-check` buil
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -76,3 +78,13 @@ def test_build_configuration_points_pip_at_the_mounted_secrets(tmp_path: Path) -
     assert (out / "pip-constraints").read_text() == ""
     # A local index's files lie beside it: its parent folder is mounted.
     assert helper.local_directories(settings) == [str(tmp_path / "pypi"), str(wheels)]
+
+
+def test_image_check_script_parses_and_is_not_part_of_make_test() -> None:
+    script = DOCKER_DIR / "image_check.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    makefile = (DOCKER_DIR.parent / "Makefile").read_text()
+    test_target = re.search(r"^test:.*?(?=^\S)", makefile, re.M | re.S)
+    assert test_target is not None and "image-check" not in test_target.group(0)
+    assert re.search(r"^image-check:", makefile, re.M)
