@@ -193,7 +193,7 @@ build_images() {
         read -r image dockerfile <<<"$pair"
         start=$SECONDS
         say "building $image from $dockerfile (log: $WORK/build-${image##*:}.log)"
-        podman build "${args[@]}" -f "$dockerfile" -t "$image" . >"$WORK/build-${image##*:}.log" 2>&1 ||
+        podman build "${args[@]}" -f "$dockerfile" -t "${image#localhost/}" . >"$WORK/build-${image##*:}.log" 2>&1 ||
             { tail -n 30 "$WORK/build-${image##*:}.log" >&2; fail "podman build of $dockerfile failed"; }
         pass "build ${image##*:}" "$image in $((SECONDS - start))s, $(image_size "$image")"
     done
@@ -266,10 +266,10 @@ choose_compose() {
         verdicts+=("docker-compose: starts the service after a failed init")
     fi
     if honours_completion "$VENV_BIN/podman-compose"; then
-        verdicts+=("podman-compose: honours it")
+        verdicts+=("$("$VENV_BIN/podman-compose" --version 2>/dev/null | grep -m1 podman-compose): honours it")
         ((${#COMPOSE[@]})) || COMPOSE=("$VENV_BIN/podman-compose")
     else
-        verdicts+=("podman-compose $("$VENV_BIN/podman-compose" version 2>/dev/null | tail -n1): starts the service after a failed init")
+        verdicts+=("$("$VENV_BIN/podman-compose" --version 2>/dev/null | grep -m1 podman-compose): starts the service after a failed init")
     fi
     printf 'image-check:   %s\n' "${verdicts[@]}"
     ((${#COMPOSE[@]})) || fail "no compose tool honours service_completed_successfully"
@@ -306,14 +306,14 @@ prepare_deployment() {
         docker/.env.example >"$WORK/env"
     grep -q "^LLM_LOCAL_SERVICE_OPENAI__API_KEYS=$API_KEY" "$WORK/env" ||
         fail ".env.example has no LLM_LOCAL_SERVICE_OPENAI__API_KEYS line"
+    # Only the model mount is added: the images are the compose file's own names
+    # (llm-local:cpu, llm-local:converter), as built above.
     cat >"$WORK/model.override.yml" <<EOF
 services:
   llm-model-converter:
-    image: $CONVERTER_IMAGE
     volumes:
       - $WORK/model/model.gguf:/seed/model.gguf:ro
   llm-local-service:
-    image: $SERVICE_IMAGE
     volumes:
       - $WORK/model/model.gguf:/seed/model.gguf:ro
 EOF
@@ -330,7 +330,7 @@ exited() { [ "$(podman inspect --format '{{.State.Status}}' "$1")" = exited ]; }
 healthy() { [ "$(podman inspect --format '{{.State.Health.Status}}' "$1")" = healthy ]; }
 running() { [ "$(podman inspect --format '{{.State.Status}}' "$1")" = running ]; }
 
-# `up -d`, then the converter's exit code and log; $1: the log line to expect.
+# `up -d`, then the converter's exit code and its last run's log line; $1: what it starts with.
 up_and_convert() {
     # docker-compose's `up` itself waits for the converter to exit.
     COMPOSE_TIMEOUT_S=$CONVERT_TIMEOUT_S compose up -d >"$WORK/up.log" 2>&1 ||
@@ -343,8 +343,9 @@ up_and_convert() {
     code=$(podman inspect --format '{{.State.ExitCode}}' "$converter")
     podman logs "$converter" >"$WORK/converter.log" 2>&1
     [ "$code" = 0 ] || { tail -n 20 "$WORK/converter.log" >&2; fail "the converter exited $code"; }
-    grep -q "$1" "$WORK/converter.log" ||
-        { tail -n 20 "$WORK/converter.log" >&2; fail "the converter's log lacks '$1'"; }
+    # The log holds every run of this container: its last line is this run's verdict.
+    grep -v '^\s*$' "$WORK/converter.log" | tail -n 1 | grep -q "^$1" ||
+        { tail -n 20 "$WORK/converter.log" >&2; fail "the converter's last line is not '$1 ...'"; }
 }
 
 wait_healthy() {
@@ -358,11 +359,14 @@ run_deployment() {
     step deployment "compose up, a call through the published port, down + up, SIGTERM"
     prepare_deployment
     local start=$SECONDS
-    up_and_convert "converted"
-    pass "converter runs once, exits 0" "converted in $((SECONDS - start))s"
+    up_and_convert "converted "
+    pass "converter converts, exits 0" "up took $((SECONDS - start))s"
     start=$SECONDS
     wait_healthy
     pass "service healthy" "after $((SECONDS - start))s"
+    up_and_convert "already converted"
+    wait_healthy
+    pass "second up: converter skips" "$(tail -n 1 "$WORK/converter.log" | grep -oE 'checked in [0-9.]+ s')"
 
     "$VENV_BIN/python" docker/image_check_client.py ask --port "$GRPC_PORT" ||
         fail "the gRPC call through port $GRPC_PORT did not answer Paris"
@@ -386,17 +390,22 @@ run_deployment() {
     podman volume exists llm-local-model-cache || fail "down removed the model volume"
     up_and_convert "already converted"
     wait_healthy
-    pass "down + up keeps the volume" "the converter skipped, the service healthy again"
+    pass "down + up keeps the volume" "the converter skipped again, the service healthy"
 
     # SIGTERM while a stream runs: the stream must end with its finish details.
     local started=$WORK/stream-started client_pid
-    rm -f "$started"
+    rm -f "$started" "$started.last"
     "$VENV_BIN/python" docker/image_check_client.py drain --port "$GRPC_PORT" --started "$started" &
     client_pid=$!
     wait_for 120 "the first token of the long stream" test -f "$started"
+    local stop_at
+    stop_at=$(date +%s.%N)
     compose stop -t "$STOP_GRACE_S" llm-local-service >"$WORK/stop.log" 2>&1 ||
         { cat "$WORK/stop.log" >&2; fail "compose stop failed"; }
     wait "$client_pid" || fail "the stream was cut by SIGTERM instead of finishing"
+    # Tokens after the stop began: the stream really ran through the SIGTERM.
+    awk -v stop="$stop_at" '{ exit !($1 > stop) }' "$started.last" ||
+        fail "the stream ended before the stop began: nothing was drained"
     local code
     code=$(podman inspect --format '{{.State.ExitCode}}' "$SERVICE")
     [ "$code" = 0 ] || fail "the service exited $code after SIGTERM"
@@ -407,6 +416,7 @@ run_deployment() {
 cleanup() {
     local status=$?
     set +e
+    trap - ERR
     if ((${#COMPOSE[@]})) && [ -f "$WORK/env" ]; then
         compose down -v >/dev/null 2>&1
     fi

@@ -7,7 +7,8 @@ Run with the project's virtualenv (it has grpcio and the generated messages):
         it names Paris and the stream ends with its finish details.
     python docker/image_check_client.py drain --port 16061 --started FILE
         a long greedy generation; FILE is created at the first token (the caller then
-        stops the container); exit 0 when the stream still ends with its finish details,
+        stops the container) and FILE.last gets the time of the last token (epoch
+        seconds); exit 0 when the stream still ends with its finish details,
         i.e. the service let it finish instead of cutting it.
 
 ENV=production requires the x-tenant-id header on every call, as the gateway sends it.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -39,6 +41,7 @@ def _stream(
     )
     pieces: list[bytes] = []
     finished = False
+    last_token_at = 0.0
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         generate = channel.unary_stream(
             GENERATE_PATH,
@@ -49,10 +52,14 @@ def _stream(
             kind = response.WhichOneof("type")
             if kind == "token":
                 pieces.append(response.token)
-                if started is not None and len(pieces) == 1:
-                    started.touch()
+                if started is not None:
+                    if len(pieces) == 1:
+                        started.touch()
+                    last_token_at = time.time()
             elif kind == "finish_details":
                 finished = True
+    if started is not None:
+        started.with_name(started.name + ".last").write_text(f"{last_token_at:.3f}\n")
     return b"".join(pieces).decode("utf-8", errors="replace"), finished
 
 
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             text, finished = _stream(args.port, QUESTION, 32, args.timeout, None)
             print(f"answer: {text.strip()!r}")
             return 0 if finished and "Paris" in text else 1
-        text, finished = _stream(args.port, LONG_PROMPT, 200, args.timeout, args.started)
+        text, finished = _stream(args.port, LONG_PROMPT, 400, args.timeout, args.started)
         print(f"drain: {len(text)} characters streamed, finish details: {finished}")
         return 0 if finished else 1
     except grpc.RpcError as error:
