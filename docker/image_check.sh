@@ -431,8 +431,10 @@ cleanup() {
         kill "$SOCKET_PID" 2>/dev/null
         wait "$SOCKET_PID" 2>/dev/null
     fi
+    # Not `podman system reset`: networks live outside the storage, in the machine's
+    # podman configuration, and a reset would remove everyone's.
     if [ "$KEEP" != 1 ] && [ -n "${CONTAINERS_STORAGE_CONF:-}" ]; then
-        podman system reset -f >/dev/null 2>&1
+        podman rmi -a -f >/dev/null 2>&1
         rm -rf "$WORK/storage" "$WORK/run"
     fi
     rm -rf "$WORK/pip"
