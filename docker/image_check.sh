@@ -28,7 +28,9 @@ REPO_ROOT=$PWD
 VENV_BIN=$REPO_ROOT/.venv/bin
 WORK=${IMAGE_CHECK_DIR:-$REPO_ROOT/.cache/image-check}
 KEEP=${IMAGE_CHECK_KEEP:-0}
-PROJECT=llm-local-image-check
+# Per run: podman keeps networks machine-wide (not in the storage), so two runs, or a
+# real deployment, must not share a compose project name.
+PROJECT=llm-local-image-check-$$
 BASE_IMAGE=${IMAGE_CHECK_BASE:-}
 DEFAULT_BASE=python:3.11-slim-bookworm
 LOCAL_BASE=localhost/llm-local-base:bookworm
@@ -251,8 +253,8 @@ EOF
         if podman logs "$app" 2>/dev/null | grep -q app-ran; then ran=1; fi
     done
     # Everything the probe made goes, whatever the tool named it.
-    podman ps -a --format '{{.Names}}' | grep "^${name}" | xargs -r podman rm -f >/dev/null 2>&1 || true
-    podman network ls --format '{{.Name}}' | grep "^${name}" | xargs -r podman network rm >/dev/null 2>&1 || true
+    podman ps -a --format '{{.Names}}' | grep "^${name}[_-]" | xargs -r podman rm -f >/dev/null 2>&1 || true
+    podman network ls --format '{{.Name}}' | grep "^${name}[_-]" | xargs -r podman network rm >/dev/null 2>&1 || true
     [ "$ran" = 0 ]
 }
 
@@ -424,9 +426,9 @@ cleanup() {
     if ((${#COMPOSE[@]})) && [ -f "$WORK/env" ]; then
         compose down -v >/dev/null 2>&1
     fi
-    podman ps -a --format '{{.Names}}' 2>/dev/null | grep "^${PROJECT}" | xargs -r podman rm -f >/dev/null 2>&1
+    podman ps -a --format '{{.Names}}' 2>/dev/null | grep "^${PROJECT}[_-]" | xargs -r podman rm -f >/dev/null 2>&1
     podman volume rm -f llm-local-model-cache >/dev/null 2>&1
-    podman network ls --format '{{.Name}}' 2>/dev/null | grep "^${PROJECT}" | xargs -r podman network rm >/dev/null 2>&1
+    podman network ls --format '{{.Name}}' 2>/dev/null | grep "^${PROJECT}[_-]" | xargs -r podman network rm >/dev/null 2>&1
     if [ "$KEEP" != 1 ]; then
         podman rmi -f "$SERVICE_IMAGE" "$CONVERTER_IMAGE" "$LOCAL_BASE" >/dev/null 2>&1
         podman image prune -f >/dev/null 2>&1
