@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             text, finished = _stream(args.port, QUESTION, 32, args.timeout, None)
             print(f"answer: {text.strip()!r}")
             return 0 if finished and "Paris" in text else 1
-        text, finished = _stream(args.port, LONG_PROMPT, 400, args.timeout, args.started)
+        text, finished = _stream(args.port, LONG_PROMPT, 300, args.timeout, args.started)
         print(f"drain: {len(text)} characters streamed, finish details: {finished}")
         return 0 if finished else 1
     except grpc.RpcError as error:

@@ -176,3 +176,15 @@ def test_every_service_setting_the_deployment_guide_names_reaches_a_container(
     # The gateway's name for TLS__CERT_PATH, which the guide mentions as an alias.
     aliases = {"LLM_LOCAL_SERVICE_GRPC_TLS_CERT_PATH"}
     assert sorted(named - received - aliases) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_service_drains_streams_for_most_of_the_compose_stop_grace_period(
+    compose_container: ContainerOf, variant: str
+) -> None:
+    # The service's own grace period defaulted to 10 s under a 30 s stop_grace_period:
+    # `make image-check` saw a stream cut after 10 s that compose would have let finish.
+    # It must use most of compose's time, and end before compose kills it.
+    service = compose_container(variant, SERVICE)
+    grace_s = float(service.environment["LLM_LOCAL_SERVICE_SERVER__GRACE_PERIOD_S"])
+    assert service.stop_grace_period_s / 2 <= grace_s <= service.stop_grace_period_s - 3
