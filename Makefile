@@ -24,6 +24,7 @@ help:
 	@echo "make test   - install (with the dev tools), prepare the test model, lint, type-check, run every test"
 	@echo "make bench  - run the benchmark suite and write docs/BENCHMARKS.md, docs/NUMERICS.md"
 	@echo "make soak   - drive a real server at twice its capacity for 10 minutes, write docs/RELIABILITY.md"
+	@echo "make image-check - build the images with podman, run the compose stack, call it"
 	@echo "make gpu-check - the CUDA path on an NVIDIA machine (says so and exits 0 elsewhere)"
 
 $(BIN)/python:
@@ -64,6 +65,14 @@ typecheck: install-dev
 
 docker-check: install-dev
 	bash docker/check.sh
+
+# The compose deployment built and run for real with podman: both images, the stack up,
+# a gRPC call through the published port, down + up, SIGTERM (docs/DEPLOYMENT.md).
+# Minutes and a few GB of disk; never part of `make test`. IMAGE_CHECK_KEEP=1 keeps the
+# images it built.
+.PHONY: image-check
+image-check: install-dev
+	bash docker/image_check.sh
 
 .PHONY: k8s-check
 k8s-check: install-dev

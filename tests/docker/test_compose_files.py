@@ -144,3 +144,47 @@ def test_tls_variant_points_the_service_at_mounted_certificate_files(
     for key in ("CERT_PATH", "KEY_PATH", "CA_PATH"):
         path = PurePosixPath(service.environment[f"LLM_LOCAL_SERVICE_TLS__{key}"])
         assert any(path.is_relative_to(target) and read_only for target, read_only in mounts), key
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_containers_write_only_to_the_volume_and_a_memory_tmp(
+    compose_container: ContainerOf, variant: str
+) -> None:
+    # A read-only root: nothing a process writes outside the model volume outlives the
+    # container or escapes the operator's sight. `make image-check` runs both this way.
+    for name in (CONVERTER, SERVICE):
+        config = compose_container(variant, name).config
+        assert config.get("read_only") is True, name
+        assert "/tmp" in config.get("tmpfs", []), name
+
+
+def test_every_service_setting_the_deployment_guide_names_reaches_a_container(
+    compose_container: ContainerOf,
+) -> None:
+    # Compose passes a container only the variables its `environment:` lists: a setting
+    # the guide tells operators to put in .env that no container receives does nothing.
+    # (The real run found LLM_LOCAL_SERVICE_OPENAI__API_KEYS and
+    # LLM_LOCAL_SERVICE_NUMERICS__ACCEPT_UNVERIFIED documented but never passed.)
+    guide = (DOCKER_DIR.parent / "docs" / "DEPLOYMENT.md").read_text()
+    named = set(re.findall(r"LLM_LOCAL_SERVICE_[A-Z0-9_]*[A-Z0-9]", guide))
+    received = {
+        key
+        for variant in VARIANTS
+        for name in (CONVERTER, SERVICE)
+        for key in compose_container(variant, name).environment
+    }
+    # The gateway's name for TLS__CERT_PATH, which the guide mentions as an alias.
+    aliases = {"LLM_LOCAL_SERVICE_GRPC_TLS_CERT_PATH"}
+    assert sorted(named - received - aliases) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_service_drains_streams_for_most_of_the_compose_stop_grace_period(
+    compose_container: ContainerOf, variant: str
+) -> None:
+    # The service's own grace period defaulted to 10 s under a 30 s stop_grace_period:
+    # `make image-check` saw a stream cut after 10 s that compose would have let finish.
+    # It must use most of compose's time, and end before compose kills it.
+    service = compose_container(variant, SERVICE)
+    grace_s = float(service.environment["LLM_LOCAL_SERVICE_SERVER__GRACE_PERIOD_S"])
+    assert service.stop_grace_period_s / 2 <= grace_s <= service.stop_grace_period_s - 3
