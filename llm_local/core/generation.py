@@ -67,11 +67,16 @@ class _Progress:
         return "".join(pieces)
 
     def finish_text(self) -> str:
-        """Everything still held back by the detokenizer and the stop matcher."""
+        """Everything still held back by the detokenizer and the stop matcher; a stop
+        sequence found in it sets `reason`."""
         result = self.stops.feed(self.detokenizer.finish())
         if result.stopped:
+            self.reason = FinishReason.STOP
             return result.emit
-        return result.emit + self.stops.flush()
+        held = self.stops.flush()
+        if held.stopped:
+            self.reason = FinishReason.STOP
+        return result.emit + held.emit
 
     def chunk(self, text: str) -> TextChunk:
         chunk = TextChunk(text=text, token_count=self.unreported_tokens)
@@ -120,6 +125,8 @@ async def run_generation(
             await on_text(progress.chunk(text))
         if error is not None:
             progress.reason = FinishReason.ERROR
+        elif progress.reason is not None:
+            pass  # the text held back to the end completed a stop sequence
         elif progress.completion_tokens >= progress.limit:
             progress.reason = (
                 FinishReason.CONTEXT_FULL if prepared.context_bound else FinishReason.LENGTH

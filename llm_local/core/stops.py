@@ -38,23 +38,36 @@ class StopMatcher:
             return StopResult(text, False)
         buffer = self._held + text
         # Positions before the held tail were already ruled out as stop starts, so the
-        # earliest match in `buffer` is the earliest match in the whole text.
-        earliest = min(
-            (index for stop in self._stops if (index := buffer.find(stop)) >= 0),
-            default=-1,
-        )
-        if earliest >= 0:
+        # earliest match in `buffer` is the earliest match in the whole text...
+        earliest = self._earliest_match(buffer)
+        # ... unless a stop still being spelled starts before it: with stops "a" and
+        # "\naa", the text "\na" matches "a" at 1, yet "\naa" may still match at 0.
+        undecided = len(buffer) - self._partial_match_length(buffer)
+        if 0 <= earliest <= undecided:
             self._held = ""
             self._stopped = True
             return StopResult(buffer[:earliest], True)
-        keep = self._partial_match_length(buffer)
-        self._held = buffer[len(buffer) - keep :]
-        return StopResult(buffer[: len(buffer) - keep], False)
+        self._held = buffer[undecided:]
+        return StopResult(buffer[:undecided], False)
 
-    def flush(self) -> str:
-        """Release held-back text: generation ended without completing a stop."""
+    def flush(self) -> StopResult:
+        """Release held-back text: generation ended. The held text may still hold a
+        complete stop, kept back while a longer one starting earlier could match."""
         held, self._held = self._held, ""
-        return held
+        if self._stopped:
+            return StopResult("", True)
+        earliest = self._earliest_match(held)
+        if earliest >= 0:
+            self._stopped = True
+            return StopResult(held[:earliest], True)
+        return StopResult(held, False)
+
+    def _earliest_match(self, buffer: str) -> int:
+        """Where the first complete stop in `buffer` starts, or -1."""
+        return min(
+            (index for stop in self._stops if (index := buffer.find(stop)) >= 0),
+            default=-1,
+        )
 
     def _partial_match_length(self, buffer: str) -> int:
         """Length of the longest tail of `buffer` that is a proper prefix of a stop."""

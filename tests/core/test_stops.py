@@ -17,8 +17,9 @@ def run(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:
         out.append(result.emit)
         if result.stopped:
             return "".join(out), True
-    out.append(matcher.flush())
-    return "".join(out), False
+    held = matcher.flush()
+    out.append(held.emit)
+    return "".join(out), held.stopped
 
 
 def split(text: str, cuts: list[int]) -> list[str]:
@@ -31,7 +32,7 @@ def test_stop_inside_one_piece_cuts_before_it() -> None:
     matcher = StopMatcher(["\nUser:"])
     assert matcher.feed("Paris.\nUser: more") == StopResult("Paris.", True)
     assert matcher.feed("ignored") == StopResult("", True)
-    assert matcher.flush() == ""
+    assert matcher.flush() == StopResult("", True)
 
 
 def test_possible_stop_start_is_held_then_released() -> None:
@@ -48,7 +49,15 @@ def test_stop_spanning_pieces_is_never_emitted() -> None:
 def test_held_text_is_flushed_when_generation_ends() -> None:
     matcher = StopMatcher(["###"])
     assert matcher.feed("done ##") == StopResult("done ", False)
-    assert matcher.flush() == "##"
+    assert matcher.flush() == StopResult("##", False)
+
+
+def test_a_longer_stop_starting_earlier_wins_over_a_complete_later_one() -> None:
+    # "a" is complete at 1 while "\naa" may still match at 0: hold, then decide.
+    assert run(StopMatcher(["a", "\naa"]), ["\na", "a"]) == ("", True)
+    assert run(StopMatcher(["a", "\naa"]), ["\na", "b"]) == ("\n", True)
+    # Generation ends while undecided: the complete stop in the held text still cuts.
+    assert run(StopMatcher(["a", "\naa"]), ["\na"]) == ("\n", True)
 
 
 def test_earliest_of_several_stops_wins() -> None:
