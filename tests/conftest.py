@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 if TYPE_CHECKING:
     import grpc
@@ -23,6 +25,19 @@ if TYPE_CHECKING:
     from llm_local.settings.schema import AppSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests draw the same examples on every run, with no time limit per example: a
+# red run is then a change's doing, not a lucky draw's or a busy machine's. To hunt for
+# new counterexamples, run with HYPOTHESIS_PROFILE=explore (fresh draws, many more).
+hypothesis_settings.register_profile(
+    "deterministic",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.register_profile("explore", max_examples=2000, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(scope="session")
