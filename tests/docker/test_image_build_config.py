@@ -7,6 +7,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -88,3 +89,24 @@ def test_image_check_script_parses_and_is_not_part_of_make_test() -> None:
     test_target = re.search(r"^test:.*?(?=^\S)", makefile, re.M | re.S)
     assert test_target is not None and "image-check" not in test_target.group(0)
     assert re.search(r"^image-check:", makefile, re.M)
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.converter", "Dockerfile.gpu"])
+def test_every_extra_an_image_asks_for_is_one_the_project_provides_by_its_pep_685_name(
+    dockerfile: str,
+) -> None:
+    # Debian bookworm's pip (23.0) compares extras by their literal name: ".[llama_cpp]"
+    # against the metadata's normalized "llama-cpp" installed nothing, with only a warning,
+    # and the image served without the llama_cpp backend's library.
+    provided = tomllib.loads((DOCKER_DIR.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert all(name == _normalized(name) for name in provided), sorted(provided)
+    text = (DOCKER_DIR / dockerfile).read_text()
+    for extras in re.findall(r"\.\[([^\]]+)\]", text):
+        for extra in extras.split(","):
+            assert extra.strip() in provided, (dockerfile, extra, sorted(provided))

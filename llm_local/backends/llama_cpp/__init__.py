@@ -1,6 +1,6 @@
 """The llama.cpp backend (entry point ``llama_cpp``): a GGUF served as is.
 
-Needs the optional extra: ``pip install 'llm-local[llama_cpp]'`` (llama-cpp-python, which
+Needs the optional extra: ``pip install 'llm-local[llama-cpp]'`` (llama-cpp-python, which
 builds llama.cpp at install). Modules: ``backend`` (the Backend), ``loader`` (settings to
 a loaded GGUF), ``library`` (the library's parameters; the only place that loads and
 frees), ``tokenizer`` (the GGUF's vocabulary and chat template), ``scheduler`` (the

@@ -41,7 +41,7 @@ def library() -> Any:
         import llama_cpp
     except ImportError as exc:  # not installed, or its shared library failed to load
         raise LibraryMissing(
-            "the llama_cpp backend needs llama-cpp-python: pip install 'llm-local[llama_cpp]' "
+            "the llama_cpp backend needs llama-cpp-python: pip install 'llm-local[llama-cpp]' "
             f"(make test installs it) ({type(exc).__name__}: {exc})"
         ) from exc
     with _backend_lock:
