@@ -132,17 +132,24 @@ class BatchItem:
         error, or no room left): the consumer's wake-up crosses through the relay, since
         a trio event may only be set on the trio thread."""
         with self._lock:
-            if self._finished or self._cancelled:
+            if not self._settle_locked(error):
                 return
-            self._finished = True
-            if error is not None:
-                self._error = error
-            else:
-                self._ended_early = True
             schedule_wakeup = not self._wake_pending
             self._wake_pending = True
         if schedule_wakeup:
             self._relay.request(self)
+
+    def _settle_locked(self, error: BaseException | None) -> bool:
+        """With the lock held: the item ends, failed by `error` or early (no end token and
+        fewer tokens than asked: the engine stopped on its own). False if it had ended."""
+        if self._finished or self._cancelled:
+            return False
+        self._finished = True
+        if error is not None:
+            self._error = error
+        else:
+            self._ended_early = True
+        return True
 
     # -- trio side --------------------------------------------------------------------------
 
@@ -181,16 +188,10 @@ class BatchItem:
         return True
 
     def batch_ended(self, error: BaseException | None) -> None:
-        """Called once the item's batch returned; settles items CTranslate2 left open."""
+        """Trio side, once the item's batch returned: settles items CTranslate2 left open."""
         with self._lock:
-            if self._finished or self._cancelled:
+            if not self._settle_locked(error):
                 return
-            self._finished = True
-            if error is not None:
-                self._error = error
-            else:
-                # No end token and fewer tokens than asked: CTranslate2 stopped on its own.
-                self._ended_early = True
         self.wake()
 
     def fail(self, error: BaseException) -> None:

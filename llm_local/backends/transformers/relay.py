@@ -69,7 +69,11 @@ class TokenRelay:
         finished = bool(output.is_finished())
         if output.error is not None:
             self.forget(output.request_id)
-            entry.item.fail(BackendError(f"transformers failed the generation: {output.error}"))
+            # From the generation thread: the wake-up must cross through the relay (a trio
+            # event set here would reschedule a waiting consumer from a foreign thread).
+            entry.item.end_from_thread(
+                BackendError(f"transformers failed the generation: {output.error}")
+            )
             return
         tokens = output.generated_tokens
         fresh = tokens[entry.taken :]
@@ -80,8 +84,9 @@ class TokenRelay:
                 break
         if finished:
             self.forget(output.request_id)
-            # Finished without a token (nothing left to offer): settle the item.
-            entry.item.batch_ended(None)
+            # Finished without a token (nothing left to offer): settle the item, from
+            # this thread as above.
+            entry.item.end_from_thread(None)
 
 
 def make_output_router(relay: TokenRelay) -> Any:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 
 from llm_local.backends.base import BackendError
 from llm_local.backends.shared.bridge import BatchItem, WakeupRelay
@@ -66,6 +67,48 @@ async def test_a_failed_output_fails_the_stream_with_its_error() -> None:
 
     with pytest.raises(BackendError, match="CUDA out of memory"):
         await collect(item)
+
+
+async def test_a_failure_reaches_a_consumer_already_waiting_from_the_generation_thread() -> None:
+    # The consumer waits first: its wake-up must cross into trio through the relay, never
+    # set trio's event from the generation thread (trio refuses that: not in async context).
+    relay, item = TokenRelay(), new_item()
+    relay.track("a", item)
+    failures: list[BaseException] = []
+
+    async def consume() -> None:
+        try:
+            await collect(item)
+        except BackendError as error:
+            failures.append(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.to_thread.run_sync(relay.deliver, Output("a", [], error="CUDA out of memory"))
+    assert len(failures) == 1 and "CUDA out of memory" in str(failures[0])
+
+
+async def test_a_last_output_with_no_new_token_ends_a_waiting_consumer() -> None:
+    relay, item = TokenRelay(), new_item()
+    relay.track("a", item)
+    await trio.to_thread.run_sync(relay.deliver, Output("a", [5]))
+    assert await item.next_group() == [5]
+    endings: list[BaseException] = []
+
+    async def consume() -> None:
+        try:
+            await collect(item)
+        except BackendError as error:
+            endings.append(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.to_thread.run_sync(relay.deliver, Output("a", [5], finished=True))
+    # Ended by the engine with fewer tokens than asked and no end token: an early end.
+    assert len(endings) == 1 and "without an end token" in str(endings[0])
+    assert not item.active
 
 
 async def test_outputs_of_a_forgotten_request_are_dropped_and_others_still_flow() -> None:
