@@ -25,6 +25,7 @@ from llm_local.backends.llama_cpp.library import (
 )
 from llm_local.backends.llama_cpp.threads import measure_threads
 from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
+from llm_local.backends.shared.source import resolve_model_source
 from llm_local.backends.shared.threads import usable_cpus
 
 if TYPE_CHECKING:
@@ -68,13 +69,7 @@ def batch_tokens(options: LlamaCppSettings) -> int:
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
     """Where the GGUF is and how it runs; BackendLoadError if this backend cannot serve it."""
-    from llm_local.convert.errors import ConversionError
-    from llm_local.convert.sources import resolve_source
-
-    try:
-        source = resolve_source(settings.model)
-    except ConversionError as exc:
-        raise BackendLoadError(str(exc)) from exc
+    source = resolve_model_source(settings.model)
     options = settings.llama_cpp
     threads = usable_cpus() if options.threads == "auto" else int(options.threads)
     return LoadPlan(

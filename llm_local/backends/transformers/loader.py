@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
 from llm_local.backends.shared.context import CONTEXT_LIMIT_KEYS, DEFAULT_CONTEXT_LIMIT
+from llm_local.backends.shared.source import resolve_model_source
 from llm_local.core.types import SamplingSupport
 
 if TYPE_CHECKING:
@@ -54,13 +55,7 @@ class LoadedModel:
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
     """Where the model comes from and how it runs; BackendLoadError if it cannot."""
-    from llm_local.convert.errors import ConversionError
-    from llm_local.convert.sources import resolve_source
-
-    try:
-        source = resolve_source(settings.model)
-    except ConversionError as exc:
-        raise BackendLoadError(str(exc)) from exc
+    source = resolve_model_source(settings.model)
     runtime = settings.runtime
     device = resolve_torch_device(runtime.device, runtime.device_index)
     options = settings.transformers
