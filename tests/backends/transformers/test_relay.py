@@ -69,12 +69,11 @@ async def test_a_failed_output_fails_the_stream_with_its_error() -> None:
         await collect(item)
 
 
-async def test_a_failure_reaches_a_consumer_already_waiting_from_the_generation_thread() -> None:
-    # The consumer waits first: its wake-up must cross into trio through the relay, never
-    # set trio's event from the generation thread (trio refuses that: not in async context).
-    relay, item = TokenRelay(), new_item()
-    relay.track("a", item)
-    failures: list[BaseException] = []
+async def error_ending_a_waiting_consumer(relay: TokenRelay, item: BatchItem, last: Output) -> str:
+    """`last` delivered from the generation thread while the consumer already waits: its
+    wake-up must cross into trio through the relay, never set trio's event from that
+    thread (trio refuses it: not in async context). The error the stream ended with."""
+    failures: list[BackendError] = []
 
     async def consume() -> None:
         try:
@@ -85,8 +84,16 @@ async def test_a_failure_reaches_a_consumer_already_waiting_from_the_generation_
     async with trio.open_nursery() as nursery:
         nursery.start_soon(consume)
         await trio.testing.wait_all_tasks_blocked()
-        await trio.to_thread.run_sync(relay.deliver, Output("a", [], error="CUDA out of memory"))
-    assert len(failures) == 1 and "CUDA out of memory" in str(failures[0])
+        await trio.to_thread.run_sync(relay.deliver, last)
+    assert len(failures) == 1
+    return str(failures[0])
+
+
+async def test_a_failure_reaches_a_consumer_already_waiting_from_the_generation_thread() -> None:
+    relay, item = TokenRelay(), new_item()
+    relay.track("a", item)
+    failed = Output("a", [], error="CUDA out of memory")
+    assert "CUDA out of memory" in await error_ending_a_waiting_consumer(relay, item, failed)
 
 
 async def test_a_last_output_with_no_new_token_ends_a_waiting_consumer() -> None:
@@ -94,20 +101,9 @@ async def test_a_last_output_with_no_new_token_ends_a_waiting_consumer() -> None
     relay.track("a", item)
     await trio.to_thread.run_sync(relay.deliver, Output("a", [5]))
     assert await item.next_group() == [5]
-    endings: list[BaseException] = []
-
-    async def consume() -> None:
-        try:
-            await collect(item)
-        except BackendError as error:
-            endings.append(error)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(consume)
-        await trio.testing.wait_all_tasks_blocked()
-        await trio.to_thread.run_sync(relay.deliver, Output("a", [5], finished=True))
+    finished = Output("a", [5], finished=True)
     # Ended by the engine with fewer tokens than asked and no end token: an early end.
-    assert len(endings) == 1 and "without an end token" in str(endings[0])
+    assert "without an end token" in await error_ending_a_waiting_consumer(relay, item, finished)
     assert not item.active
 
 
