@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
 from llm_local.settings.fields import COMPUTE_TYPES
+
+if TYPE_CHECKING:
+    from llm_local.settings.schema import AppSettings
 
 PROG = "llm-local convert"
 EXIT_FAILED = 1
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         settings = load_settings(args.env, overrides=overrides)
+        if settings.backend == "llama_cpp":
+            return _record_gguf_reference(settings, quiet=args.quiet)
         result = ensure_converted(settings, force=args.force, progress=not args.quiet)
     except SettingsError as exc:
         return _fail(args, exc, "; ".join(str(p) for p in exc.problems), EXIT_BAD_SETTINGS)
@@ -65,6 +71,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"converted {settings.model.name} in {result.seconds:.1f} s: {result.model_dir}")
     else:
         print(f"already converted at {result.model_dir} (checked in {result.seconds:.2f} s)")
+    return 0
+
+
+def _record_gguf_reference(settings: AppSettings, *, quiet: bool) -> int:
+    """The llama_cpp backend serves the GGUF as is: nothing to convert, only the
+    numerics reference its check at load compares with (convert/gguf_reference.py)."""
+    from llm_local.convert.api import _silent, _stderr_report
+    from llm_local.convert.gguf_reference import ensure_gguf_reference
+
+    report = _silent if quiet else _stderr_report
+    entry, recorded = ensure_gguf_reference(settings, report)
+    if recorded:
+        print(f"recorded the numerics reference of {settings.model.name}: {entry}")
+    else:
+        print(f"the numerics reference of {settings.model.name} is already at {entry}")
     return 0
 
 

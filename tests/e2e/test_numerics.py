@@ -6,6 +6,8 @@
 - An explicit type that fails the check keeps the service "failed" with the reason on
   /health (and does not retry); accepting unverified numerics serves it with a warning
   on /health, /config and /metrics.
+- The llama_cpp backend: `llm-local convert` records the GGUF's reference, and the server
+  checks the GGUF's kernels against it at load and says so on /health, /config, /metrics.
 """
 
 from __future__ import annotations
@@ -187,3 +189,52 @@ def test_doctor_prints_the_verdict_table_from_the_cached_verdict(
     assert table["auto_chooses"] in candidates
     assert candidates[table["auto_chooses"]]["faithful"]
     assert 0 < table["speed_vs_fastest"] <= 1
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_cache(
+    link_test_model: Callable[[Path], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A cache of its own holding the test model's ct2 entry: `llm-local convert` on
+    llama_cpp takes the GGUF's reference from it (convert/gguf_reference.py)."""
+    cache_dir = tmp_path_factory.mktemp("llama-cpp-numerics-cache")
+    link_test_model(cache_dir)
+    return cache_dir
+
+
+def test_llama_cpp_checks_the_gguf_at_load_and_reports_it_everywhere(
+    serve: Callable[..., Any], llama_cpp_cache: Path
+) -> None:
+    llama_cpp = {
+        "LLM_LOCAL_SERVICE_BACKEND": "llama_cpp",
+        "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(llama_cpp_cache),
+    }
+    recorded = subprocess.run(
+        [sys.executable, "-m", "llm_local", "convert", "--quiet"],
+        env={**os.environ, "ENV": "test", **llama_cpp},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert recorded.returncode == 0, recorded.stderr
+    assert "recorded the numerics reference" in recorded.stdout
+    assert list(llama_cpp_cache.rglob("gguf-reference-*/reference.json"))
+
+    server = serve(env={**CHECKED, **llama_cpp})
+
+    _, health = server.http_json("/health")
+    numerics = health["numerics"]
+    assert health["backend"] == "llama_cpp"
+    assert numerics["verified"] is True, numerics
+    assert (numerics["compute_type"], numerics["chosen_by"]) == ("q4_1", "settings")
+    assert numerics["nll_ratio"] <= 1.25
+    assert numerics["agreement_ratio"] >= 0.6
+    _, config = server.http_json("/config")
+    assert config["effective"]["loaded_model"]["numerics"] == numerics
+    labels = {"compute_type": "q4_1", "chosen_by": "settings"}
+    assert server.metric("llm_local_numerics_verified", labels) == 1.0
+    assert server.metric("llm_local_numerics_nll_ratio") == pytest.approx(
+        numerics["nll_ratio"], rel=1e-3
+    )
+    assert "numerics check of q4_1" in server.log_text()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
+from llm_local.backends.llama_cpp.canary import Probe, numerics_status
 from llm_local.backends.llama_cpp.library import (
     ContextOptions,
     LoadedLibraryModel,
@@ -30,7 +31,13 @@ from llm_local.backends.shared.threads import usable_cpus
 
 if TYPE_CHECKING:
     from llm_local.convert.sources import ModelSource
-    from llm_local.settings.schema import AppSettings, LlamaCppSettings, ModelSettings
+    from llm_local.core.numerics import Reference
+    from llm_local.settings.schema import (
+        AppSettings,
+        LlamaCppSettings,
+        ModelSettings,
+        NumericsSettings,
+    )
 
 BACKEND_NAME = "llama_cpp"
 # The library's own default batch: room for every sequence's token plus a prompt chunk,
@@ -52,6 +59,8 @@ class LoadPlan:
     threads: int  # the CPUs we may use when auto (then measured at load), else as set
     measure_threads: bool
     batch_tokens: int
+    numerics: NumericsSettings | None = None  # None: no numerics check (benches, tests)
+    reference: Reference | None = None  # what the check compares with (canary.py)
 
 
 @dataclass(slots=True)
@@ -69,9 +78,14 @@ def batch_tokens(options: LlamaCppSettings) -> int:
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
     """Where the GGUF is and how it runs; BackendLoadError if this backend cannot serve it."""
+    from llm_local.convert.gguf_reference import find_gguf_reference
+
     source = resolve_model_source(settings.model)
     options = settings.llama_cpp
     threads = usable_cpus() if options.threads == "auto" else int(options.threads)
+    reference = None
+    if settings.numerics.check_at_load:
+        reference = find_gguf_reference(settings)
     return LoadPlan(
         gguf=gguf_path(source, settings.model),
         model=settings.model,
@@ -79,6 +93,8 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
         threads=threads,
         measure_threads=options.threads == "auto",
         batch_tokens=batch_tokens(options),
+        numerics=settings.numerics,
+        reference=reference,
     )
 
 
@@ -160,6 +176,18 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             threads = measure_threads(lib, handle.ctx, handle.memory, probe, plan.threads)
         if tokenizer.chat_template is None:
             log.warning("%s has no chat template: chat requests will be refused", plan.gguf)
+        compute_type = file_type(handle.description())
+        canary = Probe(
+            lib,
+            handle.ctx,
+            handle.memory,
+            vocab_size=tokenizer.vocab_size,
+            end_token_ids=tokenizer.end_token_ids,
+            batch_tokens=plan.batch_tokens,
+            sequences=options.sequences,
+            compute_type=compute_type,
+        )
+        numerics = numerics_status(compute_type, plan.numerics, plan.reference, canary.measure)
         limit = handle.context_per_sequence
         if plan.model.context_limit:
             limit = min(limit, plan.model.context_limit)
@@ -167,8 +195,9 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             backend=BACKEND_NAME,
             model_name=plan.model.name,
             device="cuda:0" if options.gpu_layers > 0 else "cpu",
-            compute_type=file_type(handle.description()),
+            compute_type=compute_type,
             context_limit=limit,
+            numerics=numerics,
             threads=(1, threads),
         )
     except BaseException:
