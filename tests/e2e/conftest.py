@@ -36,6 +36,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0  # import + model load; a cold conversion is `make test`'s job
 LOG_TAIL_LINES = 80
 Wait = Literal["ready", "listening", "none"]
+# The suites that are backend-neutral (the gateway's gRPC view, the OpenAI API) run on
+# these, one module-scoped server per backend, from the same settings with only `backend`
+# changed. transformers is left to test_backends.py: it dequantizes the GGUF at every start.
+SUITE_BACKENDS = ("ct2", "llama_cpp")
+
+
+def backend_env(backend: str) -> dict[str, str]:
+    """The one setting that differs between a suite's servers."""
+    return {"LLM_LOCAL_SERVICE_BACKEND": backend}
 
 
 def free_port() -> int:

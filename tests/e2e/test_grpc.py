@@ -1,6 +1,7 @@
 """The gateway's view: a real `llm-local serve` on the real model, called with grpcio.
 
-One server for the whole module (default capacity, ENV=test: greedy SmolLM2-135M).
+One server for the whole module per backend (ct2 and llama_cpp, only `backend` differs;
+default capacity, ENV=test: greedy SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import grpc
 import pytest
 
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
+from tests.e2e.conftest import SUITE_BACKENDS, backend_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -25,9 +27,9 @@ ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
 RAW_PIECES = ("Ġ", "▁", "Ċ", "<0x", "<|im_end|>", "<|im_start|>")
 
 
-@pytest.fixture(scope="module")
-def server(serve: Callable[..., Any]) -> Any:
-    return serve()
+@pytest.fixture(scope="module", params=SUITE_BACKENDS)
+def server(serve: Callable[..., Any], request: pytest.FixtureRequest) -> Any:
+    return serve(env=backend_env(request.param))
 
 
 @pytest.fixture(scope="module")

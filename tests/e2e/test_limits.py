@@ -1,9 +1,9 @@
 """Limits that hold, on a real server: each is refused with a status naming it, the
 connection and the server stay usable, and nothing is buffered on the way.
 
-One server with small limits: 8 KiB gRPC messages, 4 KiB of metadata, 2 calls at once
-per gRPC connection; on the HTTP port 4 KiB of headers, 8 KiB bodies, 3 streams per
-HTTP/2 connection.
+One server per backend (ct2 and llama_cpp, only `backend` differs) with small limits:
+8 KiB gRPC messages, 4 KiB of metadata, 2 calls at once per gRPC connection; on the HTTP
+port 4 KiB of headers, 8 KiB bodies, 3 streams per HTTP/2 connection.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 from h2.settings import SettingCodes
 
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
+from tests.e2e.conftest import SUITE_BACKENDS, backend_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -35,10 +36,11 @@ HTTP_STREAMS = 3
 COUNTING = "Write the numbers from 1 to 1000, separated by commas."
 
 
-@pytest.fixture(scope="module")
-def server(serve: Callable[..., Any]) -> Any:
+@pytest.fixture(scope="module", params=SUITE_BACKENDS)
+def server(serve: Callable[..., Any], request: pytest.FixtureRequest) -> Any:
     return serve(
         env={
+            **backend_env(request.param),
             "LLM_LOCAL_SERVICE_LIMITS__GRPC_MAX_MESSAGE_BYTES": str(MESSAGE_LIMIT),
             "LLM_LOCAL_SERVICE_LIMITS__GRPC_MAX_METADATA_BYTES": str(METADATA_LIMIT),
             "LLM_LOCAL_SERVICE_LIMITS__GRPC_MAX_CONCURRENT_STREAMS": str(STREAMS_PER_CONNECTION),

@@ -1,8 +1,9 @@
 """The OpenAI API of a real `llm-local serve` on the real model, called with the
 official `openai` client.
 
-One server for the whole module: ENV=test (greedy SmolLM2-135M), an API key, and room
-for exactly two generations (no queue), so that "full" is easy to reach.
+One server for the whole module per backend (ct2 and llama_cpp, only `backend` differs):
+ENV=test (greedy SmolLM2-135M), an API key, and room for exactly two generations (no
+queue), so that "full" is easy to reach.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from llm_local.backends.hf_tokenizer import HFTokenizer
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
+from tests.e2e.conftest import SUITE_BACKENDS, backend_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -28,10 +30,11 @@ API_KEY = "sk-e2e-7c1d93f0"
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
 
-@pytest.fixture(scope="module")
-def server(serve: Callable[..., Any]) -> Any:
+@pytest.fixture(scope="module", params=SUITE_BACKENDS)
+def server(serve: Callable[..., Any], request: pytest.FixtureRequest) -> Any:
     return serve(
         env={
+            **backend_env(request.param),
             "LLM_LOCAL_SERVICE_OPENAI__API_KEYS": f"other-key,{API_KEY}",
             "LLM_LOCAL_SERVICE_CAPACITY__MAX_CONCURRENT": "2",
             "LLM_LOCAL_SERVICE_CAPACITY__MAX_QUEUED": "0",
