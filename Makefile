@@ -104,6 +104,8 @@ run: install
 # was written too: each part writes what it measured.
 bench: install-dev
 	ENV=test $(BIN)/llm-local convert
+	# The llama_cpp variant checks its numerics at load too: the GGUF's reference.
+	ENV=test LLM_LOCAL_SERVICE_BACKEND=llama_cpp $(BIN)/llm-local convert
 	status=0; $(BIN)/python -m bench $(BENCH_ARGS) || status=$$?; \
 	$(BIN)/python -m bench.numerics && exit $$status
 

@@ -30,7 +30,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import machine
+from bench import machine, served
 from bench.config import ALL_SCENARIOS, GATEWAY_TARGETS, BenchConfig
 from bench.document import RunOutcome, render_markdown, results_json
 from bench.models import ModelNotFound, encode_prompts, find_ct2_model, find_gguf
@@ -265,6 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir=run_dir,
         log=lambda line: print(line, flush=True),
     )
+    if {CT2_STREAM, CT2_BATCH} & set(config.scenarios):
+        try:
+            # Before any scenario imports CTranslate2: its kernel environment is read once.
+            context.kernels = served.server_kernels(model_dir, context.log)
+            served.apply_kernel_env(context.kernels)
+            context.details["server_kernels"] = context.kernels.to_json()
+        except Exception as exc:  # the in-process scenarios then say why they cannot run
+            context.kernels = None
+            print(f"bench: the ct2 server's choice of kernels is unknown: {exc}", file=sys.stderr)
     context.details["models"] = {
         "ct2": shown_path(model_dir),
         "gguf": "not found" if gguf_path is None else shown_path(gguf_path),

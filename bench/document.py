@@ -194,6 +194,11 @@ def _method_section(config: BenchConfig) -> list[str]:
         "streamed message arrived. **per-stream tok/s**: median over requests of "
         "(tokens − 1) / (end − first token). **TTFT**: request sent → first token "
         "received, p50 and p95 over requests.",
+        "- What users run: every llm-local server variant runs its default settings "
+        "(`compute_type` and threads `auto`, the numerics check at load on); what each "
+        "really served (compute type, threads, numerics verified or not) is its `served` "
+        "entry under Setup. The in-process scenarios run the kernels the ct2 server "
+        "chose on this machine (`server_kernels` under Setup), not a pinned type.",
         "- **CPU s/1k tok**: CPU seconds of the serving process (the benchmark process "
         "itself for in-process scenarios) per 1000 generated tokens. **peak RSS**: the "
         "server process's high-water mark (VmHWM).",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench.models import EncodedPrompts
 from bench.records import LevelRun, RateRun
+from bench.served import Kernels
 
 Collect = Callable[[LevelRun], None]
 
@@ -29,3 +30,6 @@ class ScenarioContext:
     # The open loop's levels, as each one ends (a later failure keeps them).
     rate_runs: list[RateRun] = field(default_factory=list)
     log: Callable[[str], None] = print
+    # What the ct2 server chose on this machine (bench/served.py): the in-process ceiling
+    # runs it. None: not known (the in-process scenarios then refuse to run).
+    kernels: Kernels | None = None

@@ -16,18 +16,20 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from bench import served
 from bench.config import BenchConfig
 from bench.loops import measure_server_levels
 from bench.models import server_model_available
 from bench.processes import ServerProcess, environment_with, free_port, wait_until
 from bench.records import SERVER_VARIANTS, RequestRecord, ServerVariant
-from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped, inprocess
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
 
 METHOD = "/sentiric.llm.v1.LlamaService/GenerateStream"
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 SERVICE_NAME = "sentiric.llm.v1.LlamaService"
 TENANT = (("x-tenant-id", "bench"),)
-START_TIMEOUT_S = 180.0
+# A first start with compute_type auto measures every candidate on this machine (cached).
+START_TIMEOUT_S = 900.0
 REQUEST_TIMEOUT_S = 300.0
 
 
@@ -47,12 +49,12 @@ def server_environment(config: BenchConfig, grpc_port: int) -> dict[str, str]:
             "LLM_LOCAL_SERVICE_CAPACITY__MAX_QUEUED": str(max(128, most_streams)),
             # The benchmark measures serving; converting belongs to `make bench`'s first step.
             "LLM_LOCAL_SERVICE_MODEL__CONVERT_ON_START": "false",
-            # The same computation as the in-process scenarios it is judged against (the
-            # test environment's float32 is for answer-text tests); a compute type set in
-            # the environment (make gpu-check) wins.
-            "LLM_LOCAL_SERVICE_RUNTIME__COMPUTE_TYPE": os.environ.get(
-                "LLM_LOCAL_SERVICE_RUNTIME__COMPUTE_TYPE", inprocess.COMPUTE_TYPE
-            ),
+            # What a user runs (bench/served.py): auto compute type and threads, checked
+            # at load (the test environment's float32 is for answer-text tests). A
+            # setting given in the environment (make gpu-check's compute type) wins.
+            **{
+                name: os.environ.get(name, value) for name, value in served.DEFAULT_SETTINGS.items()
+            },
         }
     )
 
@@ -81,9 +83,13 @@ def serving(
     import grpc
 
     overrides = dict(variant.environment)
-    port = free_port()
+    port, http_port = free_port(), free_port()
     command = [sys.executable, "-m", "llm_local", "serve"]
-    environment = {**server_environment(config, port), **overrides}
+    environment = {
+        **server_environment(config, port),
+        "LLM_LOCAL_SERVICE_SERVER__HTTP_PORT": str(http_port),
+        **overrides,
+    }
     context.details[name] = {
         "grpcio": grpc.__version__,
         **server_settings(environment),
@@ -91,7 +97,13 @@ def serving(
     }
     with ServerProcess(command, environment, context.run_dir / f"{name}-server.log") as server:
         wait_until(lambda: _serving(port), server, START_TIMEOUT_S, "llm-local serve")
-        context.log(f"  llm-local serve is ready on port {port} (pid {server.pid})")
+        what = served.served(_get_json(http_port, "/health"), _get_json(http_port, "/config"))
+        context.details[name]["served"] = what
+        context.log(
+            f"  llm-local serve is ready on port {port} (pid {server.pid}): "
+            f"{what['backend']} {what['compute_type']}, threads {what['threads']}, numerics "
+            + ("verified" if what["numerics_verified"] else "NOT verified")
+        )
         yield server, port
 
 
@@ -130,6 +142,20 @@ def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _get_json(port: int, path: str) -> dict[str, Any]:
+    """A JSON document from the server's HTTP port ({} when it cannot be had)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            data = json.loads(answer.read())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _serving(port: int) -> bool:

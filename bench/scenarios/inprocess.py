@@ -1,11 +1,13 @@
 """In-process CTranslate2 on the converted model: no server, no transport.
 
-- ``ct2-stream``: one stream, `generate_tokens` on one thread (`intra_threads=1`; two
-  threads are slower on a model this small, FINDINGS.md). The gRPC server's one-stream
-  numbers are judged against this.
-- ``ct2-batch``: the ceiling for N concurrent streams: N prompts as two asynchronous
-  `generate_batch` calls of N/2 on two single-thread workers, no callback, repeated for
-  the level's duration. Tokens are only seen when a batch ends, so no TTFT.
+Both run the kernels the ct2 server chose under default settings (`context.kernels`,
+bench/served.py): its compute type, kernel environment and thread layout.
+
+- ``ct2-stream``: one stream, `generate_tokens` on one worker of the server's threads per
+  worker. The gRPC server's one-stream numbers are judged against this.
+- ``ct2-batch``: the ceiling for N concurrent streams: N prompts as one asynchronous
+  `generate_batch` call per server worker, no callback, repeated for the level's duration.
+  Tokens are only seen when a batch ends, so no TTFT.
 """
 
 from __future__ import annotations
@@ -19,25 +21,30 @@ from bench.config import BenchConfig
 from bench.loops import run_sequential
 from bench.processes import CpuMeter
 from bench.records import CT2_BATCH, CT2_STREAM, LevelRun, RequestRecord
-from bench.scenarios import Collect, ScenarioContext
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+from bench.served import Kernels
 from bench.stats import steady_window
 
 if TYPE_CHECKING:
     import ctranslate2
 
-COMPUTE_TYPE = "int8"
-BATCH_WORKERS = 2
+
+def _kernels(context: ScenarioContext) -> Kernels:
+    if context.kernels is None:
+        raise ScenarioSkipped("the ct2 server's choice of kernels is unknown (bench/served.py)")
+    return context.kernels
 
 
 def _generator(context: ScenarioContext, inter_threads: int) -> ctranslate2.Generator:
     import ctranslate2
 
+    kernels = _kernels(context)
     return ctranslate2.Generator(
         str(context.model_dir),
         device="cpu",
-        compute_type=COMPUTE_TYPE,
+        compute_type=kernels.compute_type,
         inter_threads=inter_threads,
-        intra_threads=1,
+        intra_threads=kernels.intra_threads,
     )
 
 
@@ -52,10 +59,11 @@ def _greedy(context: ScenarioContext, max_new_tokens: int) -> dict[str, Any]:
 def run_stream(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
     import ctranslate2
 
+    kernels = _kernels(context)
     context.details[CT2_STREAM] = {
         "ctranslate2": ctranslate2.__version__,
-        "compute_type": COMPUTE_TYPE,
-        "intra_threads": 1,
+        **kernels.to_json(),
+        "inter_threads": 1,
     }
     generator = _generator(context, inter_threads=1)
     end_ids = frozenset(context.prompts.end_token_ids)
@@ -93,15 +101,13 @@ def run_stream(config: BenchConfig, context: ScenarioContext, collect: Collect) 
 def run_batch(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
     import ctranslate2
 
-    context.details[CT2_BATCH] = {
-        "ctranslate2": ctranslate2.__version__,
-        "compute_type": COMPUTE_TYPE,
-        "inter_threads": BATCH_WORKERS,
-        "intra_threads": 1,
-    }
-    generator = _generator(context, inter_threads=BATCH_WORKERS)
+    kernels = _kernels(context)
+    context.details[CT2_BATCH] = {"ctranslate2": ctranslate2.__version__, **kernels.to_json()}
+    generator = _generator(context, inter_threads=kernels.inter_threads)
     try:
-        _one_round(config, context, generator, streams=BATCH_WORKERS, round_index=0, tokens=4)
+        _one_round(
+            config, context, generator, streams=kernels.inter_threads, round_index=0, tokens=4
+        )
         for streams in config.streams:
             if streams < 2:
                 continue  # one stream in-process is ct2-stream
@@ -148,7 +154,7 @@ def _one_round(
     prompts = [
         context.prompts.prompts[config.prompt_for(client, round_index)] for client in range(streams)
     ]
-    share = -(-streams // BATCH_WORKERS)  # ceiling division
+    share = -(-streams // _kernels(context).inter_threads)  # ceiling division
     batches = [prompts[i : i + share] for i in range(0, streams, share)]
     start = time.perf_counter()
     pending = [
