@@ -9,7 +9,9 @@ from llm_local.backends.shared.prefix_store import Namespace, PrefixStore, commo
 MODEL = Namespace("smollm2")
 
 
-def finished(store: PrefixStore[int], handle: int, tokens: list[int], ns: Namespace = MODEL) -> None:
+def finished(
+    store: PrefixStore[int], handle: int, tokens: list[int], ns: Namespace = MODEL
+) -> None:
     store.open(handle, ns)
     store.append(handle, tokens)
     store.finish(handle)
