@@ -7,13 +7,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import resource
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
+from llm_local.backends.llama_cpp.library import (
+    ContextOptions,
+    LoadedLibraryModel,
+    ModelOptions,
+    library,
+)
 from llm_local.backends.llama_cpp.loader import plan_from_settings
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
@@ -50,6 +57,10 @@ TINY_BUDGET_MB = 2.0
 # 104 calls (the issue asks 200: `CALL_WAVES=25` measured the same, 53 s on a loaded 2-core
 # machine, too long for `make test`).
 CALL_WAVES = 13
+# Nats per token an answer decoded among others may lose against the alone-answer: 12-token
+# answers, one flipped near-tie changes the rest; measured gaps -0.16 .. +0.39 (one run,
+# 9 of 32 answers equal as text).
+NLL_TOLERANCE = 0.5
 
 
 def settings(**llama_cpp: object) -> AppSettings:
@@ -156,19 +167,69 @@ def personas(n: int) -> list[str]:
     ]
 
 
+class Scorer:
+    """Teacher-forced log-likelihood of an answer after its prompt, in a context of its own
+    (one sequence, fresh cells in position order): the reference a cache must not move."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        self._tokenizer = backend.tokenizer
+        self._lib = library()
+        gguf = plan_from_settings(settings()).gguf
+        self._handle = LoadedLibraryModel(
+            self._lib,
+            gguf,
+            ModelOptions(gpu_layers=0, repack=False),
+            ContextOptions(kv_cache_tokens=1024, sequences=1, batch_tokens=1024, threads=2),
+        )
+
+    def nll(self, prompt: Sequence[int], answer_text: str) -> float:
+        """Mean negative log-likelihood per token of `answer_text` (as it encodes)."""
+        lib, handle = self._lib, self._handle
+        answer_ids = self._tokenizer.encode(answer_text)
+        ids = [*prompt, *answer_ids]
+        lib.llama_memory_seq_rm(handle.memory, 0, -1, -1)
+        batch = lib.llama_batch_init(len(ids), 0, 1)
+        try:
+            for i, token in enumerate(ids):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if i >= len(prompt) - 1 else 0
+            batch.n_tokens = len(ids)
+            assert lib.llama_decode(handle.ctx, batch) == 0
+            vocab = self._tokenizer.vocab_size
+            total = 0.0
+            for i in range(len(prompt) - 1, len(ids) - 1):
+                row = np.ctypeslib.as_array(lib.llama_get_logits_ith(handle.ctx, i), (vocab,))
+                row = row.astype(np.float64)
+                top = row.max()
+                total += float(np.log(np.exp(row - top).sum()) + top - row[ids[i + 1]])
+            return total / max(1, len(answer_ids))
+        finally:
+            lib.llama_batch_free(batch)
+
+    def free(self) -> None:
+        self._handle.free()
+
+
 async def test_sixteen_concurrent_calls_each_get_their_alone_answer_under_eviction() -> None:
     """No other caller's state, ever: 16 calls at once, their personas sharing leading
     tokens (shared between calls), the cache holding other callers' sequences and evicting
-    under a tiny budget. One sequence decodes at a time: llama.cpp's CPU rounding depends on
-    which sequences share a batch (measured: without any reuse, 16 calls decoded together
-    answered as alone in only 6 of 16), so decoding alone is what makes "exactly their
-    alone-answer" an exact test of the cache rather than of batch numerics."""
+    under a tiny budget.
+
+    Exact text equality is not what llama.cpp gives on a CPU even without any cache: its
+    rounding depends on which sequences share a batch and where a sequence's cells lie in
+    the pool (flash attention accumulates over cells in their order). Measured here: 16 calls
+    decoded together without reuse answered as alone in 6 of 16. So each answer is compared
+    teacher-forced instead: its mean log-likelihood per token, scored alone after its own
+    prompt, is within `NLL_TOLERANCE` of the alone-answer's (a near-tie flipped), where
+    another caller's state would give an answer the caller's own conversation does not
+    predict. Most answers are also equal as text."""
     callers = personas(16)
     lines = ["Hello, who are you?", "What is my customer number?"]
-    async with loaded(settings(prefix_cache_mb=0.0, sequences=1)) as alone_backend:
+    async with loaded(settings(prefix_cache_mb=0.0)) as alone_backend:
         alone = [await call(alone_backend, p, lines, max_new=12) for p in callers]
 
-    async with loaded(settings(prefix_cache_mb=TINY_BUDGET_MB, sequences=1)) as backend:
+    async with loaded(settings(prefix_cache_mb=TINY_BUDGET_MB)) as backend:
         together: list[list[tuple[str, Finished]]] = [[] for _ in callers]
 
         async def one(i: int) -> None:
@@ -179,12 +240,37 @@ async def test_sixteen_concurrent_calls_each_get_their_alone_answer_under_evicti
                 nursery.start_soon(one, i)
         stats = backend.stats()
 
-    assert [[t for t, _ in c] for c in together] == [[t for t, _ in c] for c in alone]
+        scorer = Scorer(backend)
+        try:
+            gaps: list[float] = []
+            for persona, mine, reference in zip(callers, together, alone, strict=True):
+                history: list[ChatTurn] = []
+                ref_history: list[ChatTurn] = []
+                for line, (text, _), (ref_text, _) in zip(lines, mine, reference, strict=True):
+                    prompt = _ids(backend, turn_request(persona, history, line))
+                    ref_prompt = _ids(backend, turn_request(persona, ref_history, line))
+                    gaps.append(scorer.nll(prompt, text) - scorer.nll(ref_prompt, ref_text))
+                    history += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, text)]
+                    ref_history += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, ref_text)]
+        finally:
+            scorer.free()
+
+    same = sum(
+        t == r
+        for c, a in zip(together, alone, strict=True)
+        for (t, _), (r, _) in zip(c, a, strict=True)
+    )
+    assert max(gaps) <= NLL_TOLERANCE, (gaps, same)
+    assert same >= len(gaps) // 8, same
     assert stats.prefix_evictions > 0  # the budget forced evictions
     # Reuse happened across callers (the shared persona opening) and within calls.
     assert sum(f.cached_tokens for c in together for _, f in c) == stats.prefix_reused_tokens
     assert stats.prefix_reused_tokens > 0
     assert stats.prefix_cache_bytes <= TINY_BUDGET_MB * 1024 * 1024
+
+
+def _ids(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[int, ...]:
+    return prepare_prompt(request, backend.tokenizer, backend.info.context_limit).ids
 
 
 async def test_an_isolated_tenant_never_reuses_another_tenant_s_prefix() -> None:
