@@ -131,6 +131,7 @@ class _Record:
     message: str = ""
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, the ones whose state the backend kept
     completion_tokens: int = 0
     first_text_at: float | None = None
     last_text_at: float | None = None
@@ -287,6 +288,7 @@ class GenerationFlow:
             raise CallError(Code.RESOURCE_EXHAUSTED, str(exc)) from None
         record.finish_reason = finished.reason
         record.prompt_tokens = finished.prompt_tokens
+        record.cached_tokens = finished.cached_tokens
         record.completion_tokens = finished.completion_tokens
         if finished.reason is FinishReason.ERROR:
             log.error("generation failed in the backend: %s", finished.error)
@@ -307,6 +309,7 @@ class GenerationFlow:
             code=record.code.name,
             prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens,
+            cached_tokens=record.cached_tokens,
             ttft_s=ttft,
             duration_s=duration,
             tenant=tenant,
@@ -316,6 +319,7 @@ class GenerationFlow:
             "status": record.code.name,
             "finish_reason": None if record.finish_reason is None else str(record.finish_reason),
             "prompt_tokens": record.prompt_tokens,
+            "cached_prompt_tokens": record.cached_tokens,
             "completion_tokens": record.completion_tokens,
             "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
             "duration_ms": round(duration * 1000, 1),

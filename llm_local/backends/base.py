@@ -111,6 +111,20 @@ class BackendStats:
     prefill_token_seconds: float | None = None  # one prompt token read
     prefix_cache_bytes: int = 0  # shared prompt prefixes the backend keeps cached
     prefix_cache_entries: int = 0
+    # Conversation prefix reuse (a backend without it leaves them 0): prompt tokens not
+    # read because cached state held them, prompt tokens read, cached prefixes evicted.
+    prefix_reused_tokens: int = 0
+    prefix_read_tokens: int = 0
+    prefix_evictions: int = 0
+
+
+@runtime_checkable
+class ReportsCachedTokens(Protocol):
+    """A generation stream that can say how many prompt tokens came from a cache; core
+    reads it once the stream ended (OpenAI's ``usage.prompt_tokens_details``)."""
+
+    @property
+    def cached_tokens(self) -> int: ...
 
 
 class Backend(Protocol):

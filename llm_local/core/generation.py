@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from llm_local.backends.base import Backend, BackendError
+from llm_local.backends.base import Backend, BackendError, ReportsCachedTokens
 from llm_local.core.detokenizer import IncrementalDetokenizer
 from llm_local.core.prompt import PreparedPrompt
 from llm_local.core.stops import StopMatcher
@@ -93,6 +93,7 @@ async def run_generation(
     """Generate for `prepared`, sending text to `on_text`; return how it finished."""
     progress = _Progress(backend, request, prepared.max_new_tokens)
     error: str | None = None
+    cached_tokens = 0
     try:
         hints = GenerationHints(
             tenant_id=request.context.tenant_id,
@@ -101,12 +102,16 @@ async def run_generation(
         async with backend.generate(
             prepared.ids, prepared.max_new_tokens, request.sampling, hints
         ) as stream:
-            async for group in stream:
-                text = progress.consume(group)
-                if text:
-                    await on_text(progress.chunk(text))
-                if progress.reason is not None or progress.completion_tokens >= progress.limit:
-                    break
+            try:
+                async for group in stream:
+                    text = progress.consume(group)
+                    if text:
+                        await on_text(progress.chunk(text))
+                    if progress.reason is not None or progress.completion_tokens >= progress.limit:
+                        break
+            finally:
+                if isinstance(stream, ReportsCachedTokens):
+                    cached_tokens = stream.cached_tokens
     except BackendError as exc:
         error = str(exc) or type(exc).__name__
     except BaseExceptionGroup as group:
@@ -140,4 +145,5 @@ async def run_generation(
         prompt_tokens=len(prepared.ids),
         completion_tokens=progress.completion_tokens,
         error=error if progress.reason is FinishReason.ERROR else None,
+        cached_tokens=cached_tokens,
     )

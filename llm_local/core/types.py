@@ -160,6 +160,8 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # Prompt tokens the backend did not read again: their state was cached (prefix reuse).
+    cached_tokens: int = 0
 
 
 GenerationEvent = TextChunk | Finished

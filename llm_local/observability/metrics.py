@@ -155,6 +155,12 @@ class Metrics:
             ["service"],
             registry=registry,
         )
+        self.cached_prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens_cached",
+            "Prompt tokens whose state the backend had kept (prefix reuse): not read again.",
+            ["service"],
+            registry=registry,
+        )
         self.completion_tokens = Counter(
             f"{PREFIX}_completion_tokens",
             "Tokens generated.",
@@ -209,6 +215,7 @@ class Metrics:
         ttft_s: float | None,
         duration_s: float,
         tenant: str | None = None,
+        cached_tokens: int = 0,
     ) -> None:
         """One finished request. `ttft_s` is None when no text was sent."""
         self.requests.labels(service=service, code=code).inc()
@@ -219,6 +226,8 @@ class Metrics:
             self.time_to_first_token.labels(service=service).observe(ttft_s)
         if prompt_tokens > 0:
             self.prompt_tokens.labels(service=service).inc(prompt_tokens)
+        if cached_tokens > 0:
+            self.cached_prompt_tokens.labels(service=service).inc(cached_tokens)
         if completion_tokens > 0:
             self.completion_tokens.labels(service=service).inc(completion_tokens)
             self.tenant_completion_tokens.labels(tenant=tenant_label).inc(completion_tokens)
@@ -322,6 +331,21 @@ def _backend_metrics(stats: BackendStats) -> Iterator[Metric]:
             "extra_lanes",
             "Batches started on an extra lane: every worker busy past the TTFT target.",
             stats.lanes_opened,
+        ),
+        (
+            "prefix_reused_tokens",
+            "Prompt tokens not read because a kept sequence held their state (prefix reuse).",
+            stats.prefix_reused_tokens,
+        ),
+        (
+            "prefix_read_tokens",
+            "Prompt tokens the backend read (computed), where it reports them.",
+            stats.prefix_read_tokens,
+        ),
+        (
+            "prefix_evictions",
+            "Kept sequences evicted (least recently used) for room or the memory budget.",
+            stats.prefix_evictions,
         ),
     )
     for name, documentation, count in counters:

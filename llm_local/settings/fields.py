@@ -16,6 +16,7 @@ from llm_local.settings.schema import (
     ComputeType,
     Device,
     LogFormat,
+    PrefixIsolation,
     TorchDType,
 )
 
@@ -276,6 +277,8 @@ FIELDS: tuple[Field, ...] = (
     integer("llama_cpp.gpu_layers", 0),
     integer_or_auto("llama_cpp.threads", 1),
     boolean("llama_cpp.repack"),
+    number("llama_cpp.prefix_cache_mb", 0),
+    choice("llama_cpp.prefix_isolation", get_args(PrefixIsolation)),
     number("numerics.max_nll_ratio", 1),
     number("numerics.min_agreement_ratio", 0, maximum=1),
     boolean("numerics.accept_unverified"),

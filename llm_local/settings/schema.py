@@ -25,6 +25,7 @@ LogFormat = Literal["text", "json"]
 TorchDType = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Threads = int | Literal["auto"]
+PrefixIsolation = Literal["none", "tenant"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,13 @@ class LlamaCppSettings:
     # llama.cpp's extra weight layouts (repacking for AMX, AArch64 kernels): off, because
     # the AMX path takes the process down at the first decode (docs/FINDINGS.md).
     repack: bool
+    # Finished requests' sequences stay in the KV cache for later prompts that extend them
+    # (a call's next turn): memory the idle ones may hold, at the model's KV bytes per
+    # token; least recently used go first. 0 = no reuse.
+    prefix_cache_mb: float
+    # "tenant": a tenant reuses only its own prefixes (cached ones are visible through
+    # timing); "none": any request reuses any exact prefix.
+    prefix_isolation: PrefixIsolation
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ item, which frees its sequence at the next step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
@@ -16,7 +17,11 @@ import trio
 
 from llm_local.backends.base import BackendError, BackendStats, ModelInfo
 from llm_local.backends.llama_cpp.loader import LoadedModel, LoadPlan, load_model
-from llm_local.backends.llama_cpp.scheduler import LlamaScheduler, StepShape
+from llm_local.backends.llama_cpp.scheduler import (
+    LlamaScheduler,
+    ReuseOptions,
+    StepShape,
+)
 from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
 from llm_local.backends.shared.bridge import BatchItem, WakeupRelay
 from llm_local.backends.shared.costs import CostModel
@@ -82,6 +87,7 @@ class LlamaCppBackend:
             end_token_ids=model.tokenizer.end_token_ids,
             costs=self._costs,
             on_step=self._on_step,
+            reuse=reuse_options(model, options.cache_sequences),
         )
         scheduler.start()
         self._model, self._scheduler = model, scheduler
@@ -97,10 +103,18 @@ class LlamaCppBackend:
         return self._generate(prompt_ids, max_new_tokens, sampling, hints.tenant_id)
 
     def stats(self) -> BackendStats:
-        scheduler = self._scheduler
-        if scheduler is None:
+        scheduler, model = self._scheduler, self._model
+        if scheduler is None or model is None:
             return BackendStats(running=0, queued=0, batches=0)
-        return scheduler.stats()
+        reuse = scheduler.reuse_stats()
+        return dataclasses.replace(
+            scheduler.stats(),
+            prefix_cache_bytes=reuse.idle_tokens * model.kv_bytes_per_token,
+            prefix_cache_entries=reuse.idle_sequences,
+            prefix_reused_tokens=reuse.reused_tokens,
+            prefix_read_tokens=reuse.read_tokens,
+            prefix_evictions=reuse.evictions,
+        )
 
     async def aclose(self) -> None:
         """Stop every generation, wait for the worker, free the context and the model."""
@@ -161,6 +175,17 @@ class LlamaCppBackend:
 async def _empty_stream() -> AsyncIterator[Sequence[int]]:
     return
     yield
+
+
+def reuse_options(model: LoadedModel, cache_sequences: int) -> ReuseOptions:
+    """Prefix reuse as the settings ask: the budget in KV cells of this model."""
+    budget_bytes = int(model.prefix_cache_mb * 1024 * 1024)
+    return ReuseOptions(
+        model=model.info.model_name,
+        budget_tokens=budget_bytes // max(1, model.kv_bytes_per_token),
+        cache_sequences=cache_sequences,
+        isolate_tenants=model.prefix_isolation == "tenant",
+    )
 
 
 def create_backend(settings: AppSettings) -> LlamaCppBackend:

@@ -63,6 +63,8 @@ class ContextOptions:
     sequences: int
     batch_tokens: int  # the most tokens one llama_decode call takes
     threads: int
+    # Sequence ids beyond `sequences` for finished requests' kept state (prefix reuse).
+    cache_sequences: int = 0
 
 
 def model_params(lib: Any, options: ModelOptions) -> Any:
@@ -85,12 +87,16 @@ def context_params(lib: Any, options: ContextOptions) -> Any:
     params.n_ctx = options.kv_cache_tokens
     params.n_batch = options.batch_tokens
     params.n_ubatch = options.batch_tokens
-    params.n_seq_max = options.sequences
+    params.n_seq_max = options.sequences + options.cache_sequences
     params.n_threads = options.threads
     params.n_threads_batch = options.threads
     params.kv_unified = True
     params.no_perf = True
     return params
+
+
+# llama.cpp refuses a context of more sequences (LLAMA_MAX_SEQ).
+MAX_SEQUENCES = 256
 
 
 class LoadedLibraryModel:
@@ -111,6 +117,7 @@ class LoadedLibraryModel:
             sequences=context.sequences,
             batch_tokens=context.batch_tokens,
             threads=context.threads,
+            cache_sequences=context.cache_sequences,
         )
         self.context_params = context_params(lib, self.context_options)
         self.ctx = lib.llama_init_from_model(self.model, self.context_params)
@@ -125,6 +132,15 @@ class LoadedLibraryModel:
         self.memory = lib.llama_get_memory(self.ctx)
         # What one sequence may hold: the pool, within the model's training context.
         self.context_per_sequence = min(int(lib.llama_n_ctx_seq(self.ctx)), self.train_context)
+
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one token takes: keys and values of every layer's key/value
+        heads, in the library's default 16-bit cache type (SmolLM2-135M: 23,040)."""
+        lib, model = self.lib, self.model
+        layers = int(lib.llama_model_n_layer(model))
+        heads = max(1, int(lib.llama_model_n_head(model)))
+        head_dim = int(lib.llama_model_n_embd(model)) // heads
+        return layers * 2 * int(lib.llama_model_n_head_kv(model)) * head_dim * 2
 
     def description(self) -> str:
         """e.g. "llama ?B Q4_1" (architecture, size, file type)."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.llama_cpp.canary import Probe, numerics_status
 from llm_local.backends.llama_cpp.library import (
+    MAX_SEQUENCES,
     ContextOptions,
     LoadedLibraryModel,
     ModelOptions,
@@ -69,11 +70,22 @@ class LoadedModel:
     tokenizer: LlamaVocabTokenizer
     info: ModelInfo
     prefill_chunk_tokens: int
+    kv_bytes_per_token: int = 0
+    prefix_cache_mb: float = 0.0
+    prefix_isolation: str = "none"
 
 
 def batch_tokens(options: LlamaCppSettings) -> int:
     """Tokens one llama_decode may take: every sequence's token plus a prompt chunk."""
     return max(MIN_BATCH_TOKENS, options.sequences + options.prefill_chunk_tokens)
+
+
+def cache_sequences(options: LlamaCppSettings) -> int:
+    """Sequence ids kept for finished requests' state: as many as run at once (a call's
+    turn finished per running call), within the library's limit; none without reuse."""
+    if options.prefix_cache_mb <= 0:
+        return 0
+    return max(0, min(options.sequences, MAX_SEQUENCES - options.sequences))
 
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
@@ -166,6 +178,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             sequences=options.sequences,
             batch_tokens=plan.batch_tokens,
             threads=plan.threads,
+            cache_sequences=cache_sequences(options),
         ),
     )
     try:
@@ -216,6 +229,9 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         tokenizer=tokenizer,
         info=info,
         prefill_chunk_tokens=options.prefill_chunk_tokens,
+        kv_bytes_per_token=handle.kv_bytes_per_token(),
+        prefix_cache_mb=options.prefix_cache_mb,
+        prefix_isolation=options.prefix_isolation,
     )
 
 

@@ -16,6 +16,24 @@ from this thread only (after loading): a llama_context is not thread-safe.
 
 A failed `llama_decode` fails the requests of that step (their sequences freed) and the
 loop goes on; an exception escaping the loop itself fails everything and stops it.
+
+Prefix reuse (`ReuseOptions`; the bookkeeping is backends/shared/prefix_store.py). A
+request that ends keeps its sequence: the cells of every token it fed (its prompt, and
+its answer but the last sampled token, never fed) stay in the KV cache, idle. A newcomer
+is matched against every sequence of its namespace (model, adapter, and the tenant when
+tenants are isolated): with the longest exact run of ids from position 0,
+
+- an idle sequence it extends whole (a call's next turn) is taken over: its tail past the
+  match is removed (``llama_memory_seq_rm``) and the newcomer reads only what follows;
+- a partial match (the persona of another call, a running call's prompt, a turn whose
+  answer re-encoded to other ids) is shared into a fresh sequence
+  (``llama_memory_seq_cp``: the cells are shared, nothing is copied) and the source stays.
+
+The library is asked afterwards what the sequence holds (``seq_pos_min/max``): anything
+but exactly positions 0..n-1 (a model whose memory cannot be cut there) drops the reuse
+and reads the prompt whole. Idle sequences go least recently used first: while the cells
+only they hold exceed the budget, when a newcomer needs a sequence id, and when the
+running requests' reservations leave the pool too little room.
 """
 
 from __future__ import annotations
@@ -32,12 +50,37 @@ from llm_local.backends.llama_cpp.policy import admit, plan_step
 from llm_local.backends.llama_cpp.sampling import SamplerChain
 from llm_local.backends.shared.bridge import BatchItem
 from llm_local.backends.shared.costs import CostModel
+from llm_local.backends.shared.prefix_store import Namespace, PrefixStore
 
 log = logging.getLogger(__name__)
 
 
 class SchedulerClosedError(BackendError):
     """The backend is closing or closed: the generation cannot run."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseOptions:
+    """Prefix reuse in one context (module docstring); `budget_tokens` 0 = none."""
+
+    model: str  # the namespace's model: state of another model never matches
+    budget_tokens: int  # KV cells that idle sequences alone may hold
+    cache_sequences: int  # sequence ids beyond the running ones, for idle sequences
+    isolate_tenants: bool = False
+
+
+NO_REUSE = ReuseOptions(model="", budget_tokens=0, cache_sequences=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseStats:
+    """Prefix reuse so far (counters) and now (gauges), for /metrics."""
+
+    reused_tokens: int
+    read_tokens: int  # prompt tokens read through llama_decode
+    evictions: int
+    idle_sequences: int
+    idle_tokens: int
 
 
 @dataclass(eq=False, slots=True)
@@ -83,6 +126,7 @@ class LlamaScheduler:
         end_token_ids: frozenset[int],
         costs: CostModel,
         on_step: Callable[[StepShape], None] | None = None,
+        reuse: ReuseOptions = NO_REUSE,
     ) -> None:
         self._lib = lib
         self._ctx = ctx
@@ -101,7 +145,12 @@ class LlamaScheduler:
         self._closing = False  # guarded by _condition
         self._running: list[_Running] = []  # worker thread only
         self._running_count = 0  # what stats() reads
-        self._free_ids = list(range(sequences))
+        self._reuse = reuse
+        self._store: PrefixStore[int] = PrefixStore()
+        self._read_tokens = 0  # prompt tokens fed (worker thread; read by stats)
+        self._reuse_stats = ReuseStats(0, 0, 0, 0, 0)  # a snapshot the worker replaces
+        cache_ids = reuse.cache_sequences if reuse.budget_tokens > 0 else 0
+        self._free_ids = list(range(sequences + cache_ids))
         self._thread: threading.Thread | None = None
         # Kept referenced for as long as the library may read it.
         self._batch = lib.llama_batch_init(batch_tokens, 0, 1)
@@ -142,6 +191,9 @@ class LlamaScheduler:
             prefill_token_seconds=costs.prefill_token_s,
         )
 
+    def reuse_stats(self) -> ReuseStats:
+        return self._reuse_stats
+
     def close(self) -> None:
         """Fail what waits, stop what runs; the worker ends after its current step."""
         with self._condition:
@@ -177,7 +229,7 @@ class LlamaScheduler:
                 item.end_from_thread(SchedulerClosedError("the decoding loop failed"))
         finally:
             for running in list(self._running):
-                self._release(running)
+                self._release(running, keep=False)
             self._running_count = 0
             self._lib.llama_batch_free(self._batch)
 
@@ -196,7 +248,7 @@ class LlamaScheduler:
             reserved = sum(_reserve(running.item) for running in self._running)
             starting = admit(
                 self._waiting,
-                len(self._free_ids),
+                self._sequences - len(self._running),
                 lambda item: item.tenant_id,
                 reserve=_reserve,
                 free_tokens=self._kv_cache_tokens - reserved,
@@ -211,17 +263,109 @@ class LlamaScheduler:
         return True
 
     def _start(self, item: BatchItem) -> None:
-        seq_id = self._free_ids.pop(0)
+        seq_id, reused = self._claim_sequence(item)
+        item.cached_tokens = reused
         chain = SamplerChain(self._lib, item.sampling, self._vocab_size)
         chain.accept_prompt(item.prompt_ids)
-        self._running.append(_Running(item, seq_id, chain, list(item.prompt_ids)))
+        self._running.append(_Running(item, seq_id, chain, list(item.prompt_ids), fed=reused))
+        self._make_room()
 
-    def _release(self, running: _Running) -> None:
-        """Free the request's sequence: its KV cache cells and its sampler."""
+    def _namespace(self, item: BatchItem) -> Namespace:
+        salt = (item.tenant_id or "") if self._reuse.isolate_tenants else None
+        return Namespace(self._reuse.model, adapter=None, salt=salt)
+
+    def _claim_sequence(self, item: BatchItem) -> tuple[int, int]:
+        """A sequence for `item` and how many of its prompt tokens it already holds."""
+        store, namespace = self._store, self._namespace(item)
+        if self._reuse.budget_tokens <= 0:
+            seq_id = self._free_id(keep=None)
+            store.open(seq_id, namespace)
+            return seq_id, 0
+        match = store.best_match(namespace, item.prompt_ids)
+        if match is None:
+            seq_id = self._free_id(keep=None)
+            store.open(seq_id, namespace)
+            return seq_id, 0
+        if match.idle and (match.whole or not self._can_free_id(keep=match.handle)):
+            seq_id, length = match.handle, match.length
+            self._lib.llama_memory_seq_rm(self._memory, seq_id, length, -1)
+            store.take_over(seq_id, length)
+        else:
+            seq_id, length = self._free_id(keep=match.handle), match.length
+            self._lib.llama_memory_seq_cp(self._memory, match.handle, seq_id, 0, length)
+            store.copy_prefix(match.handle, seq_id, length)
+        if not self._holds_exactly(seq_id, length):
+            # The library could not keep just those positions: read the prompt whole.
+            self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            store.truncate(seq_id, 0)
+            store.counters.reused_tokens -= length
+            return seq_id, 0
+        return seq_id, length
+
+    def _holds_exactly(self, seq_id: int, length: int) -> bool:
+        lib, memory = self._lib, self._memory
+        return (
+            int(lib.llama_memory_seq_pos_min(memory, seq_id)) == 0
+            and int(lib.llama_memory_seq_pos_max(memory, seq_id)) == length - 1
+        )
+
+    def _can_free_id(self, *, keep: int | None) -> bool:
+        return bool(self._free_ids) or self._store.lru_idle(keep=keep) is not None
+
+    def _free_id(self, *, keep: int | None) -> int:
+        """A sequence id that holds nothing, evicting the least recently used idle one
+        (never `keep`, the source being matched) when none is free."""
+        if not self._free_ids:
+            victim = self._store.lru_idle(keep=keep)
+            if victim is None:  # admission keeps running requests below the ids
+                raise BackendError("no free llama.cpp sequence")
+            self._evict(victim)
+        return self._free_ids.pop(0)
+
+    def _evict(self, seq_id: int) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        self._store.drop(seq_id, evicted=True)
+        self._free_ids.append(seq_id)
+
+    def _make_room(self) -> None:
+        """Evict idle sequences, least recently used first, while the cells they alone
+        hold exceed the budget or leave the running requests too little of the pool."""
+        reserved = sum(_reserve(running.item) for running in self._running)
+        while True:
+            idle = self._store.idle_cells()
+            if idle == 0:
+                break
+            if idle <= self._reuse.budget_tokens and reserved + idle <= self._kv_cache_tokens:
+                break
+            victim = self._store.lru_idle()
+            if victim is None:
+                break
+            self._evict(victim)
+        self._publish_reuse()
+
+    def _publish_reuse(self) -> None:
+        counters = self._store.counters
+        self._reuse_stats = ReuseStats(
+            reused_tokens=counters.reused_tokens,
+            read_tokens=self._read_tokens,
+            evictions=counters.evictions,
+            idle_sequences=len(self._store.idle_handles()),
+            idle_tokens=self._store.idle_cells(),
+        )
+
+    def _release(self, running: _Running, *, keep: bool = True) -> None:
+        """The request ended: its sampler is freed; its sequence stays, idle, for a later
+        prompt to extend (`keep`, with reuse on), or its cells are freed."""
         self._running.remove(running)
-        self._lib.llama_memory_seq_rm(self._memory, running.seq_id, -1, -1)
         running.chain.free()
+        if keep and self._reuse.budget_tokens > 0:
+            self._store.finish(running.seq_id)
+            self._make_room()
+            return
+        self._lib.llama_memory_seq_rm(self._memory, running.seq_id, -1, -1)
+        self._store.drop(running.seq_id)
         self._free_ids.append(running.seq_id)
+        self._publish_reuse()
 
     def _decode_step(self) -> None:
         plan = plan_step(
@@ -269,7 +413,7 @@ class LlamaScheduler:
             error = BackendError(f"llama_decode failed (status {status})")
             for running, _ in fed:
                 running.item.end_from_thread(error)
-                self._release(running)
+                self._release(running, keep=False)  # what its cells hold is unknown
             self._running_count = len(self._running)
             return
         if prefill_tokens == 0:
@@ -279,6 +423,13 @@ class LlamaScheduler:
         if self._on_step is not None:
             self._on_step(StepShape(decoding, prefill_tokens, tuple(r.seq_id for r, _ in fed)))
         for running, count in fed:
+            if running.prompt_left > 0:
+                self._read_tokens += min(count, running.prompt_left)
+                tokens = running.prompt[running.fed : running.fed + count]
+            else:
+                assert running.next_token is not None
+                tokens = [running.next_token]
+            self._store.append(running.seq_id, tokens)
             running.fed += count
         for running, row in rows:
             token = running.chain.sample(self._ctx, row)

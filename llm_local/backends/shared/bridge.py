@@ -65,6 +65,9 @@ class BatchItem:
         self._arrived_at = arrived_at
         self._relay = relay
         self.tenant_id = tenant_id  # who asked: waiting items are planned tenant by tenant
+        # Leading prompt tokens whose state the backend already held (prefix reuse): set
+        # by the decoding thread before the item's first token, read once it ended.
+        self.cached_tokens = 0
 
         # Shared with the decoding thread; guarded by _lock.
         self._lock = threading.Lock()
@@ -274,6 +277,11 @@ class TokenStream(AsyncIterator[Sequence[int]]):
 
     def __init__(self, item: BatchItem) -> None:
         self._item = item
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the backend did not read again (base.ReportsCachedTokens)."""
+        return self._item.cached_tokens
 
     def __aiter__(self) -> TokenStream:
         return self

@@ -36,11 +36,14 @@ _OBJECTS: dict[Kind, tuple[str, str]] = {
 _ID_PREFIXES: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-"}
 
 
-def usage(finished: Finished) -> dict[str, int]:
+def usage(finished: Finished) -> dict[str, Any]:
     return {
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
         "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+        # OpenAI's field for prompt tokens served from its prompt cache: here, those whose
+        # state the backend had kept (0 where it keeps none).
+        "prompt_tokens_details": {"cached_tokens": finished.cached_tokens},
     }
 
 

@@ -1,0 +1,322 @@
+"""Conversation prefix reuse in the llama_cpp backend, on the real SmolLM2 GGUF through
+core's generation: a call's turns read only what is new, answer exactly what they answer
+without reuse, never see another caller's state, and the kept state stays in its budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import resource
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from llm_local.backends.llama_cpp.backend import LlamaCppBackend
+from llm_local.backends.llama_cpp.library import (
+    ContextOptions,
+    LoadedLibraryModel,
+    ModelOptions,
+    library,
+)
+from llm_local.backends.llama_cpp.loader import plan_from_settings
+from llm_local.core.generation import run_generation
+from llm_local.core.prompt import prepare_prompt
+from llm_local.core.types import (
+    ChatTurn,
+    Finished,
+    GenerationRequest,
+    RequestContext,
+    Role,
+    TextChunk,
+)
+from llm_local.settings.loader import load_settings
+from llm_local.settings.schema import AppSettings
+
+pytestmark = pytest.mark.model
+
+PERSONA = (
+    "You are Mira, the phone assistant of a small bakery in Lyon called Le Petit Four. "
+    "You answer callers politely and briefly, in one or two sentences. The bakery opens "
+    "at seven in the morning and closes at seven in the evening, every day but Monday. "
+    "It sells croissants, baguettes, pain au chocolat, fruit tarts and birthday cakes, "
+    "which must be ordered two days in advance. Delivery is possible within the city "
+    "for orders above thirty euros."
+)
+CALLER = [
+    "Hello, are you open today?",
+    "What time do you close?",
+    "Can I order a birthday cake for tomorrow?",
+    "Do you deliver to my street?",
+    "What do you sell besides bread?",
+]
+# One MiB of SmolLM2's KV cache holds 45 tokens: room for one short conversation at most.
+TINY_BUDGET_MB = 2.0
+# 104 calls (the issue asks 200: `CALL_WAVES=25` measured the same, 53 s on a loaded 2-core
+# machine, too long for `make test`).
+CALL_WAVES = 13
+# Nats per token an answer decoded among others may lose against the alone-answer: 12-token
+# answers, one flipped near-tie changes the rest; measured gaps -0.16 .. +0.39 (one run,
+# 9 of 32 answers equal as text).
+NLL_TOLERANCE = 0.5
+
+
+def settings(**llama_cpp: object) -> AppSettings:
+    loaded = load_settings(env="test")
+    options = dataclasses.replace(
+        loaded.llama_cpp, **{"kv_cache_tokens": 8192, "sequences": 16, **llama_cpp}
+    )
+    return dataclasses.replace(loaded, llama_cpp=options)
+
+
+@pytest.fixture
+async def reusing() -> AsyncIterator[LlamaCppBackend]:
+    async with loaded(settings(prefix_cache_mb=64.0)) as backend:
+        yield backend
+
+
+class loaded:  # used as `async with loaded(...)`
+    def __init__(self, app_settings: AppSettings) -> None:
+        self._backend = LlamaCppBackend(lambda: plan_from_settings(app_settings))
+
+    async def __aenter__(self) -> LlamaCppBackend:
+        await self._backend.load()
+        return self._backend
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._backend.aclose()
+
+
+async def answer(
+    backend: LlamaCppBackend, request: GenerationRequest
+) -> tuple[str, Finished, tuple[int, ...]]:
+    """The text, how it finished, and the token ids generated."""
+    prepared = prepare_prompt(request, backend.tokenizer, backend.info.context_limit)
+    chunks: list[TextChunk] = []
+
+    async def on_text(chunk: TextChunk) -> None:
+        chunks.append(chunk)
+
+    finished = await run_generation(backend, request, prepared, on_text)
+    return "".join(c.text for c in chunks), finished, prepared.ids
+
+
+def turn_request(
+    persona: str, history: list[ChatTurn], user: str, *, tenant: str = "t", max_new: int = 24
+) -> GenerationRequest:
+    return GenerationRequest(
+        user_prompt=user,
+        system_prompt=persona,
+        history=tuple(history),
+        max_new_tokens=max_new,
+        context=RequestContext(request_id="r", tenant_id=tenant),
+    )
+
+
+async def call(
+    backend: LlamaCppBackend,
+    persona: str,
+    lines: list[str],
+    *,
+    tenant: str = "t",
+    max_new: int = 24,
+) -> list[tuple[str, Finished]]:
+    """One call: each caller line sent with the whole history, the answers fed back."""
+    history: list[ChatTurn] = []
+    results: list[tuple[str, Finished]] = []
+    for line in lines:
+        text, finished, _ = await answer(
+            backend, turn_request(persona, history, line, tenant=tenant, max_new=max_new)
+        )
+        results.append((text, finished))
+        history += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, text)]
+    return results
+
+
+async def test_a_call_reads_only_its_new_turn_and_answers_as_without_reuse(
+    reusing: LlamaCppBackend,
+) -> None:
+    with_reuse = await call(reusing, PERSONA, CALLER)
+    async with loaded(settings(prefix_cache_mb=0.0)) as fresh:
+        without = await call(fresh, PERSONA, CALLER)
+        assert fresh.stats().prefix_reused_tokens == 0
+
+    assert [text for text, _ in with_reuse] == [text for text, _ in without]
+    assert all(text for text, _ in with_reuse)
+    assert with_reuse[0][1].cached_tokens == 0  # nothing was kept before the first turn
+    assert [f.cached_tokens for _, f in without] == [0] * len(CALLER)
+    for (_, previous), (_, now) in itertools.pairwise(with_reuse):
+        # Every later turn reuses at least the whole previous prompt.
+        assert now.cached_tokens >= previous.prompt_tokens
+        assert now.cached_tokens < now.prompt_tokens
+    stats = reusing.stats()
+    assert stats.prefix_reused_tokens == sum(f.cached_tokens for _, f in with_reuse)
+    assert stats.prefix_read_tokens == sum(f.prompt_tokens - f.cached_tokens for _, f in with_reuse)
+    assert stats.prefix_cache_entries == 1 and stats.prefix_cache_bytes > 0
+
+
+def personas(n: int) -> list[str]:
+    trades = ["bakery", "garage", "dentist", "florist", "bookshop", "pharmacy", "gym", "hotel"]
+    cities = ["Lyon", "Oslo"]
+    return [
+        f"You are the phone assistant of a {trades[i % 8]} in {cities[i // 8 % 2]} "
+        f"called Shop {i}. Answer in one sentence. Your customer number is {1000 + i}."
+        for i in range(n)
+    ]
+
+
+class Scorer:
+    """Teacher-forced log-likelihood of an answer after its prompt, in a context of its own
+    (one sequence, fresh cells in position order): the reference a cache must not move."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        self._tokenizer = backend.tokenizer
+        self._lib = library()
+        gguf = plan_from_settings(settings()).gguf
+        self._handle = LoadedLibraryModel(
+            self._lib,
+            gguf,
+            ModelOptions(gpu_layers=0, repack=False),
+            ContextOptions(kv_cache_tokens=1024, sequences=1, batch_tokens=1024, threads=2),
+        )
+
+    def nll(self, prompt: Sequence[int], answer_text: str) -> float:
+        """Mean negative log-likelihood per token of `answer_text` (as it encodes)."""
+        lib, handle = self._lib, self._handle
+        answer_ids = self._tokenizer.encode(answer_text)
+        ids = [*prompt, *answer_ids]
+        lib.llama_memory_seq_rm(handle.memory, 0, -1, -1)
+        batch = lib.llama_batch_init(len(ids), 0, 1)
+        try:
+            for i, token in enumerate(ids):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if i >= len(prompt) - 1 else 0
+            batch.n_tokens = len(ids)
+            assert lib.llama_decode(handle.ctx, batch) == 0
+            vocab = self._tokenizer.vocab_size
+            total = 0.0
+            for i in range(len(prompt) - 1, len(ids) - 1):
+                row = np.ctypeslib.as_array(lib.llama_get_logits_ith(handle.ctx, i), (vocab,))
+                row = row.astype(np.float64)
+                top = row.max()
+                total += float(np.log(np.exp(row - top).sum()) + top - row[ids[i + 1]])
+            return total / max(1, len(answer_ids))
+        finally:
+            lib.llama_batch_free(batch)
+
+    def free(self) -> None:
+        self._handle.free()
+
+
+async def test_sixteen_concurrent_calls_each_get_their_alone_answer_under_eviction() -> None:
+    """No other caller's state, ever: 16 calls at once, their personas sharing leading
+    tokens (shared between calls), the cache holding other callers' sequences and evicting
+    under a tiny budget.
+
+    Exact text equality is not what llama.cpp gives on a CPU even without any cache: its
+    rounding depends on which sequences share a batch and where a sequence's cells lie in
+    the pool (flash attention accumulates over cells in their order). Measured here: 16 calls
+    decoded together without reuse answered as alone in 6 of 16. So each answer is compared
+    teacher-forced instead: its mean log-likelihood per token, scored alone after its own
+    prompt, is within `NLL_TOLERANCE` of the alone-answer's (a near-tie flipped), where
+    another caller's state would give an answer the caller's own conversation does not
+    predict. Most answers are also equal as text."""
+    callers = personas(16)
+    lines = ["Hello, who are you?", "What is my customer number?"]
+    async with loaded(settings(prefix_cache_mb=0.0)) as alone_backend:
+        alone = [await call(alone_backend, p, lines, max_new=12) for p in callers]
+
+    async with loaded(settings(prefix_cache_mb=TINY_BUDGET_MB)) as backend:
+        together: list[list[tuple[str, Finished]]] = [[] for _ in callers]
+
+        async def one(i: int) -> None:
+            together[i] = await call(backend, callers[i], lines, tenant=f"t{i}", max_new=12)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(callers)):
+                nursery.start_soon(one, i)
+        stats = backend.stats()
+
+        scorer = Scorer(backend)
+        try:
+            gaps: list[float] = []
+            for persona, mine, reference in zip(callers, together, alone, strict=True):
+                history: list[ChatTurn] = []
+                ref_history: list[ChatTurn] = []
+                for line, (text, _), (ref_text, _) in zip(lines, mine, reference, strict=True):
+                    prompt = _ids(backend, turn_request(persona, history, line))
+                    ref_prompt = _ids(backend, turn_request(persona, ref_history, line))
+                    gaps.append(scorer.nll(prompt, text) - scorer.nll(ref_prompt, ref_text))
+                    history += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, text)]
+                    ref_history += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, ref_text)]
+        finally:
+            scorer.free()
+
+    same = sum(
+        t == r
+        for c, a in zip(together, alone, strict=True)
+        for (t, _), (r, _) in zip(c, a, strict=True)
+    )
+    assert max(gaps) <= NLL_TOLERANCE, (gaps, same)
+    assert same >= len(gaps) // 8, same
+    assert stats.prefix_evictions > 0  # the budget forced evictions
+    # Reuse happened across callers (the shared persona opening) and within calls.
+    assert sum(f.cached_tokens for c in together for _, f in c) == stats.prefix_reused_tokens
+    assert stats.prefix_reused_tokens > 0
+    assert stats.prefix_cache_bytes <= TINY_BUDGET_MB * 1024 * 1024
+
+
+def _ids(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[int, ...]:
+    return prepare_prompt(request, backend.tokenizer, backend.info.context_limit).ids
+
+
+async def test_an_isolated_tenant_never_reuses_another_tenant_s_prefix() -> None:
+    question = "Hello, are you open today?"
+    async with loaded(settings(prefix_isolation="tenant")) as backend:
+        _, first, _ = await answer(backend, turn_request(PERSONA, [], question, tenant="a"))
+        reused_before = backend.stats().prefix_reused_tokens
+        _, other, _ = await answer(backend, turn_request(PERSONA, [], question, tenant="b"))
+        assert other.cached_tokens == 0
+        assert backend.stats().prefix_reused_tokens == reused_before
+        _, again, _ = await answer(backend, turn_request(PERSONA, [], question, tenant="a"))
+        assert again.cached_tokens == again.prompt_tokens - 1  # its own: all but the last
+
+    async with loaded(settings(prefix_isolation="none")) as shared:
+        await answer(shared, turn_request(PERSONA, [], question, tenant="a"))
+        _, other, _ = await answer(shared, turn_request(PERSONA, [], question, tenant="b"))
+        assert other.cached_tokens == other.prompt_tokens - 1
+    assert first.cached_tokens == 0
+
+
+def rss_bytes() -> int:
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * resource.getpagesize()
+
+
+async def test_kept_state_stays_within_its_budget_over_many_calls() -> None:
+    async with loaded(settings(prefix_cache_mb=TINY_BUDGET_MB)) as backend:
+        budget_bytes = TINY_BUDGET_MB * 1024 * 1024
+        held: list[int] = []
+        rss: list[int] = []
+
+        async def one(i: int) -> None:
+            persona = f"You answer call {i} of shop {i % 16}."
+            await answer(backend, turn_request(persona, [], "Hi!", tenant=f"t{i}", max_new=2))
+            held.append(backend.stats().prefix_cache_bytes)
+
+        for wave in range(CALL_WAVES):  # 8 calls at a time
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(one, wave * 8 + i)
+            rss.append(rss_bytes())
+        stats = backend.stats()
+
+    assert len(held) == CALL_WAVES * 8
+    assert max(held) <= budget_bytes
+    assert stats.prefix_evictions > len(held) - 16  # each call its own: nearly all evicted
+    # The process does not grow with the calls: after the first waves, flat (allocator
+    # noise aside), far below what every call kept would take (~10 MB of KV).
+    assert rss[-1] - rss[4] < 16 * 1024 * 1024
