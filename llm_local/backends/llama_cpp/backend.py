@@ -82,6 +82,7 @@ class LlamaCppBackend:
             end_token_ids=model.tokenizer.end_token_ids,
             costs=self._costs,
             on_step=self._on_step,
+            grammar=model.grammar,
         )
         scheduler.start()
         self._model, self._scheduler = model, scheduler

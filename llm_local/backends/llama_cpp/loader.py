@@ -12,9 +12,10 @@ The GGUF is served as is: no conversion, no cache. Sources (convert/sources.py):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.llama_cpp.library import (
@@ -25,8 +26,10 @@ from llm_local.backends.llama_cpp.library import (
 )
 from llm_local.backends.llama_cpp.threads import measure_threads
 from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
+from llm_local.backends.shared import grammar
 from llm_local.backends.shared.source import resolve_model_source
 from llm_local.backends.shared.threads import usable_cpus
+from llm_local.core.types import SamplingSupport
 
 if TYPE_CHECKING:
     from llm_local.convert.sources import ModelSource
@@ -60,6 +63,7 @@ class LoadedModel:
     tokenizer: LlamaVocabTokenizer
     info: ModelInfo
     prefill_chunk_tokens: int
+    grammar: grammar.GrammarCompiler | None = None  # None: llguidance is not installed
 
 
 def batch_tokens(options: LlamaCppSettings) -> int:
@@ -160,6 +164,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             threads = measure_threads(lib, handle.ctx, handle.memory, probe, plan.threads)
         if tokenizer.chat_template is None:
             log.warning("%s has no chat template: chat requests will be refused", plan.gguf)
+        compiler = _grammar_compiler(lib, handle.vocab, tokenizer.end_token_ids)
         limit = handle.context_per_sequence
         if plan.model.context_limit:
             limit = min(limit, plan.model.context_limit)
@@ -170,6 +175,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             compute_type=file_type(handle.description()),
             context_limit=limit,
             threads=(1, threads),
+            sampling=SamplingSupport(constraints=compiler),
         )
     except BaseException:
         handle.free()
@@ -187,7 +193,24 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         tokenizer=tokenizer,
         info=info,
         prefill_chunk_tokens=options.prefill_chunk_tokens,
+        grammar=compiler,
     )
+
+
+def _grammar_compiler(
+    lib: Any, vocab: object, end_token_ids: frozenset[int]
+) -> grammar.GrammarCompiler | None:
+    """Structured output's engine over the model's own vocabulary, when llguidance is
+    installed (the `structured` extra); without it a request for structure is refused."""
+    if not grammar.available():
+        log.info("llguidance is not installed: structured output is off")
+        return None
+    started = time.perf_counter()
+    compiler = grammar.GrammarCompiler(grammar.tokenizer_for_llama_cpp(lib, vocab, end_token_ids))
+    log.info(
+        "structured output: llguidance over the vocabulary in %.2f s", time.perf_counter() - started
+    )
+    return compiler
 
 
 def file_type(description: str) -> str:
