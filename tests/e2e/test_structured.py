@@ -276,3 +276,73 @@ def test_ct2_refuses_structure_naming_the_field_and_who_supports_it(
             assert raised.value.param == field
             assert "llama_cpp" in raised.value.message
         assert chat(client, "Hi", max_tokens=3).choices[0].message.content  # still serving
+
+
+# -- gRPC: the same through GenerationParams.engine_specific_params ------------------------
+
+
+def grpc_request(question: str, **engine: Any) -> Any:
+    from llm_local.proto.sentiric.llm.v1 import llama_pb2
+
+    message = llama_pb2.GenerateStreamRequest(
+        user_prompt=question,
+        params=llama_pb2.GenerationParams(temperature=0, max_new_tokens=60),
+    )
+    message.params.engine_specific_params.update(engine)
+    return message
+
+
+def grpc_answer(server: Any, rpc: Any, message: Any) -> tuple[str, str]:
+    """The answer's text (its tokens joined) and finish reason."""
+    tokens: list[bytes] = []
+    reason = ""
+    for response in rpc.llama(server.channel(), message):
+        if response.HasField("finish_details"):
+            reason = response.finish_details.finish_reason
+        else:
+            tokens.append(response.token)
+    return b"".join(tokens).decode("utf-8"), reason
+
+
+def test_grpc_json_schema_answers_validate(server: Any, rpc: Any) -> None:
+    text, reason = grpc_answer(server, rpc, grpc_request("Describe a person.", json_schema=PERSON))
+
+    assert reason == "stop"
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_grpc_forced_tool_call_reads_back_with_valid_arguments(server: Any, rpc: Any) -> None:
+    from llm_local.core.structured.tools import read_answer
+
+    message = grpc_request(
+        "What's the weather in Paris?",
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    text, reason = grpc_answer(server, rpc, message)
+
+    [(name, arguments)] = read_answer(text).calls
+    assert (reason, name) == ("stop", "get_weather")
+    jsonschema.validate(json.loads(arguments), WEATHER_PARAMETERS)
+
+
+@pytest.mark.parametrize(
+    ("engine", "field", "words"),
+    [
+        ({"mirostat": 2}, "params.engine_specific_params.mirostat", "unknown key"),
+        (
+            {"json_schema": {"type": "object", "propertyNames": {"maxLength": 3}}},
+            "params.engine_specific_params.json_schema",
+            '"propertyNames"',
+        ),
+    ],
+)
+def test_grpc_refusals_are_invalid_argument_naming_the_key(
+    server: Any, rpc: Any, engine: dict[str, Any], field: str, words: str
+) -> None:
+    import grpc
+
+    error = rpc.error(lambda: list(rpc.llama(server.channel(), grpc_request("Hi", **engine))))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.details() and words in error.details()

@@ -10,9 +10,11 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from llm_local.core.errors import InvalidRequest
+from llm_local.core.structured.tools import tools_prompt
 from llm_local.core.types import Finished
 from llm_local.core.validation import RawParams, RawRequest
 from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
+from llm_local.transport.grpc.structured import engine_constraint
 
 
 def _float32(value: float) -> float:
@@ -29,17 +31,22 @@ def llama_raw_request(message: llama_pb2.GenerateStreamRequest) -> RawRequest:
             "lora_adapter_id", "LoRA adapters are not supported by this service; leave it unset"
         )
     rag_context = message.rag_context if message.HasField("rag_context") else None
+    system_prompt = message.system_prompt
+    constraint = engine_constraint(message.params) if message.HasField("params") else None
+    if constraint is not None and constraint.is_tool_call:  # the model must know its tools
+        system_prompt = "\n\n".join(t for t in (system_prompt, tools_prompt(constraint)) if t)
     return RawRequest(
         user_prompt=message.user_prompt,
-        system_prompt=message.system_prompt,
+        system_prompt=system_prompt,
         rag_context=rag_context,
         history=tuple((turn.role, turn.content) for turn in message.history),
         params=llama_raw_params(message),
+        constraint=constraint,
     )
 
 
 def llama_raw_params(message: llama_pb2.GenerateStreamRequest) -> RawParams:
-    # engine_specific_params is meant for other engines; it is accepted and ignored.
+    # engine_specific_params: structured output (structured.py), read by llama_raw_request.
     if not message.HasField("params"):
         return RawParams()
     params = message.params

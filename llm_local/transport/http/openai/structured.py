@@ -26,16 +26,10 @@ from typing import Any
 
 from llm_local.core.errors import InvalidRequest
 from llm_local.core.structured import tools as fmt
-from llm_local.core.structured.constraint import (
-    OutputConstraint,
-    ToolMode,
-    ToolSpec,
-    canonical_json,
-)
+from llm_local.core.structured.constraint import OutputConstraint, canonical_json
+from llm_local.core.structured.declarations import declared_tools, tool_constraint
 
 _JSON_SCHEMA_KEYS = frozenset({"name", "schema", "strict", "description"})
-_FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})
-EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +49,11 @@ def _invalid(field: str, reason: str) -> InvalidRequest:
 
 def parse_structure(body: Mapping[str, Any]) -> Structure:
     response = _response_format(body.get("response_format"))
-    tools = _tools(body.get("tools"))
-    choice = body.get("tool_choice")
-    parallel = body.get("parallel_tool_calls", True)
-    if parallel is None:
-        parallel = True
-    if not isinstance(parallel, bool):
-        raise _invalid("parallel_tool_calls", f"must be a boolean, got {parallel!r}")
-    if not tools:
-        if choice not in (None, "none"):
-            raise _invalid("tool_choice", "needs tools: no tools were given")
-        return Structure(response, "")
-    mode, chosen = _tool_choice(choice, tools)
-    if mode is None:
+    tools = declared_tools(body.get("tools"), "tools")
+    constraint = tool_constraint(
+        tools, body.get("tool_choice"), body.get("parallel_tool_calls"), "tools", ""
+    )
+    if constraint is None:
         return Structure(response, "")
     if response is not None:
         raise _invalid(
@@ -75,11 +61,6 @@ def parse_structure(body: Mapping[str, Any]) -> Structure:
             "cannot be combined with tools (unless tool_choice is 'none'): the answer is "
             "either tool calls or JSON here",
         )
-    # A named function is one call of it, as OpenAI answers a named tool_choice.
-    named = isinstance(choice, dict)
-    constraint = OutputConstraint(
-        field="tools", tools=chosen, mode=mode, parallel=parallel and not named
-    )
     return Structure(constraint, fmt.tools_prompt(constraint))
 
 
@@ -121,64 +102,6 @@ def _response_format(value: object) -> OutputConstraint | None:
         raise _invalid("response_format.json_schema.strict", "must be a boolean")
     return OutputConstraint(
         field="response_format.json_schema.schema", schema=canonical_json(schema)
-    )
-
-
-def _tools(value: object) -> tuple[ToolSpec, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise _invalid("tools", "must be a list of tools")
-    specs: list[ToolSpec] = []
-    for index, tool in enumerate(value):
-        where = f"tools[{index}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise _invalid(f"{where}.type", "only 'function' tools are supported")
-        for key in tool:
-            if key not in ("type", "function"):
-                raise _invalid(f"{where}.{key}", "is not supported")
-        function = tool.get("function")
-        if not isinstance(function, dict):
-            raise _invalid(f"{where}.function", "must be an object")
-        for key in function:
-            if key not in _FUNCTION_KEYS:
-                raise _invalid(f"{where}.function.{key}", "is not supported")
-        name = function.get("name")
-        if not isinstance(name, str) or not fmt.NAME_PATTERN.match(name):
-            raise _invalid(
-                f"{where}.function.name", "must be 1-64 characters of a-z, A-Z, 0-9, _ and -"
-            )
-        if any(spec.name == name for spec in specs):
-            raise _invalid(f"{where}.function.name", f"{name!r} is declared twice")
-        description = function.get("description", "")
-        if not isinstance(description, str):
-            raise _invalid(f"{where}.function.description", "must be a string")
-        parameters = function.get("parameters", EMPTY_PARAMETERS)
-        if not isinstance(parameters, dict):
-            raise _invalid(f"{where}.function.parameters", "must be a JSON Schema object")
-        specs.append(ToolSpec(name, description, canonical_json(parameters)))
-    return tuple(specs)
-
-
-def _tool_choice(
-    choice: object, tools: tuple[ToolSpec, ...]
-) -> tuple[ToolMode | None, tuple[ToolSpec, ...]]:
-    if choice is None or choice == "auto":
-        return ToolMode.AUTO, tools
-    if choice == "none":
-        return None, ()
-    if choice == "required":
-        return ToolMode.REQUIRED, tools
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        for tool in tools:
-            if tool.name == name:
-                return ToolMode.REQUIRED, (tool,)
-        raise _invalid("tool_choice.function.name", f"names no tool given: {name!r}")
-    raise _invalid(
-        "tool_choice",
-        "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': …}}",
     )
 
 
