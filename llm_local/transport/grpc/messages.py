@@ -10,7 +10,6 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from llm_local.core.errors import InvalidRequest
-from llm_local.core.structured.tools import tools_prompt
 from llm_local.core.types import Finished
 from llm_local.core.validation import RawParams, RawRequest
 from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
@@ -31,13 +30,11 @@ def llama_raw_request(message: llama_pb2.GenerateStreamRequest) -> RawRequest:
             "lora_adapter_id", "LoRA adapters are not supported by this service; leave it unset"
         )
     rag_context = message.rag_context if message.HasField("rag_context") else None
-    system_prompt = message.system_prompt
+    # Tools reach the model through the prompt (core/prompt.py).
     constraint = engine_constraint(message.params) if message.HasField("params") else None
-    if constraint is not None and constraint.is_tool_call:  # the model must know its tools
-        system_prompt = "\n\n".join(t for t in (system_prompt, tools_prompt(constraint)) if t)
     return RawRequest(
         user_prompt=message.user_prompt,
-        system_prompt=system_prompt,
+        system_prompt=message.system_prompt,
         rag_context=rag_context,
         history=tuple((turn.role, turn.content) for turn in message.history),
         params=llama_raw_params(message),

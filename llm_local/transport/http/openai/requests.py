@@ -98,9 +98,8 @@ def parse_request(kind: Kind, body: dict[str, Any], limits: OpenAISettings) -> O
         names = names + message_names
         structure = parse_structure(body)
         tool_calls = structure.tool_calls
-        if structure.constraint is not None:
-            system = "\n\n".join(t for t in (raw.system_prompt, structure.system_addition) if t)
-            raw = replace(raw, constraint=structure.constraint, system_prompt=system)
+        if structure.constraint is not None:  # tools reach the model in core/prompt.py
+            raw = replace(raw, constraint=structure.constraint)
     else:
         raw = _completion_prompt(body, params, limits)
     return OpenAIRequest(

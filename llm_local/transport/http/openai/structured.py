@@ -7,8 +7,8 @@
 - ``tools`` (functions with JSON Schema parameters), ``tool_choice`` (``none``, ``auto``,
   ``required``, ``{"type": "function", "function": {"name": …}}``: exactly one call of it),
   ``parallel_tool_calls`` (false: exactly one call).
-  The tools reach the model in the system prompt (core/structured/tools.py's default
-  rendering); ``none`` leaves them out and the answer free.
+  The tools reach the model through core/prompt.py (the chat template's tools section, or
+  the default rendering in the system prompt); ``none`` leaves them out, the answer free.
 - In the conversation: an assistant message's ``tool_calls`` and a ``role: "tool"``
   message (its ``tool_call_id`` checked against the calls before it) are rendered in the
   same text format the model answers in.
@@ -35,7 +35,6 @@ _JSON_SCHEMA_KEYS = frozenset({"name", "schema", "strict", "description"})
 @dataclass(frozen=True, slots=True)
 class Structure:
     constraint: OutputConstraint | None
-    system_addition: str  # the tools, rendered for the system prompt ("" for none)
 
     @property
     def tool_calls(self) -> bool:
@@ -54,14 +53,14 @@ def parse_structure(body: Mapping[str, Any]) -> Structure:
         tools, body.get("tool_choice"), body.get("parallel_tool_calls"), "tools", ""
     )
     if constraint is None:
-        return Structure(response, "")
+        return Structure(response)
     if response is not None:
         raise _invalid(
             "response_format",
             "cannot be combined with tools (unless tool_choice is 'none'): the answer is "
             "either tool calls or JSON here",
         )
-    return Structure(constraint, fmt.tools_prompt(constraint))
+    return Structure(constraint)
 
 
 def _response_format(value: object) -> OutputConstraint | None:

@@ -77,7 +77,6 @@ def test_tool_choices(
     assert structure.constraint.mode is mode
     assert [tool.name for tool in structure.constraint.tools] == names
     assert structure.constraint.parallel is parallel
-    assert all(name in structure.system_addition for name in names)
 
 
 def test_tool_choice_none_asks_for_nothing() -> None:
@@ -108,7 +107,7 @@ def test_bad_structure_fields_are_refused_by_name(body: dict[str, Any], field: s
     assert caught.value.field == field
 
 
-def test_tools_reach_the_system_prompt_and_history_renders_calls_and_results() -> None:
+def test_tools_ride_on_the_request_and_history_renders_calls_and_results() -> None:
     arguments = json.dumps({"city": "Paris"})
     body = {
         "messages": [
@@ -132,8 +131,9 @@ def test_tools_reach_the_system_prompt_and_history_renders_calls_and_results() -
     parsed = parse_request("chat", body, limits())
 
     assert parsed.tool_calls
-    assert parsed.raw.system_prompt.startswith("Be brief.\n\n")
-    assert "<tools>" in parsed.raw.system_prompt
+    assert parsed.raw.system_prompt == "Be brief."  # core/prompt.py adds the tools
+    assert parsed.raw.constraint is not None
+    assert [tool.name for tool in parsed.raw.constraint.tools] == ["get_weather"]
     assert parsed.raw.history[1] == ("assistant", fmt.call_text("get_weather", arguments))
     assert parsed.raw.user_prompt == fmt.tool_response_text("Sunny")
 
