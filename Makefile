@@ -37,7 +37,7 @@ $(BIN)/python:
 $(STAMP_RUN): EXTRAS := convert
 # llama-cpp: the llama_cpp backend's binding, which pip builds from source (cmake, minutes
 # on 2 cores the first time; pip's wheel cache makes it seconds after). `make run` skips it.
-$(STAMP_DEV): EXTRAS := convert,dev,llama-cpp
+$(STAMP_DEV): EXTRAS := convert,dev,llama-cpp,structured
 # A fresh `make test` installs everything at once, which also satisfies `make run`.
 $(STAMP_DEV): ALSO_SATISFIES := $(STAMP_RUN)
 $(STAMP_RUN) $(STAMP_DEV): pyproject.toml | $(BIN)/python

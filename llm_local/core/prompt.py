@@ -58,6 +58,7 @@ import jinja2.sandbox
 
 from llm_local.backends.base import ModelTokenizer
 from llm_local.core.errors import InvalidRequest
+from llm_local.core.structured.tools import tools_prompt
 from llm_local.core.types import GenerationRequest, Role
 
 Message = dict[str, str]
@@ -78,10 +79,15 @@ class TemplateRefused(Exception):
     """The chat template called raise_exception(): it rejects this conversation."""
 
 
-def build_messages(request: GenerationRequest) -> list[Message]:
-    """The conversation as chat-template messages (see the module docstring)."""
+def build_messages(request: GenerationRequest, tools_in_template: bool = False) -> list[Message]:
+    """The conversation as chat-template messages (see the module docstring). Tools the
+    request offers join the system text (structured/tools.py's default rendering) unless
+    the template shows them itself (`tools_in_template`)."""
     messages: list[Message] = []
     system = _system_text(request)
+    constraint = request.sampling.constraint
+    if constraint is not None and constraint.is_tool_call and not tools_in_template:
+        system = "\n\n".join(text for text in (system, tools_prompt(constraint)) if text)
     if system is not None:
         messages.append({"role": Role.SYSTEM.value, "content": system})
     messages.extend({"role": turn.role.value, "content": turn.content} for turn in request.history)
@@ -94,7 +100,29 @@ def build_prompt(request: GenerationRequest, tokenizer: ModelTokenizer) -> str:
     (or the prompt as is, for a plain text completion)."""
     if not request.chat_template:
         return request.user_prompt
-    return _render(build_messages(request), request, tokenizer)
+    tools = template_tools(request, tokenizer.chat_template)
+    return _render(build_messages(request, tools is not None), request, tokenizer, tools)
+
+
+def template_tools(request: GenerationRequest, template: str | None) -> list[object] | None:
+    """The request's tools as a chat template's `tools` variable (OpenAI's shape), when
+    the template defines a tools section (it names `tools`); else None."""
+    constraint = request.sampling.constraint
+    if constraint is None or not constraint.is_tool_call or not template:
+        return None
+    if "tools" not in template:
+        return None
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": tool.parameters_schema(),
+            },
+        }
+        for tool in constraint.tools
+    ]
 
 
 def shared_prefix_length(
@@ -119,18 +147,23 @@ def shared_prefix_length(
     return min(shared, len(ids) - 1)
 
 
-def _render(messages: list[Message], request: GenerationRequest, tokenizer: ModelTokenizer) -> str:
+def _render(
+    messages: list[Message],
+    request: GenerationRequest,
+    tokenizer: ModelTokenizer,
+    tools: list[object] | None = None,
+) -> str:
     template = tokenizer.chat_template
     if not template:
         return render_plain(messages)
     try:
         try:
-            return render_chat_template(template, messages, tokenizer.special_tokens)
+            return render_chat_template(template, messages, tokenizer.special_tokens, tools)
         except TemplateRefused:
             if messages[0]["role"] != Role.SYSTEM.value:
                 raise
             return render_chat_template(
-                template, _fold_system_into_user(messages), tokenizer.special_tokens
+                template, _fold_system_into_user(messages), tokenizer.special_tokens, tools
             )
     except TemplateRefused as exc:
         field = "history" if request.history else request.prompt_field
@@ -190,11 +223,14 @@ def render_plain(messages: list[Message]) -> str:
 
 
 def render_chat_template(
-    template: str, messages: list[Message], special_tokens: dict[str, str]
+    template: str,
+    messages: list[Message],
+    special_tokens: dict[str, str],
+    tools: list[object] | None = None,
 ) -> str:
     """Render like transformers' apply_chat_template(add_generation_prompt=True)."""
     variables: dict[str, object] = dict(special_tokens)
-    variables.update(messages=messages, tools=None, documents=None, add_generation_prompt=True)
+    variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=True)
     return compile_chat_template(template).render(**variables)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from llm_local.core.structured.constraint import ConstraintChecker, OutputConstraint
+
 
 class FinishReason(enum.StrEnum):
     """Why a generation ended; the strings are the wire values of FinishDetails.finish_reason."""
@@ -37,6 +39,8 @@ class SamplingOptions:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # Structured output: the grammar every sampled token must fit (core/structured).
+    constraint: OutputConstraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +75,8 @@ class SamplingSupport:
 
     repetition_penalty: bool = True  # False: only 1.0 (no penalty) can be honoured
     seed: bool = True  # False: a sampled request cannot be made reproducible by a seed
+    # The backend's grammar engine (structured output); None: it cannot constrain a step.
+    constraints: ConstraintChecker | None = field(default=None, compare=False)
 
     def refusals(self, sampling: SamplingOptions) -> list[tuple[str, str]]:
         """(option, why) for each option of `sampling` this backend cannot honour."""

@@ -16,9 +16,11 @@ Rules worth knowing:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llm_local.core.errors import InvalidRequest
+from llm_local.core.structured.constraint import STRUCTURED_OUTPUT_BACKENDS, OutputConstraint
+from llm_local.core.structured.limits import check_limits
 from llm_local.core.types import (
     FULL_SAMPLING_SUPPORT,
     ChatTurn,
@@ -58,6 +60,7 @@ class RawRequest:
     # The prompt's wire name: "user_prompt" (LlamaService) or "prompt" (LLMLocalService).
     prompt_field: str = "user_prompt"
     chat_template: bool = True  # False: a plain text completion (see GenerationRequest)
+    constraint: OutputConstraint | None = None  # structured output (core/structured)
 
 
 def validate_request(
@@ -89,6 +92,10 @@ def validate_request(
     sampling = _validate_sampling(params, defaults)
     for option, reason in support.refusals(sampling):
         raise InvalidRequest(f"params.{option}", reason)
+    if raw.constraint is not None:
+        sampling = replace(
+            sampling, constraint=_validate_constraint(raw.constraint, defaults, support)
+        )
     return GenerationRequest(
         user_prompt=raw.user_prompt,
         system_prompt=raw.system_prompt,
@@ -101,6 +108,29 @@ def validate_request(
         prompt_field=raw.prompt_field,
         chat_template=raw.chat_template,
     )
+
+
+def _validate_constraint(
+    constraint: OutputConstraint, defaults: GenerationDefaults, support: SamplingSupport
+) -> OutputConstraint:
+    """Refused before admission: a backend that cannot constrain a step, a schema past the
+    limits, a schema feature the backend's engine cannot enforce (never relaxed)."""
+    if support.constraints is None:
+        raise InvalidRequest(
+            constraint.field,
+            "structured output is not supported by this backend (it cannot constrain each "
+            f"decoding step); backends that support it: {', '.join(STRUCTURED_OUTPUT_BACKENDS)}",
+        )
+    check_limits(
+        constraint,
+        max_schema_bytes=defaults.max_schema_bytes,
+        max_schema_depth=defaults.max_schema_depth,
+        max_tools=defaults.max_tools,
+    )
+    why = support.constraints.refusal(constraint)
+    if why is not None:
+        raise InvalidRequest(constraint.field, f"the schema cannot be enforced: {why}")
+    return constraint
 
 
 def _check_text(field_name: str, text: str) -> None:

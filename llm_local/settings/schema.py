@@ -138,6 +138,11 @@ class GenerationDefaults:
     repetition_penalty: float
     max_stop_sequences: int
     max_stop_sequence_length: int  # characters
+    # Structured output (core/structured/limits.py): a request's schemas together, in bytes
+    # of JSON; their deepest nesting; the tools one request may declare.
+    max_schema_bytes: int = 65536
+    max_schema_depth: int = 32
+    max_tools: int = 64
 
 
 @dataclass(frozen=True, slots=True)

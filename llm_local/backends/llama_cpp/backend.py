@@ -88,6 +88,7 @@ class LlamaCppBackend:
             costs=self._costs,
             on_step=self._on_step,
             reuse=reuse_options(model, options.cache_sequences),
+            grammar=model.grammar,
         )
         scheduler.start()
         self._model, self._scheduler = model, scheduler

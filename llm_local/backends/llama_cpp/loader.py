@@ -12,9 +12,10 @@ The GGUF is served as is: no conversion, no cache. Sources (convert/sources.py):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.llama_cpp.canary import Probe, numerics_status
@@ -27,8 +28,10 @@ from llm_local.backends.llama_cpp.library import (
 )
 from llm_local.backends.llama_cpp.threads import measure_threads
 from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
+from llm_local.backends.shared import grammar
 from llm_local.backends.shared.source import resolve_model_source
 from llm_local.backends.shared.threads import usable_cpus
+from llm_local.core.types import SamplingSupport
 
 if TYPE_CHECKING:
     from llm_local.convert.sources import ModelSource
@@ -73,6 +76,7 @@ class LoadedModel:
     kv_bytes_per_token: int = 0
     prefix_cache_mb: float = 0.0
     prefix_isolation: str = "none"
+    grammar: grammar.GrammarCompiler | None = None  # None: llguidance is not installed
 
 
 def batch_tokens(options: LlamaCppSettings) -> int:
@@ -201,6 +205,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             compute_type=compute_type,
         )
         numerics = numerics_status(compute_type, plan.numerics, plan.reference, canary.measure)
+        compiler = _grammar_compiler(lib, handle.vocab, tokenizer.end_token_ids)
         limit = handle.context_per_sequence
         if plan.model.context_limit:
             limit = min(limit, plan.model.context_limit)
@@ -212,6 +217,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             context_limit=limit,
             numerics=numerics,
             threads=(1, threads),
+            sampling=SamplingSupport(constraints=compiler),
         )
     except BaseException:
         handle.free()
@@ -232,7 +238,24 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         kv_bytes_per_token=handle.kv_bytes_per_token(),
         prefix_cache_mb=options.prefix_cache_mb,
         prefix_isolation=options.prefix_isolation,
+        grammar=compiler,
     )
+
+
+def _grammar_compiler(
+    lib: Any, vocab: object, end_token_ids: frozenset[int]
+) -> grammar.GrammarCompiler | None:
+    """Structured output's engine over the model's own vocabulary, when llguidance is
+    installed (the `structured` extra); without it a request for structure is refused."""
+    if not grammar.available():
+        log.info("llguidance is not installed: structured output is off")
+        return None
+    started = time.perf_counter()
+    compiler = grammar.GrammarCompiler(grammar.tokenizer_for_llama_cpp(lib, vocab, end_token_ids))
+    log.info(
+        "structured output: llguidance over the vocabulary in %.2f s", time.perf_counter() - started
+    )
+    return compiler
 
 
 def file_type(description: str) -> str:

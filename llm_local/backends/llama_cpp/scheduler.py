@@ -46,10 +46,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_local.backends.base import BackendError, BackendStats
+from llm_local.backends.llama_cpp.constrained import MaskWorker, mask_row
 from llm_local.backends.llama_cpp.policy import admit, plan_step
 from llm_local.backends.llama_cpp.sampling import SamplerChain
 from llm_local.backends.shared.bridge import BatchItem
 from llm_local.backends.shared.costs import CostModel
+from llm_local.backends.shared.grammar import GrammarCompiler, TokenMask
 from llm_local.backends.shared.prefix_store import Namespace, PrefixStore
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class _Running:
     prompt: list[int]
     fed: int = 0  # tokens in the KV cache
     next_token: int | None = None  # sampled, to be fed at the next step
+    mask: TokenMask | None = None  # structured output: the grammar's state (constrained.py)
 
     @property
     def prompt_left(self) -> int:
@@ -127,6 +130,7 @@ class LlamaScheduler:
         costs: CostModel,
         on_step: Callable[[StepShape], None] | None = None,
         reuse: ReuseOptions = NO_REUSE,
+        grammar: GrammarCompiler | None = None,
     ) -> None:
         self._lib = lib
         self._ctx = ctx
@@ -140,6 +144,8 @@ class LlamaScheduler:
         self._end_ids = end_token_ids
         self._costs = costs
         self._on_step = on_step
+        self._grammar = grammar
+        self._masks = MaskWorker()
         self._condition = threading.Condition()
         self._waiting: list[BatchItem] = []  # guarded by _condition
         self._closing = False  # guarded by _condition
@@ -232,6 +238,7 @@ class LlamaScheduler:
                 self._release(running, keep=False)
             self._running_count = 0
             self._lib.llama_batch_free(self._batch)
+            self._masks.close()
 
     def _next_step(self) -> bool:
         """One step; False once closing."""
@@ -267,7 +274,15 @@ class LlamaScheduler:
         item.cached_tokens = reused
         chain = SamplerChain(self._lib, item.sampling, self._vocab_size)
         chain.accept_prompt(item.prompt_ids)
-        self._running.append(_Running(item, seq_id, chain, list(item.prompt_ids), fed=reused))
+        running = _Running(item, seq_id, chain, list(item.prompt_ids), fed=reused)
+        self._running.append(running)
+        constraint = item.sampling.constraint
+        if constraint is not None:
+            if self._grammar is None:  # validation refuses it before: only a bug gets here
+                item.end_from_thread(BackendError("structured output is not available"))
+                self._release(running, keep=False)
+                return
+            running.mask = self._grammar.matcher(constraint)
         self._make_room()
 
     def _namespace(self, item: BatchItem) -> Namespace:
@@ -406,9 +421,13 @@ class LlamaScheduler:
         batch.n_tokens = n
         decoding = sum(1 for running, _ in fed if running.prompt_left == 0)
         prefill_tokens = n - decoding
+        # The grammar masks of this step compute meanwhile (constrained.py).
+        masking = self._masks.start([r.mask for r, _ in rows if r.mask is not None])
         started = time.perf_counter()
         status = int(self._lib.llama_decode(self._ctx, batch))
         seconds = time.perf_counter() - started
+        if masking is not None:
+            masking.result()
         if status != 0:
             error = BackendError(f"llama_decode failed (status {status})")
             for running, _ in fed:
@@ -432,7 +451,14 @@ class LlamaScheduler:
             self._store.append(running.seq_id, tokens)
             running.fed += count
         for running, row in rows:
+            if running.mask is not None:
+                mask_row(self._lib, self._ctx, row, self._vocab_size, running.mask)
             token = running.chain.sample(self._ctx, row)
+            if running.mask is not None and not running.mask.accept(token):
+                why = running.mask.error or f"token {token} does not fit the grammar"
+                running.item.end_from_thread(BackendError(f"structured output: {why}"))
+                self._release(running)
+                continue
             running.next_token = token
             is_end = token in self._end_ids
             if running.item.offer_token(token, is_end) or is_end:

@@ -13,6 +13,7 @@ from llm_local.core.errors import InvalidRequest
 from llm_local.core.types import Finished
 from llm_local.core.validation import RawParams, RawRequest
 from llm_local.proto.sentiric.llm.v1 import llama_pb2, local_pb2
+from llm_local.transport.grpc.structured import engine_constraint
 
 
 def _float32(value: float) -> float:
@@ -29,17 +30,20 @@ def llama_raw_request(message: llama_pb2.GenerateStreamRequest) -> RawRequest:
             "lora_adapter_id", "LoRA adapters are not supported by this service; leave it unset"
         )
     rag_context = message.rag_context if message.HasField("rag_context") else None
+    # Tools reach the model through the prompt (core/prompt.py).
+    constraint = engine_constraint(message.params) if message.HasField("params") else None
     return RawRequest(
         user_prompt=message.user_prompt,
         system_prompt=message.system_prompt,
         rag_context=rag_context,
         history=tuple((turn.role, turn.content) for turn in message.history),
         params=llama_raw_params(message),
+        constraint=constraint,
     )
 
 
 def llama_raw_params(message: llama_pb2.GenerateStreamRequest) -> RawParams:
-    # engine_specific_params is meant for other engines; it is accepted and ignored.
+    # engine_specific_params: structured output (structured.py), read by llama_raw_request.
     if not message.HasField("params"):
         return RawParams()
     params = message.params

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from google.protobuf import struct_pb2
 
 from llm_local.core.errors import InvalidRequest
 from llm_local.core.types import Finished, FinishReason
@@ -44,9 +45,6 @@ def test_request_fields_are_carried_over() -> None:
         rag_context="ctx",
         history=[llama_pb2.ConversationTurn(role="user", content="a")],
         params=llama_pb2.GenerationParams(stop_sequences=["\n\n", "END"], seed=7),
-    )
-    message.params.engine_specific_params.CopyFrom(
-        struct_pb2.Struct(fields={"mirostat": struct_pb2.Value(number_value=2)})
     )
 
     raw = messages.llama_raw_request(message)
@@ -110,3 +108,47 @@ def test_a_string_that_is_not_utf8_is_named_by_its_path() -> None:
     assert str(refusal) == "user_prompt: is not valid UTF-8 (a proto string must be)"
     unlocated = messages.undecodable_request(descriptor, b"\x12\x09", "truncated")
     assert str(unlocated) == "request: is not a valid GenerateStreamRequest: truncated"
+
+
+def engine_params(**values: object) -> llama_pb2.GenerateStreamRequest:
+    message = llama_pb2.GenerateStreamRequest(user_prompt="q", system_prompt="sys")
+    message.params.engine_specific_params.update(values)
+    return message
+
+
+def test_an_unknown_engine_specific_key_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        messages.llama_raw_request(engine_params(mirostat=2))
+
+    assert caught.value.field == "params.engine_specific_params.mirostat"
+    assert "json_schema" in str(caught.value)  # says which keys there are
+
+
+def test_a_json_schema_key_becomes_the_constraint_with_whole_numbers() -> None:
+    schema = {"type": "string", "maxLength": 20}
+    raw = messages.llama_raw_request(engine_params(json_schema=schema))
+
+    assert raw.constraint is not None
+    assert raw.constraint.field == "params.engine_specific_params.json_schema"
+    assert json.loads(raw.constraint.schema or "") == schema
+    assert '"maxLength":20' in (raw.constraint.schema or "")  # not 20.0
+    assert raw.system_prompt == "sys"
+
+
+def test_tools_become_a_tool_constraint() -> None:
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+    raw = messages.llama_raw_request(
+        engine_params(tools=[tool], tool_choice="required", parallel_tool_calls=False)
+    )
+
+    assert raw.constraint is not None and raw.constraint.is_tool_call
+    assert [spec.name for spec in raw.constraint.tools] == ["get_time"]
+    assert not raw.constraint.parallel
+    assert raw.system_prompt == "sys"  # core/prompt.py shows the tools to the model
+
+
+def test_a_bad_tool_names_its_path_inside_engine_specific_params() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        messages.llama_raw_request(engine_params(tools=[{"type": "function", "function": {}}]))
+
+    assert caught.value.field == "params.engine_specific_params.tools[0].function.name"

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from llm_local.core.errors import InvalidRequest
+from llm_local.core.structured import tools as fmt
 from llm_local.core.validation import RawParams, RawRequest
 from llm_local.settings.schema import OpenAISettings
+from llm_local.transport.http.openai.structured import assistant_calls_text, parse_structure
 
 Kind = Literal["chat", "completion"]
 T = TypeVar("T")
@@ -44,8 +46,12 @@ _KNOWN: dict[Kind, frozenset[str]] = {
     "chat": _COMMON | _CHAT_ONLY,
     "completion": _COMMON | _COMPLETION_ONLY,
 }
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+# A tool result reaches the model as a user turn (core/structured/tools.py).
+_ROLES = {
+    "system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+    "tool": "user",
+}  # fmt: skip
+_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,7 @@ class OpenAIRequest:
     stream: bool
     include_usage: bool
     user: str | None
+    tool_calls: bool = False  # the answer is read as tool calls (structured.py)
 
 
 def parse_request(kind: Kind, body: dict[str, Any], limits: OpenAISettings) -> OpenAIRequest:
@@ -85,9 +92,14 @@ def parse_request(kind: Kind, body: dict[str, Any], limits: OpenAISettings) -> O
     if n is not None and n != 1:
         raise invalid("n", f"n: only 1 choice per request is supported, got {n}")
     params, names = _params(kind, body)
+    tool_calls = False
     if kind == "chat":
         raw, message_names = _conversation(body, params, limits)
         names = names + message_names
+        structure = parse_structure(body)
+        tool_calls = structure.tool_calls
+        if structure.constraint is not None:  # tools reach the model in core/prompt.py
+            raw = replace(raw, constraint=structure.constraint)
     else:
         raw = _completion_prompt(body, params, limits)
     return OpenAIRequest(
@@ -98,6 +110,7 @@ def parse_request(kind: Kind, body: dict[str, Any], limits: OpenAISettings) -> O
         stream=stream,
         include_usage=include_usage,
         user=_optional(body, "user", str),
+        tool_calls=tool_calls,
     )
 
 
@@ -116,16 +129,11 @@ def _refuse_unsupported(kind: Kind, body: Mapping[str, Any]) -> None:
             _unsupported("logprobs", "is not supported")
         if _optional(body, "top_logprobs", int):
             _unsupported("top_logprobs", "is not supported")
-        if _optional(body, "tools", list) or _optional(body, "functions", list):
-            _unsupported("tools" if body.get("tools") else "functions", "are not supported")
+        # The deprecated spelling of tools; `tools` and `tool_choice` are (structured.py).
+        if _optional(body, "functions", list):
+            _unsupported("functions", "are not supported; use tools")
         if body.get("function_call") is not None:
-            _unsupported("function_call", "is not supported")
-        if body.get("tool_choice") not in (None, "none"):
-            _unsupported("tool_choice", "is not supported (tools are not)")
-        _optional(body, "parallel_tool_calls", bool)
-        response_format = _optional(body, "response_format", dict)
-        if response_format is not None and response_format.get("type") != "text":
-            _unsupported("response_format", "only {'type': 'text'} is supported")
+            _unsupported("function_call", "is not supported; use tool_choice")
     else:
         if body.get("logprobs") is not None:
             _unsupported("logprobs", "is not supported")
@@ -254,6 +262,14 @@ def _message(index: int, message: object) -> tuple[str, str]:
             f"{where}.role: must be one of {', '.join(_ROLES)}, got {role_value!r}",
         )
     content = message.get("content")
+    if role_value == "tool":
+        if not isinstance(message.get("tool_call_id"), str):
+            raise invalid(f"{where}.tool_call_id", f"{where}.tool_call_id: must be a string")
+        return role, fmt.tool_response_text(_content(f"{where}.content", content))
+    if role == "assistant" and message.get("tool_calls") is not None:
+        calls, _ = assistant_calls_text(where, message["tool_calls"])
+        text = "" if content is None else _content(f"{where}.content", content)
+        return role, f"{text}\n{calls}" if text else calls
     if content is None and role == "assistant":
         return role, ""
     return role, _content(f"{where}.content", content)

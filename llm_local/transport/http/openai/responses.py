@@ -5,6 +5,11 @@ Streamed (``text/event-stream``), for a chat: a chunk with the assistant role, o
 chunk per text delta, a chunk with the finish reason, the usage chunk (empty
 ``choices``) when ``stream_options.include_usage`` asked for it, then
 ``data: [DONE]``. A completion streams the same way without the role chunk.
+
+A chat that offered tools reads the model's answer with core/structured/tools.py: calls
+become ``message.tool_calls`` (ids, names, arguments as JSON text) and the finish reason
+``tool_calls``; streamed, a call opens with a delta carrying its id and name, then deltas
+of ``function.arguments``, as OpenAI streams them.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_local.core.structured import tools as fmt
 from llm_local.core.types import Finished, FinishReason
 from llm_local.transport.http.openai.errors import OpenAIError
 from llm_local.transport.http.openai.requests import Kind
@@ -60,6 +67,7 @@ class Completion:
     model: str
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_calls: bool = False  # the answer is read as tool calls (or text)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -88,11 +96,27 @@ class Completion:
 
     def whole(self, text: str, finished: Finished) -> dict[str, Any]:
         """The non-streamed response."""
-        return {
-            **self._head(streamed=False),
-            "choices": [self._choice(text, FINISH_REASONS[finished.reason], streamed=False)],
-            "usage": usage(finished),
-        }
+        reason = FINISH_REASONS[finished.reason]
+        answer = fmt.read_answer(text) if self.tool_calls else None
+        if answer is None or not answer.calls:
+            choice = self._choice(text, reason, streamed=False)
+        else:
+            calls = [
+                {"id": new_call_id(), "type": "function", "function": {"name": n, "arguments": a}}
+                for n, a in answer.calls
+            ]
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            choice = {"index": 0, "message": message, "logprobs": None}
+            choice["finish_reason"] = _calls_finish_reason(reason)
+        return {**self._head(streamed=False), "choices": [choice], "usage": usage(finished)}
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _calls_finish_reason(reason: str) -> str:
+    return "tool_calls" if reason == "stop" else reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +125,11 @@ class StreamEncoder:
 
     completion: Completion
     include_usage: bool = False
+    reader: fmt.ToolCallReader | None = None  # set when the answer may be tool calls
+
+    def __post_init__(self) -> None:
+        if self.completion.tool_calls and self.reader is None:
+            object.__setattr__(self, "reader", fmt.ToolCallReader())
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {**self.completion._head(streamed=True), "choices": choices}
@@ -120,11 +149,38 @@ class StreamEncoder:
     def text(self, text: str) -> bytes:
         if not text:
             return b""
+        if self.reader is not None:
+            return self._parts(self.reader.feed(text))
         return self._chunk([self.completion._choice(text, None, streamed=True)])
+
+    def _parts(self, parts: Iterable[fmt.StreamPart]) -> bytes:
+        events: list[bytes] = []
+        for part in parts:
+            if isinstance(part, fmt.Text):
+                events.append(self._chunk([self.completion._choice(part.text, None, True)]))
+                continue
+            if isinstance(part, fmt.CallStarted):
+                call: dict[str, Any] = {
+                    "index": part.index,
+                    "id": new_call_id(),
+                    "type": "function",
+                    "function": {"name": part.name, "arguments": ""},
+                }
+            else:
+                call = {"index": part.index, "function": {"arguments": part.delta}}
+            choice = {"index": 0, "delta": {"tool_calls": [call]}}
+            choice.update(logprobs=None, finish_reason=None)
+            events.append(self._chunk([choice]))
+        return b"".join(events)
 
     def finish(self, finished: Finished) -> bytes:
         reason = FINISH_REASONS[finished.reason]
-        events = [self._chunk([self.completion._choice(None, reason, streamed=True)])]
+        events: list[bytes] = []
+        if self.reader is not None:
+            events.append(self._parts(self.reader.finish()))
+            if self.reader.calls:
+                reason = _calls_finish_reason(reason)
+        events.append(self._chunk([self.completion._choice(None, reason, streamed=True)]))
         if self.include_usage:
             events.append(self._chunk([], usage=usage(finished)))
         events.append(DONE)

@@ -128,7 +128,8 @@ def add_openai_routes(app: QuartTrio, service: Service, flow: GenerationFlow) ->
             return refuse(Code.NOT_FOUND, model_not_found(str(parsed.model)))
         user = body.get("user")
         call = _call_metadata(user if isinstance(user, str) else None)
-        completion = Completion(kind=kind, model=identifier)
+        tool_calls = isinstance(parsed, OpenAIRequest) and parsed.tool_calls
+        completion = Completion(kind=kind, model=identifier, tool_calls=tool_calls)
         if isinstance(parsed, InvalidRequest):
             # Through the flow all the same, so that the refusal is logged and counted.
             return await _whole(flow, RPC_NAMES[kind], _raiser(parsed), call, completion, str)

@@ -1,0 +1,215 @@
+"""Structured output on the llama_cpp backend, in process (not part of `make test`):
+
+    python -m bench.structured speed [--streams 1 16] [--tokens 64]
+    python -m bench.structured coverage [--count 300] [--tokens 256] [--streams 16]
+
+`speed`: constrained vs unconstrained decoding side by side in one run, the same prompt
+(a count that never ends by itself), N concurrent streams, greedy: tokens/s over the
+whole run and the median time to first token. The constrained requests follow a JSON
+schema (an array of at least 200 integers) that keeps them generating as long as the
+free ones, so both decode the same number of tokens.
+
+`coverage`: JSON schemas from JSONSchemaBench (github.com/guidance-ai/jsonschemabench:
+its Glaiveai2K function-call set and its GitHub sets, in a fixed order), each asked for
+once ("Answer with a JSON value that matches this schema: …", greedy). Reported: the
+share accepted, the share of accepted answers that parse and validate (`jsonschema`), the
+share cut at `--tokens` before the value was complete, and the share refused naming a
+feature, with the most common reasons. Pass the corpus checkout with `--corpus`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from llm_local.backends.llama_cpp.backend import LlamaCppBackend
+from llm_local.backends.llama_cpp.loader import plan_from_settings
+from llm_local.core.generation import run_generation
+from llm_local.core.prompt import prepare_prompt
+from llm_local.core.structured.constraint import OutputConstraint, canonical_json
+from llm_local.core.types import Finished, GenerationRequest, SamplingOptions, TextChunk
+from llm_local.settings.loader import load_settings
+
+ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
+LONG_ARRAY = {"type": "array", "items": {"type": "integer"}, "minItems": 200}
+CORPUS_SETS = ("Glaiveai2K", "Github_easy", "Github_medium", "Github_hard")
+
+
+async def load(streams: int) -> LlamaCppBackend:
+    loaded = load_settings(env="test")
+    options = dataclasses.replace(
+        loaded.llama_cpp, sequences=max(streams, 1), kv_cache_tokens=max(streams, 1) * 1024
+    )
+    settings = dataclasses.replace(loaded, llama_cpp=options)
+    backend = LlamaCppBackend(lambda: plan_from_settings(settings))
+    await backend.load()
+    return backend
+
+
+@dataclasses.dataclass
+class Outcome:
+    text: str
+    finished: Finished
+    ttft_s: float
+
+
+async def generate(
+    backend: LlamaCppBackend, question: str, constraint: OutputConstraint | None, tokens: int
+) -> Outcome:
+    request = GenerationRequest(
+        user_prompt=question,
+        max_new_tokens=tokens,
+        sampling=SamplingOptions(constraint=constraint),
+    )
+    prepared = prepare_prompt(request, backend.tokenizer, backend.info.context_limit)
+    started = time.perf_counter()
+    first: list[float] = []
+    parts: list[str] = []
+
+    async def on_text(chunk: TextChunk) -> None:
+        if not first:
+            first.append(time.perf_counter() - started)
+        parts.append(chunk.text)
+
+    finished = await run_generation(backend, request, prepared, on_text)
+    return Outcome("".join(parts), finished, first[0] if first else float("nan"))
+
+
+async def run_level(
+    backend: LlamaCppBackend, streams: int, constraint: OutputConstraint | None, tokens: int
+) -> tuple[float, float]:
+    outcomes: list[Outcome] = []
+
+    async def one() -> None:
+        outcomes.append(await generate(backend, ENDLESS, constraint, tokens))
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(streams):
+            nursery.start_soon(one)
+    wall = time.perf_counter() - started
+    generated = sum(outcome.finished.completion_tokens for outcome in outcomes)
+    return generated / wall, statistics.median(outcome.ttft_s for outcome in outcomes)
+
+
+async def speed(levels: list[int], tokens: int, rounds: int) -> None:
+    backend = await load(max(levels))
+    constraint = OutputConstraint(field="bench", schema=canonical_json(LONG_ARRAY))
+    try:
+        await run_level(backend, 1, None, 8)  # warm up
+        print("streams  mode         tok/s   TTFT ms (median)")
+        for streams in levels:
+            results: dict[str, list[tuple[float, float]]] = {"free": [], "constrained": []}
+            for _ in range(rounds):  # interleaved: load drift hits both alike
+                results["free"].append(await run_level(backend, streams, None, tokens))
+                results["constrained"].append(await run_level(backend, streams, constraint, tokens))
+            for mode, runs in results.items():
+                rate = statistics.median(r for r, _ in runs)
+                ttft = statistics.median(t for _, t in runs)
+                print(f"{streams:7d}  {mode:11s} {rate:7.1f}   {ttft * 1000:7.1f}")
+    finally:
+        await backend.aclose()
+
+
+def corpus_schemas(corpus: Path, count: int) -> list[tuple[str, str]]:
+    per_set = -(-count // len(CORPUS_SETS))
+    schemas: list[tuple[str, str]] = []
+    for name in CORPUS_SETS:
+        files = sorted((corpus / "data" / name).glob("*.json"))[:per_set]
+        schemas.extend((f"{name}/{path.name}", path.read_text()) for path in files)
+    return schemas[:count]
+
+
+async def coverage(corpus: Path, count: int, tokens: int, streams: int) -> None:
+    import jsonschema
+
+    backend = await load(streams)
+    checker = backend.info.sampling.constraints
+    assert checker is not None, "llguidance is not installed"
+    schemas = corpus_schemas(corpus, count)
+    refused: collections.Counter[str] = collections.Counter()
+    results: dict[str, str] = {}
+    limiter = trio.Semaphore(streams)
+
+    async def one(name: str, text: str) -> None:
+        try:
+            schema = json.loads(text)
+        except ValueError:
+            results[name] = "unreadable"
+            return
+        constraint = OutputConstraint(field="bench", schema=canonical_json(schema))
+        why = checker.refusal(constraint)
+        if why is not None:
+            results[name] = "refused"
+            refused[why.split(";")[0][:70]] += 1
+            return
+        question = f"Answer with a JSON value that matches this schema: {json.dumps(schema)}"
+        question = question[:4000]
+        async with limiter:
+            outcome = await generate(backend, question, constraint, tokens)
+        if outcome.finished.reason.value == "length":
+            results[name] = "cut"
+            return
+        try:
+            jsonschema.validate(json.loads(outcome.text), schema)
+        except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError) as exc:
+            results[name] = "invalid"
+            print(f"invalid: {name}: {str(exc)[:120]}", file=sys.stderr)
+            return
+        results[name] = "valid"
+
+    started = time.perf_counter()
+    try:
+        async with trio.open_nursery() as nursery:
+            for name, text in schemas:
+                nursery.start_soon(one, name, text)
+    finally:
+        await backend.aclose()
+    counts = collections.Counter(results.values())
+    total = len(schemas)
+    accepted = counts["valid"] + counts["invalid"] + counts["cut"]
+    finished = counts["valid"] + counts["invalid"]
+    print(f"{total} schemas ({', '.join(CORPUS_SETS)}), {time.perf_counter() - started:.0f} s")
+    print(f"accepted: {accepted} ({accepted / total:.1%})")
+    print(f"refused naming a feature: {counts['refused']} ({counts['refused'] / total:.1%})")
+    print(f"unreadable JSON: {counts['unreadable']}")
+    print(f"answers cut at {tokens} tokens: {counts['cut']}")
+    if finished:
+        print(
+            f"finished answers that validate: {counts['valid']} / {finished} "
+            f"({counts['valid'] / finished:.1%})"
+        )
+    for reason, times in refused.most_common(12):
+        print(f"  {times:4d}  {reason}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.structured")
+    sub = parser.add_subparsers(dest="command", required=True)
+    speed_parser = sub.add_parser("speed")
+    speed_parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    speed_parser.add_argument("--tokens", type=int, default=64)
+    speed_parser.add_argument("--rounds", type=int, default=3)
+    coverage_parser = sub.add_parser("coverage")
+    coverage_parser.add_argument("--corpus", type=Path, required=True)
+    coverage_parser.add_argument("--count", type=int, default=300)
+    coverage_parser.add_argument("--tokens", type=int, default=256)
+    coverage_parser.add_argument("--streams", type=int, default=16)
+    args: Any = parser.parse_args(argv)
+    if args.command == "speed":
+        trio.run(speed, args.streams, args.tokens, args.rounds)
+    else:
+        trio.run(coverage, args.corpus, args.count, args.tokens, args.streams)
+
+
+if __name__ == "__main__":
+    main()
