@@ -123,6 +123,7 @@ class Probe:
         end_token_ids: frozenset[int],
         batch_tokens: int,
         sequences: int,
+        kv_cache_tokens: int,
         compute_type: str,
     ) -> None:
         self._lib = lib
@@ -132,6 +133,7 @@ class Probe:
         self._end_ids = end_token_ids
         self._batch_tokens = batch_tokens
         self._sequences = max(1, sequences)
+        self._kv_cache_tokens = kv_cache_tokens
         self._compute_type = compute_type
 
     def measure(self, reference: Reference) -> Measurement:
@@ -139,9 +141,15 @@ class Probe:
         items = reference.items
         answers: list[tuple[int, ...]] = []
         total, count = 0.0, 0
+        # As many items at once as sequences allow and the KV cache pool holds.
+        longest = max(
+            len(item.prompt_ids) + max(len(item.answer_ids), reference.max_new_tokens)
+            for item in items
+        )
+        parallel = max(1, min(self._sequences, self._kv_cache_tokens // longest))
         try:
-            for start in range(0, len(items), self._sequences):
-                group = items[start : start + self._sequences]
+            for start in range(0, len(items), parallel):
+                group = items[start : start + parallel]
                 group_total, group_count, predicted = self._score(batch, group)
                 total, count = total + group_total, count + group_count
                 prompts = [item.prompt_ids for item in group]

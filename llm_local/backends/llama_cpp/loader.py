@@ -202,6 +202,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             end_token_ids=tokenizer.end_token_ids,
             batch_tokens=plan.batch_tokens,
             sequences=options.sequences,
+            kv_cache_tokens=handle.context_options.kv_cache_tokens,
             compute_type=compute_type,
         )
         numerics = numerics_status(compute_type, plan.numerics, plan.reference, canary.measure)

@@ -130,6 +130,7 @@ def probe(model: LoadedModel) -> Probe:
         end_token_ids=model.tokenizer.end_token_ids,
         batch_tokens=handle.context_options.batch_tokens,
         sequences=handle.context_options.sequences,
+        kv_cache_tokens=handle.context_options.kv_cache_tokens,
         compute_type=model.info.compute_type,
     )
 
@@ -164,6 +165,31 @@ def test_the_probe_sees_answers_the_model_would_not_give(
     assert measurement.equal_answers == 0
     with pytest.raises(NumericsRejected):
         numerics_status("q4_1", numerics(), wrong, lambda _: measurement)
+
+
+@pytest.mark.model
+def test_a_small_kv_cache_pool_runs_the_probe_a_few_sequences_at_a_time(
+    loaded: LoadedModel, gguf_reference: Reference
+) -> None:
+    small = dataclasses.replace(gguf_reference, items=gguf_reference.items[:3])
+    roomy = probe(loaded).measure(small)
+    handle = loaded.handle
+    # Room for one item at a time: the probe must not ask the pool for more.
+    tight = Probe(
+        handle.lib,
+        handle.ctx,
+        handle.memory,
+        vocab_size=loaded.tokenizer.vocab_size,
+        end_token_ids=loaded.tokenizer.end_token_ids,
+        batch_tokens=handle.context_options.batch_tokens,
+        sequences=handle.context_options.sequences,
+        kv_cache_tokens=64,
+        compute_type="q4_1",
+    ).measure(small)
+
+    # Teacher-forced scores do not depend on how many items run at once. (Greedy answers
+    # may: a batch of another size may round a near-tie the other way.)
+    assert tight.nll == pytest.approx(roomy.nll, rel=1e-3)
 
 
 @pytest.mark.model
