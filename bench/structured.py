@@ -167,11 +167,18 @@ async def coverage(corpus: Path, count: int, tokens: int, streams: int) -> None:
             return
         results[name] = "valid"
 
+    def report(name: str) -> None:
+        print(f"{len(results):4d}/{len(schemas)} {results[name]:10s} {name}", flush=True)
+
+    async def reported(name: str, text: str) -> None:
+        await one(name, text)
+        report(name)
+
     started = time.perf_counter()
     try:
         async with trio.open_nursery() as nursery:
             for name, text in schemas:
-                nursery.start_soon(one, name, text)
+                nursery.start_soon(reported, name, text)
     finally:
         await backend.aclose()
     counts = collections.Counter(results.values())
