@@ -263,9 +263,16 @@ def test_a_schema_nested_past_the_limit_is_refused_naming_the_setting(
 
 
 def test_ct2_refuses_structure_naming_the_field_and_who_supports_it(
-    serve: Callable[..., Any],
+    serve: Callable[..., Any], rpc: Any
 ) -> None:
+    import grpc
+
     ct2 = serve(env={"LLM_LOCAL_SERVICE_BACKEND": "ct2"})
+    message = grpc_request("Hi", json_schema={"type": "object"})
+    error = rpc.error(lambda: list(rpc.llama(ct2.channel(), message)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "params.engine_specific_params.json_schema" in error.details()
+    assert "llama_cpp" in error.details()
     with openai.OpenAI(base_url=ct2.url("/v1"), api_key="none", max_retries=0) as client:
         for params, field in (
             ({"response_format": {"type": "json_object"}}, "response_format"),
