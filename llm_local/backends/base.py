@@ -94,6 +94,9 @@ class ModelInfo:
     threads: tuple[int, int] | None = None  # (workers, threads per worker), when known
     # The sampling options it honours: validation refuses the rest before admission.
     sampling: SamplingSupport = FULL_SAMPLING_SUPPORT
+    # The LoRA adapters a request may name ([adapters], loaded); None: this backend cannot
+    # apply adapters at all (validation refuses lora_adapter_id by name).
+    adapters: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

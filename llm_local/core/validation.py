@@ -58,6 +58,8 @@ class RawRequest:
     # The prompt's wire name: "user_prompt" (LlamaService) or "prompt" (LLMLocalService).
     prompt_field: str = "user_prompt"
     chat_template: bool = True  # False: a plain text completion (see GenerationRequest)
+    adapter: str | None = None  # the LoRA adapter named (core/adapters.py checks it)
+    adapter_field: str = "lora_adapter_id"  # its wire name, for errors
 
 
 def validate_request(

@@ -16,6 +16,7 @@ import trio
 
 from llm_local.backends.base import BackendError, BackendStats, ModelInfo
 from llm_local.backends.llama_cpp.loader import LoadedModel, LoadPlan, load_model
+from llm_local.backends.llama_cpp.policy import BASE
 from llm_local.backends.llama_cpp.scheduler import LlamaScheduler, StepShape
 from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
 from llm_local.backends.shared.bridge import BatchItem, WakeupRelay
@@ -82,6 +83,7 @@ class LlamaCppBackend:
             end_token_ids=model.tokenizer.end_token_ids,
             costs=self._costs,
             on_step=self._on_step,
+            adapters=model.adapters,
         )
         scheduler.start()
         self._model, self._scheduler = model, scheduler
@@ -94,7 +96,9 @@ class LlamaCppBackend:
         hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
         # The tenant orders the waiting requests (tenants take turns, policy.admit).
-        return self._generate(prompt_ids, max_new_tokens, sampling, hints.tenant_id)
+        return self._generate(
+            prompt_ids, max_new_tokens, sampling, hints.tenant_id, hints.adapter or BASE
+        )
 
     def stats(self) -> BackendStats:
         scheduler = self._scheduler
@@ -132,6 +136,7 @@ class LlamaCppBackend:
         max_new_tokens: int,
         sampling: SamplingOptions,
         tenant_id: str | None,
+        adapter: str = BASE,
     ) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
         scheduler, relay = self._scheduler, self._relay
         if self._closed:
@@ -151,7 +156,7 @@ class LlamaCppBackend:
             relay=relay,
             tenant_id=tenant_id,
         )
-        scheduler.submit(item)
+        scheduler.submit(item, adapter)
         try:
             yield item.stream()
         finally:

@@ -12,9 +12,9 @@ The GGUF is served as is: no conversion, no cache. Sources (convert/sources.py):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.llama_cpp.library import (
@@ -52,6 +52,7 @@ class LoadPlan:
     threads: int  # the CPUs we may use when auto (then measured at load), else as set
     measure_threads: bool
     batch_tokens: int
+    adapters: tuple[tuple[str, Path], ...] = ()  # adapter id -> its GGUF LoRA
 
 
 @dataclass(slots=True)
@@ -60,6 +61,7 @@ class LoadedModel:
     tokenizer: LlamaVocabTokenizer
     info: ModelInfo
     prefill_chunk_tokens: int
+    adapters: dict[str, Any] = field(default_factory=dict)  # id -> llama_adapter_lora
 
 
 def batch_tokens(options: LlamaCppSettings) -> int:
@@ -72,14 +74,34 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
     source = resolve_model_source(settings.model)
     options = settings.llama_cpp
     threads = usable_cpus() if options.threads == "auto" else int(options.threads)
+    gguf = gguf_path(source, settings.model)
     return LoadPlan(
-        gguf=gguf_path(source, settings.model),
+        gguf=gguf,
         model=settings.model,
         options=options,
         threads=threads,
         measure_threads=options.threads == "auto",
         batch_tokens=batch_tokens(options),
+        adapters=prepared_adapters(settings, source, gguf),
     )
+
+
+def prepared_adapters(
+    settings: AppSettings, source: ModelSource, gguf: Path
+) -> tuple[tuple[str, Path], ...]:
+    """Each configured adapter's GGUF LoRA, converted into the cache first where it lacks
+    one (what `llm-local convert` does; a PEFT adapter takes seconds)."""
+    from llm_local.convert.adapters import ensure_gguf_adapter, resolve_adapter
+    from llm_local.convert.errors import ConversionError
+
+    prepared: list[tuple[str, Path]] = []
+    for adapter in settings.adapters:
+        try:
+            found = ensure_gguf_adapter(resolve_adapter(adapter), source, gguf, settings.model)
+        except ConversionError as exc:
+            raise SourceNotServed(str(exc)) from exc
+        prepared.append((adapter.id, found))
+    return tuple(prepared)
 
 
 def gguf_path(source: ModelSource, model: ModelSettings) -> Path:
@@ -153,6 +175,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         ),
     )
     try:
+        adapters = {name: handle.load_adapter(path) for name, path in plan.adapters}
         tokenizer = LlamaVocabTokenizer(lib, handle.model, handle.vocab)
         threads = plan.threads
         if plan.measure_threads:
@@ -170,6 +193,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             compute_type=file_type(handle.description()),
             context_limit=limit,
             threads=(1, threads),
+            adapters=tuple(adapters),
         )
     except BaseException:
         handle.free()
@@ -187,6 +211,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         tokenizer=tokenizer,
         info=info,
         prefill_chunk_tokens=options.prefill_chunk_tokens,
+        adapters=adapters,
     )
 
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from llm_local.backends.base import BackendError, BackendStats
-from llm_local.backends.llama_cpp.policy import admit, plan_step
+from llm_local.backends.llama_cpp.library import AdapterSwitch
+from llm_local.backends.llama_cpp.policy import BASE, admit, pick_adapter, plan_step
 from llm_local.backends.llama_cpp.sampling import SamplerChain
 from llm_local.backends.shared.bridge import BatchItem
 from llm_local.backends.shared.costs import CostModel
@@ -50,6 +51,7 @@ class _Running:
     prompt: list[int]
     fed: int = 0  # tokens in the KV cache
     next_token: int | None = None  # sampled, to be fed at the next step
+    adapter: str = BASE  # the LoRA adapter it decodes with (policy.pick_adapter)
 
     @property
     def prompt_left(self) -> int:
@@ -83,7 +85,9 @@ class LlamaScheduler:
         end_token_ids: frozenset[int],
         costs: CostModel,
         on_step: Callable[[StepShape], None] | None = None,
+        adapters: Mapping[str, Any] | None = None,
     ) -> None:
+        """`adapters`: LoRA adapter id -> the library's adapter, for `submit`."""
         self._lib = lib
         self._ctx = ctx
         self._memory = memory
@@ -103,6 +107,10 @@ class LlamaScheduler:
         self._running_count = 0  # what stats() reads
         self._free_ids = list(range(sequences))
         self._thread: threading.Thread | None = None
+        self._adapters = dict(adapters or {})
+        self._adapter_of: dict[BatchItem, str] = {}  # waiting items' adapters; _condition
+        self._switch = AdapterSwitch(lib, ctx)
+        self._last_adapter: str | None = None
         # Kept referenced for as long as the library may read it.
         self._batch = lib.llama_batch_init(batch_tokens, 0, 1)
 
@@ -112,10 +120,16 @@ class LlamaScheduler:
         self._thread = threading.Thread(target=self._run, name="llama-cpp-decode", daemon=True)
         self._thread.start()
 
-    def submit(self, item: BatchItem) -> None:
+    def submit(self, item: BatchItem, adapter: str = BASE) -> None:
+        """Queue `item`; it decodes with the LoRA adapter `adapter` (an id given at
+        construction; BASE: none)."""
+        if adapter != BASE and adapter not in self._adapters:
+            raise BackendError(f"unknown LoRA adapter {adapter!r}")
         with self._condition:
             if self._closing:
                 raise SchedulerClosedError("the backend is closing")
+            if adapter != BASE:
+                self._adapter_of[item] = adapter
             self._waiting.append(item)
             self._condition.notify()
 
@@ -126,6 +140,7 @@ class LlamaScheduler:
         with self._condition:
             if item in self._waiting:
                 self._waiting.remove(item)
+                self._adapter_of.pop(item, None)
             self._condition.notify()
 
     def stats(self) -> BackendStats:
@@ -203,18 +218,20 @@ class LlamaScheduler:
             )
             for item in starting:
                 self._waiting.remove(item)
-        for item in starting:
-            self._start(item)
+            adapters = [self._adapter_of.pop(item, BASE) for item in starting]
+            self._adapter_of = {i: a for i, a in self._adapter_of.items() if i.active}
+        for item, adapter in zip(starting, adapters, strict=True):
+            self._start(item, adapter)
         self._running_count = len(self._running)
         if self._running:
             self._decode_step()
         return True
 
-    def _start(self, item: BatchItem) -> None:
+    def _start(self, item: BatchItem, adapter: str = BASE) -> None:
         seq_id = self._free_ids.pop(0)
         chain = SamplerChain(self._lib, item.sampling, self._vocab_size)
         chain.accept_prompt(item.prompt_ids)
-        self._running.append(_Running(item, seq_id, chain, list(item.prompt_ids)))
+        self._running.append(_Running(item, seq_id, chain, list(item.prompt_ids), adapter=adapter))
 
     def _release(self, running: _Running) -> None:
         """Free the request's sequence: its KV cache cells and its sampler."""
@@ -224,8 +241,13 @@ class LlamaScheduler:
         self._free_ids.append(running.seq_id)
 
     def _decode_step(self) -> None:
+        # One adapter per step: the library applies it to the whole context.
+        adapter = pick_adapter([r.adapter for r in self._running], self._last_adapter)
+        members = [r for r in self._running if r.adapter == adapter]
+        self._last_adapter = adapter
+        self._switch.apply(self._adapters.get(adapter))
         plan = plan_step(
-            [running.prompt_left for running in self._running],
+            [running.prompt_left for running in members],
             prefill_chunk_tokens=self._prefill_chunk_tokens,
             batch_tokens=self._batch_tokens,
         )
@@ -233,7 +255,7 @@ class LlamaScheduler:
         rows: list[tuple[_Running, int]] = []  # who samples from which batch row
         fed: list[tuple[_Running, int]] = []
         n = 0
-        for running, count in zip(self._running, plan, strict=True):
+        for running, count in zip(members, plan, strict=True):
             if count == 0:
                 continue
             if running.prompt_left == 0:
