@@ -137,6 +137,7 @@ class _Record:
     completion_tokens: int = 0
     first_text_at: float | None = None
     last_text_at: float | None = None
+    adapter: str | None = None  # the validated LoRA adapter, "" for none (metrics label)
 
 
 class GenerationFlow:
@@ -257,6 +258,7 @@ class GenerationFlow:
             adapter = check_adapter(raw.adapter, raw.adapter_field, info.adapters, info.backend)
             if adapter is not None:
                 valid = dataclasses.replace(valid, adapter=adapter)
+            record.adapter = adapter or ""
             prepared = prepare_prompt(valid, service.backend.tokenizer, info.context_limit)
         except NotReady as exc:
             raise CallError(Code.UNAVAILABLE, str(exc)) from None
@@ -318,6 +320,7 @@ class GenerationFlow:
             ttft_s=ttft,
             duration_s=duration,
             tenant=tenant,
+            adapter=record.adapter,
         )
         fields: dict[str, object] = {
             "rpc": rpc,

@@ -70,7 +70,7 @@ REFERENCE = (QUESTION,)
 
 
 @dataclass(frozen=True, slots=True)
-class TestAdapter:
+class SuiteAdapter:
     name: str
     path: Path  # the PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
     reference: dict[str, str]  # question -> the merged model's greedy answer
@@ -110,7 +110,7 @@ def adapters_key(base_gguf: Path) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def ensure_test_adapters(cache_dir: Path, base_gguf: Path) -> dict[str, TestAdapter]:
+def ensure_test_adapters(cache_dir: Path, base_gguf: Path) -> dict[str, SuiteAdapter]:
     """The test adapters, made now unless the cache holds them (well under a minute)."""
     from llm_local.convert.cache import conversion_lock
 
@@ -129,7 +129,7 @@ def ensure_test_adapters(cache_dir: Path, base_gguf: Path) -> dict[str, TestAdap
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
     return {
-        name: TestAdapter(
+        name: SuiteAdapter(
             name,
             target / name,
             json.loads((target / name / REFERENCE_NAME).read_text(encoding="utf-8")),

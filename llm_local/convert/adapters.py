@@ -28,7 +28,7 @@ from llm_local.convert import cache
 from llm_local.convert.errors import ConversionError, first_line
 from llm_local.convert.sources import PACKAGE_PREFIX, ModelSource
 from llm_local.settings.fields import absolute_path
-from llm_local.settings.schema import AdapterSettings, ModelSettings
+from llm_local.settings.schema import AdapterSettings, AppSettings, ModelSettings
 
 AdapterKind = Literal["peft_dir", "gguf", "hub"]
 ADAPTER_FILE = "adapter.gguf"
@@ -206,3 +206,20 @@ def _peft_dir(source: AdapterSource, model: ModelSettings) -> Path:
             f"adapter {source.id!r}: cannot fetch hub repository {source.spec!r}: "
             f"{type(exc).__name__}: {first_line(exc)}"
         ) from exc
+
+
+def ensure_adapters(settings: AppSettings) -> dict[str, Path]:
+    """What `llm-local convert` prepares for the configured backend: each adapter's GGUF
+    LoRA for llama_cpp (against a local base GGUF; a hub base's adapters are prepared when
+    the backend loads, after it downloaded the base). Other backends: nothing yet."""
+    from llm_local.convert.sources import resolve_source
+
+    if settings.backend != "llama_cpp" or not settings.adapters:
+        return {}
+    base = resolve_source(settings.model)
+    if base.kind != "gguf" or base.path is None:
+        return {}
+    return {
+        adapter.id: ensure_gguf_adapter(resolve_adapter(adapter), base, base.path, settings.model)
+        for adapter in settings.adapters
+    }
