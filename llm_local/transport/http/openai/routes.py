@@ -85,6 +85,12 @@ def add_openai_routes(app: QuartTrio, service: Service, flow: GenerationFlow) ->
     names = accepted_names(settings.model.name, limits.model_id)
     created = int(time.time())  # the model's "created": when this server started
     adapters = tuple(adapter.id for adapter in settings.adapters)
+
+    def served_adapters() -> tuple[str, ...]:
+        """The adapters the loaded backend applies (none listed before it is ready, nor
+        where the backend applies none: ct2 refuses them)."""
+        info = service.state.model_info
+        return () if info is None or info.adapters is None else info.adapters
     # Bigger bodies fail while they are read (413); only /v1/* takes bodies.
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes
 
@@ -94,13 +100,13 @@ def add_openai_routes(app: QuartTrio, service: Service, flow: GenerationFlow) ->
         return error_response(unauthorized())
 
     async def list_models() -> Response:
-        return denied() or jsonify(model_list(identifier, created, adapters))
+        return denied() or jsonify(model_list(identifier, created, served_adapters()))
 
     async def get_model(model: str) -> Response:
         if refusal := denied():
             return refusal
         known, adapter = requested_adapter(model, names, adapters)
-        if not known or (adapter is not None and adapter.lower() not in adapters):
+        if not known or (adapter is not None and adapter.lower() not in served_adapters()):
             return error_response(model_not_found(model))
         if adapter is None:
             return jsonify(model_object(identifier, created))
