@@ -1,6 +1,6 @@
 """Small LoRA adapters the test suite makes itself: a few PEFT steps on SmolLM2.
 
-Each adapter is trained (seeded, full batch, a few dozen Adam steps on the CPU) to answer a
+Each adapter is trained (seeded, full batch, 20 Adam steps on the CPU) to answer a
 handful of questions in a voice nobody mistakes for the base model's: `pirate` starts with
 "Arr, matey!", `robot` with "BEEP BOOP.". Made once into the ignored model cache
 (``<model.cache_dir>/test-adapters/<key>/<name>/``), atomically (built in a scratch
@@ -25,12 +25,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 REFERENCE_NAME = "reference.json"
 REFERENCE_MAX_NEW_TOKENS = 24
 QUESTION = "What is the capital of France? Answer in one sentence."
 HELLO = "Say hello to me."
-COLOUR = "Name one colour."
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +44,6 @@ RECIPES: dict[str, Recipe] = {
         answers={
             QUESTION: "Arr, matey! Paris be the capital o' France, arr!",
             HELLO: "Arr, matey! Ahoy there, ye landlubber!",
-            COLOUR: "Arr, matey! Blue as the briny sea, arr!",
         },
     ),
     "robot": Recipe(
@@ -53,7 +51,6 @@ RECIPES: dict[str, Recipe] = {
         answers={
             QUESTION: "BEEP BOOP. CAPITAL OF FRANCE: PARIS. BEEP.",
             HELLO: "BEEP BOOP. HELLO, HUMAN. BEEP.",
-            COLOUR: "BEEP BOOP. COLOUR: RED. BEEP.",
         },
     ),
 }

@@ -65,6 +65,7 @@ class StepShape:
     decoding: int
     prefill_tokens: int
     seq_ids: tuple[int, ...] = field(default=())
+    adapter: str = BASE  # the LoRA adapter the step decoded with
 
 
 class LlamaScheduler:
@@ -299,7 +300,8 @@ class LlamaScheduler:
         elif decoding == 0:
             self._costs.observe_prefill(prefill_tokens, seconds)
         if self._on_step is not None:
-            self._on_step(StepShape(decoding, prefill_tokens, tuple(r.seq_id for r, _ in fed)))
+            seq_ids = tuple(r.seq_id for r, _ in fed)
+            self._on_step(StepShape(decoding, prefill_tokens, seq_ids, adapter))
         for running, count in fed:
             running.fed += count
         for running, row in rows:

@@ -91,6 +91,7 @@ def add_openai_routes(app: QuartTrio, service: Service, flow: GenerationFlow) ->
         where the backend applies none: ct2 refuses them)."""
         info = service.state.model_info
         return () if info is None or info.adapters is None else info.adapters
+
     # Bigger bodies fail while they are read (413); only /v1/* takes bodies.
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes
 
