@@ -28,7 +28,8 @@ import pytest
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
 from tests.lora_adapters import QUESTION, REFERENCE_MAX_NEW_TOKENS, SuiteAdapter
 
-pytestmark = [pytest.mark.e2e, pytest.mark.model]
+# Long enough to make the test adapters when `make test` has not made them yet.
+pytestmark = [pytest.mark.e2e, pytest.mark.model, pytest.mark.timeout(900)]
 
 BASE_MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 

@@ -21,7 +21,8 @@ from llm_local.settings.loader import load_settings
 from llm_local.settings.schema import AdapterSettings
 from tests.lora_adapters import QUESTION, ensure_test_adapters
 
-pytestmark = pytest.mark.model
+# Long enough to make the test adapters when `make test` has not made them yet.
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
 NAMES = ("", "pirate", "robot")
 
