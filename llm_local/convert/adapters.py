@@ -18,6 +18,7 @@ does the work (`llm-local convert`, or the llama_cpp backend's load when the cac
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from importlib import metadata
@@ -35,6 +36,7 @@ ADAPTER_FILE = "adapter.gguf"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 LAYOUT_VERSION = 1
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name; anything else is a path
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,7 @@ def resolve_adapter(adapter: AdapterSettings) -> AdapterSource:
             f"adapter {adapter.id!r}: {str(path)!r} is neither a PEFT adapter directory "
             f"(no {PEFT_CONFIG}) nor a .gguf LoRA file"
         )
-    elif spec.startswith((PACKAGE_PREFIX, "/", "./", "../", "~")) or spec.count("/") != 1:
+    elif spec.startswith(PACKAGE_PREFIX) or not _HUB_REPO.match(spec):
         raise ConversionError(f"adapter {adapter.id!r}: {spec!r} not found")
     else:
         return AdapterSource(
