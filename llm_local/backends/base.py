@@ -147,7 +147,8 @@ class Backend(Protocol):
         """Stream generated token ids in groups (whatever is ready at each wake-up).
 
         `hints` (tenant, shared prompt prefix) may guide scheduling and caching; the
-        tokens generated must not depend on them.
+        tokens generated must not depend on them, except on `hints.adapter`: the LoRA
+        adapter to apply, always one of `info.adapters` (validated in core).
 
         The stream ends after `max_new_tokens` ids or after an end token, which is
         yielded too. Leaving the context (normally, by an exception or by
