@@ -11,6 +11,7 @@ tenant id required but missing     INVALID_ARGUMENT      x-tenant-id metadata is
 model loading / failed / stopping  UNAVAILABLE           what the state says
 a field is wrong                   INVALID_ARGUMENT      ``<field>: <why>``
 prompt too long for the context    INVALID_ARGUMENT      ``<prompt field>: ...``
+an unknown LoRA adapter            NOT_FOUND             ``<adapter field>: no LoRA ...``
 no slot and no queue place         RESOURCE_EXHAUSTED    server at capacity ...
 the tenant holds its limit         RESOURCE_EXHAUSTED    tenant '...' at its limit ...
 the client's deadline passed       DEADLINE_EXCEEDED     generation stopped
@@ -30,6 +31,7 @@ slot nor more than one chunk (plus the transport's bounded buffers) for long.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from llm_local.core.adapters import UnknownAdapter, check_adapter
 from llm_local.core.errors import CapacityExceeded, InvalidRequest, NotReady
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
@@ -135,6 +138,7 @@ class _Record:
     completion_tokens: int = 0
     first_text_at: float | None = None
     last_text_at: float | None = None
+    adapter: str | None = None  # the validated LoRA adapter, "" for none (metrics label)
 
 
 class GenerationFlow:
@@ -252,11 +256,17 @@ class GenerationFlow:
                 # Only when switched on (logging.log_prompts): prompts are user data.
                 log.debug("prompt", extra=prompt_fields(raw))
             valid = validate_request(raw, service.settings.generation, context, info.sampling)
+            adapter = check_adapter(raw.adapter, raw.adapter_field, info.adapters, info.backend)
+            if adapter is not None:
+                valid = dataclasses.replace(valid, adapter=adapter)
+            record.adapter = adapter or ""
             prepared = prepare_prompt(valid, service.backend.tokenizer, info.context_limit)
         except NotReady as exc:
             raise CallError(Code.UNAVAILABLE, str(exc)) from None
         except InvalidRequest as exc:
             raise CallError(Code.INVALID_ARGUMENT, str(exc), field=exc.field) from None
+        except UnknownAdapter as exc:
+            raise CallError(Code.NOT_FOUND, str(exc), field=exc.field) from None
 
         metrics = service.metrics
         stall_timeout_s = service.settings.server.stall_timeout_s
@@ -313,6 +323,7 @@ class GenerationFlow:
             ttft_s=ttft,
             duration_s=duration,
             tenant=tenant,
+            adapter=record.adapter,
         )
         fields: dict[str, object] = {
             "rpc": rpc,

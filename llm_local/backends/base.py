@@ -94,6 +94,9 @@ class ModelInfo:
     threads: tuple[int, int] | None = None  # (workers, threads per worker), when known
     # The sampling options it honours: validation refuses the rest before admission.
     sampling: SamplingSupport = FULL_SAMPLING_SUPPORT
+    # The LoRA adapters a request may name ([adapters], loaded); None: this backend cannot
+    # apply adapters at all (validation refuses lora_adapter_id by name).
+    adapters: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +161,8 @@ class Backend(Protocol):
         """Stream generated token ids in groups (whatever is ready at each wake-up).
 
         `hints` (tenant, shared prompt prefix) may guide scheduling and caching; the
-        tokens generated must not depend on them.
+        tokens generated must not depend on them, except on `hints.adapter`: the LoRA
+        adapter to apply, always one of `info.adapters` (validated in core).
 
         The stream ends after `max_new_tokens` ids or after an end token, which is
         yielded too. Leaving the context (normally, by an exception or by

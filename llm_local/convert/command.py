@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llm_local.convert.adapters import ensure_adapters
     from llm_local.convert.api import ensure_converted
     from llm_local.convert.errors import ConversionError
     from llm_local.settings.errors import SettingsError
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if settings.backend == "llama_cpp":
             return _record_gguf_reference(settings, quiet=args.quiet)
         result = ensure_converted(settings, force=args.force, progress=not args.quiet)
+        adapters = ensure_adapters(settings)
     except SettingsError as exc:
         return _fail(args, exc, "; ".join(str(p) for p in exc.problems), EXIT_BAD_SETTINGS)
     except ConversionError as exc:
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"converted {settings.model.name} in {result.seconds:.1f} s: {result.model_dir}")
     else:
         print(f"already converted at {result.model_dir} (checked in {result.seconds:.2f} s)")
+    for adapter_id, path in adapters.items():
+        print(f"adapter {adapter_id}: {path}")
     return 0
 
 

@@ -98,6 +98,7 @@ async def run_generation(
         hints = GenerationHints(
             tenant_id=request.context.tenant_id,
             shared_prefix_length=prepared.shared_prefix_length,
+            adapter=request.adapter,
         )
         async with backend.generate(
             prepared.ids, prepared.max_new_tokens, request.sampling, hints

@@ -126,6 +126,9 @@ class GenerationHints:
     # Leading prompt tokens that other requests are likely to start with too (the rendered
     # system block); 0 when nothing is known to be shared.
     shared_prefix_length: int = 0
+    # The LoRA adapter to decode with (an id of ModelInfo.adapters); None: the base model.
+    # Unlike the rest, not a hint: the tokens depend on it.
+    adapter: str | None = None
 
 
 NO_HINTS = GenerationHints()
@@ -150,6 +153,7 @@ class GenerationRequest:
     # False: `user_prompt` is the model's input text as is, with no chat template (a
     # plain text completion); system prompt, RAG context and history must be empty.
     chat_template: bool = True
+    adapter: str | None = None  # the LoRA adapter to apply (validated); None: the base model
 
 
 @dataclass(frozen=True, slots=True)

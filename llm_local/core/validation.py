@@ -61,6 +61,8 @@ class RawRequest:
     prompt_field: str = "user_prompt"
     chat_template: bool = True  # False: a plain text completion (see GenerationRequest)
     constraint: OutputConstraint | None = None  # structured output (core/structured)
+    adapter: str | None = None  # the LoRA adapter named (core/adapters.py checks it)
+    adapter_field: str = "lora_adapter_id"  # its wire name, for errors
 
 
 def validate_request(

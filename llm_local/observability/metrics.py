@@ -74,6 +74,9 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 
 
+BASE_ADAPTER_LABEL = "base"  # requests that name no LoRA adapter
+
+
 def phase_name(phase: object) -> str:
     """``ServicePhase.READY`` / ``"READY"`` / ``"ready"`` -> ``"ready"``."""
     if isinstance(phase, enum.Enum):
@@ -191,6 +194,20 @@ class Metrics:
             ["tenant"],
             registry=registry,
         )
+        # LoRA adapters: the label is a configured adapter id (a bounded set: [adapters]),
+        # or "base"; a request naming an unknown id is refused before it gets one.
+        self.adapter_requests = Counter(
+            f"{PREFIX}_adapter_requests",
+            "Generation requests that passed validation, by LoRA adapter and status code.",
+            ["adapter", "code"],
+            registry=registry,
+        )
+        self.adapter_completion_tokens = Counter(
+            f"{PREFIX}_adapter_completion_tokens",
+            "Tokens generated, by LoRA adapter.",
+            ["adapter"],
+            registry=registry,
+        )
         self.model_load_seconds = Gauge(
             f"{PREFIX}_model_load_seconds",
             "How long the last successful model load took.",
@@ -216,8 +233,10 @@ class Metrics:
         duration_s: float,
         tenant: str | None = None,
         cached_tokens: int = 0,
+        adapter: str | None = None,
     ) -> None:
-        """One finished request. `ttft_s` is None when no text was sent."""
+        """One finished request. `ttft_s` is None when no text was sent; `adapter` is
+        the validated LoRA adapter ("" for the base model), None before validation."""
         self.requests.labels(service=service, code=code).inc()
         tenant_label = self.tenant_labels.label(tenant)
         self.tenant_requests.labels(tenant=tenant_label, code=code).inc()
@@ -231,6 +250,11 @@ class Metrics:
         if completion_tokens > 0:
             self.completion_tokens.labels(service=service).inc(completion_tokens)
             self.tenant_completion_tokens.labels(tenant=tenant_label).inc(completion_tokens)
+        if adapter is not None:
+            adapter_label = adapter or BASE_ADAPTER_LABEL
+            self.adapter_requests.labels(adapter=adapter_label, code=code).inc()
+            if completion_tokens > 0:
+                self.adapter_completion_tokens.labels(adapter=adapter_label).inc(completion_tokens)
 
     def observe_refusal(self, *, service: str | None, code: str, tenant: str | None = None) -> None:
         """A call the transport refused before it reached the request flow: it counts

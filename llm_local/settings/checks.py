@@ -6,6 +6,7 @@ assume types; each returns problems instead of raising, to report everything at 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -37,7 +38,49 @@ def unknown_keys(tree: Mapping[str, object]) -> list[Problem]:
 
 
 def known_top_level(key: str) -> bool:
-    return key in TOP_LEVEL_KEYS or key in TABLES
+    return key in TOP_LEVEL_KEYS or key in TABLES or key == ADAPTERS_TABLE
+
+
+ADAPTERS_TABLE = "adapters"
+# An adapter id travels in a model id ("base:adapter") and in a metrics label: no colon,
+# nothing a URL or a label would need to escape.
+_ADAPTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def adapter_table(content: object) -> tuple[dict[str, str], list[Problem]]:
+    """[adapters]: adapter id -> source (a non-empty string). Ids are lower-cased (the
+    settings' keys are case-insensitive) and checked for characters a model id or a
+    metrics label cannot carry; sources are checked to exist by `llm-local convert`."""
+    if content is None:
+        return {}, []
+    if not isinstance(content, Mapping):
+        return {}, [Problem(ADAPTERS_TABLE, content, "a table: adapter id = source")]
+    table: dict[str, str] = {}
+    problems: list[Problem] = []
+    for raw_id, source in content.items():
+        adapter_id = str(raw_id).strip().lower()
+        key = f"{ADAPTERS_TABLE}.{raw_id}"
+        if not _ADAPTER_ID.match(adapter_id):
+            problems.append(
+                Problem(
+                    key,
+                    source,
+                    "an adapter id of letters, digits, '.', '_' or '-' (at most 64, "
+                    "starting with a letter or digit)",
+                )
+            )
+        elif not isinstance(source, str) or not source.strip():
+            problems.append(
+                Problem(
+                    key,
+                    source,
+                    "a PEFT adapter directory, a hub repo id, a .gguf LoRA file or "
+                    '"package:DIST/PATH"',
+                )
+            )
+        else:
+            table[adapter_id] = source.strip()
+    return dict(sorted(table.items())), problems
 
 
 def generation_limits(values: TypedValues) -> list[Problem]:

@@ -14,6 +14,7 @@ import sys
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields as dataclass_fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from llm_local.settings.errors import MISSING, Problem, SettingsError
 from llm_local.settings.fields import FIELDS, TABLES, Field
 from llm_local.settings.legacy import ENVVAR_PREFIX, legacy_values, nested_env_var
 from llm_local.settings.schema import (
+    AdapterSettings,
     AppSettings,
     CapacitySettings,
     GenerationDefaults,
@@ -101,12 +103,21 @@ def load_settings(
         else:
             typed[field.key] = field.to_typed(value)
     problems += checks.cross_key_problems(typed, _installed_backends)
+    adapters, adapter_problems = checks.adapter_table(tree.get(checks.ADAPTERS_TABLE))
+    problems += adapter_problems
     if problems:
         raise SettingsError(problems)
     # A backend's own options live in a table named after it ([fake], [mybackend]):
     # the typed settings don't know them, so they reach the backend through `raw`.
     backend_options = tree.get(str(typed["backend"]))
-    return _build(env_name, typed, backend_options if isinstance(backend_options, dict) else None)
+    built = _build(env_name, typed, backend_options if isinstance(backend_options, dict) else None)
+    if not adapters:
+        return built
+    return replace(
+        built,
+        adapters=tuple(AdapterSettings(i, s) for i, s in adapters.items()),
+        raw={**built.raw, checks.ADAPTERS_TABLE: dict(adapters)},
+    )
 
 
 def settings_file_list(

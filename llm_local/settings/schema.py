@@ -229,6 +229,16 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterSettings:
+    """One LoRA adapter requests may name ([adapters]: id = source)."""
+
+    id: str  # what a request names (lora_adapter_id; OpenAI `model` "base:id" or "id")
+    # A PEFT adapter directory, a Hugging Face Hub repo id holding one, a .gguf LoRA file
+    # (llama_cpp only), or "package:DIST/PATH". `llm-local convert` prepares it.
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class AppSettings:
     env: str
     backend: str
@@ -246,3 +256,4 @@ class AppSettings:
     logging: LoggingSettings
     # Everything as loaded (secrets included): the /config route redacts it.
     raw: dict[str, object]
+    adapters: tuple[AdapterSettings, ...] = ()  # in id order

@@ -223,6 +223,33 @@ def test_sampling_options_the_backend_cannot_honour_are_refused_by_name(
     assert server.metric("llm_local_backend_running") == 0  # refused before admission
 
 
+def test_a_lora_adapter_is_refused_by_name_where_the_backend_cannot_apply_one(
+    backend: str, server: Any, channel: grpc.Channel, rpc: Any
+) -> None:
+    message = llama_pb2.GenerateStreamRequest(user_prompt=QUESTION, lora_adapter_id="support-v2")
+
+    error = rpc.error(lambda: list(rpc.llama(channel, message)))
+
+    if backend == "llama_cpp":  # it can; none is configured here
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert "'support-v2'" in error.details()
+        return
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        f"lora_adapter_id: the {backend} backend cannot apply LoRA adapters; backends that "
+        "can: llama_cpp (leave lora_adapter_id unset here)"
+    )
+    status, body = post_json(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "SmolLM2-135M-Instruct.Q4_1:support-v2",
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+    )
+    assert (status, body["error"]["param"]) == (400, "model")
+
+
 def test_deadline_stops_the_generation(server: Any, channel: grpc.Channel, rpc: Any) -> None:
     error = rpc.error(
         lambda: list(rpc.llama(channel, request(ENDLESS, max_new_tokens=2000), timeout=1.0))

@@ -17,6 +17,7 @@ import trio
 
 from llm_local.backends.base import BackendError, BackendStats, ModelInfo
 from llm_local.backends.llama_cpp.loader import LoadedModel, LoadPlan, load_model
+from llm_local.backends.llama_cpp.policy import BASE
 from llm_local.backends.llama_cpp.scheduler import (
     LlamaScheduler,
     ReuseOptions,
@@ -89,6 +90,7 @@ class LlamaCppBackend:
             on_step=self._on_step,
             reuse=reuse_options(model, options.cache_sequences),
             grammar=model.grammar,
+            adapters=model.adapters,
         )
         scheduler.start()
         self._model, self._scheduler = model, scheduler
@@ -101,7 +103,9 @@ class LlamaCppBackend:
         hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
         # The tenant orders the waiting requests (tenants take turns, policy.admit).
-        return self._generate(prompt_ids, max_new_tokens, sampling, hints.tenant_id)
+        return self._generate(
+            prompt_ids, max_new_tokens, sampling, hints.tenant_id, hints.adapter or BASE
+        )
 
     def stats(self) -> BackendStats:
         scheduler, model = self._scheduler, self._model
@@ -147,6 +151,7 @@ class LlamaCppBackend:
         max_new_tokens: int,
         sampling: SamplingOptions,
         tenant_id: str | None,
+        adapter: str = BASE,
     ) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
         scheduler, relay = self._scheduler, self._relay
         if self._closed:
@@ -166,7 +171,7 @@ class LlamaCppBackend:
             relay=relay,
             tenant_id=tenant_id,
         )
-        scheduler.submit(item)
+        scheduler.submit(item, adapter)
         try:
             yield item.stream()
         finally:

@@ -128,6 +128,7 @@ class LoadedLibraryModel:
                 f"llama.cpp cannot make a context of {tokens} tokens for "
                 f"{context.sequences} sequences (memory?)"
             )
+        self._adapters: list[Any] = []
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.memory = lib.llama_get_memory(self.ctx)
         # What one sequence may hold: the pool, within the model's training context.
@@ -142,6 +143,16 @@ class LoadedLibraryModel:
         head_dim = int(lib.llama_model_n_embd(model)) // heads
         return layers * 2 * int(lib.llama_model_n_head_kv(model)) * head_dim * 2
 
+    def load_adapter(self, path: Path) -> Any:
+        """A GGUF LoRA for this model (freed with the model, or by `free`)."""
+        adapter = self.lib.llama_adapter_lora_init(self.model, str(path).encode())
+        if not adapter:
+            raise BackendLoadError(
+                f"llama.cpp cannot load the LoRA adapter {path} for this model (see its log)"
+            )
+        self._adapters.append(adapter)
+        return adapter
+
     def description(self) -> str:
         """e.g. "llama ?B Q4_1" (architecture, size, file type)."""
         buffer = ctypes.create_string_buffer(256)
@@ -151,7 +162,37 @@ class LoadedLibraryModel:
     def free(self) -> None:
         ctx, self.ctx = self.ctx, None
         model, self.model = self.model, None
+        adapters, self._adapters = self._adapters, []
         if ctx:
             self.lib.llama_free(ctx)
+        for adapter in adapters:
+            self.lib.llama_adapter_lora_free(adapter)
         if model:
             self.lib.llama_model_free(model)
+
+
+class AdapterSwitch:
+    """Which LoRA adapter the context applies: ``llama_set_adapters_lora`` sets it for the
+    whole context, so every sequence of a step decodes with it. Remembers the current one
+    to call the library only on a change (the library also skips an unchanged set)."""
+
+    def __init__(self, lib: Any, ctx: Any) -> None:
+        self._lib = lib
+        self._ctx = ctx
+        self._current: Any = None
+        # Kept referenced while the library may read them.
+        self._array = (lib.llama_adapter_lora_p_ctypes * 1)()
+        self._scales = (ctypes.c_float * 1)(1.0)
+
+    def apply(self, adapter: Any) -> None:
+        """Decode with `adapter` (None: the base model) from the next step on."""
+        if adapter is self._current:
+            return
+        if adapter is None:
+            status = self._lib.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            self._array[0] = adapter
+            status = self._lib.llama_set_adapters_lora(self._ctx, self._array, 1, self._scales)
+        if int(status) != 0:
+            raise RuntimeError(f"llama_set_adapters_lora failed (status {status})")
+        self._current = adapter

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,7 @@ class LoadPlan:
     batch_tokens: int
     numerics: NumericsSettings | None = None  # None: no numerics check (benches, tests)
     reference: Reference | None = None  # what the check compares with (canary.py)
+    adapters: tuple[tuple[str, Path], ...] = ()  # adapter id -> its GGUF LoRA
 
 
 @dataclass(slots=True)
@@ -77,6 +78,7 @@ class LoadedModel:
     prefix_cache_mb: float = 0.0
     prefix_isolation: str = "none"
     grammar: grammar.GrammarCompiler | None = None  # None: llguidance is not installed
+    adapters: dict[str, Any] = field(default_factory=dict)  # id -> llama_adapter_lora
 
 
 def batch_tokens(options: LlamaCppSettings) -> int:
@@ -102,8 +104,9 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
     reference = None
     if settings.numerics.check_at_load:
         reference = find_gguf_reference(settings)
+    gguf = gguf_path(source, settings.model)
     return LoadPlan(
-        gguf=gguf_path(source, settings.model),
+        gguf=gguf,
         model=settings.model,
         options=options,
         threads=threads,
@@ -111,7 +114,26 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
         batch_tokens=batch_tokens(options),
         numerics=settings.numerics,
         reference=reference,
+        adapters=prepared_adapters(settings, source, gguf),
     )
+
+
+def prepared_adapters(
+    settings: AppSettings, source: ModelSource, gguf: Path
+) -> tuple[tuple[str, Path], ...]:
+    """Each configured adapter's GGUF LoRA, converted into the cache first where it lacks
+    one (what `llm-local convert` does; a PEFT adapter takes seconds)."""
+    from llm_local.convert.adapters import ensure_gguf_adapter, resolve_adapter
+    from llm_local.convert.errors import ConversionError
+
+    prepared: list[tuple[str, Path]] = []
+    for adapter in settings.adapters:
+        try:
+            found = ensure_gguf_adapter(resolve_adapter(adapter), source, gguf, settings.model)
+        except ConversionError as exc:
+            raise SourceNotServed(str(exc)) from exc
+        prepared.append((adapter.id, found))
+    return tuple(prepared)
 
 
 def gguf_path(source: ModelSource, model: ModelSettings) -> Path:
@@ -186,6 +208,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         ),
     )
     try:
+        adapters = {name: handle.load_adapter(path) for name, path in plan.adapters}
         tokenizer = LlamaVocabTokenizer(lib, handle.model, handle.vocab)
         threads = plan.threads
         if plan.measure_threads:
@@ -219,6 +242,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             numerics=numerics,
             threads=(1, threads),
             sampling=SamplingSupport(constraints=compiler),
+            adapters=tuple(adapters),
         )
     except BaseException:
         handle.free()
@@ -240,6 +264,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         prefix_cache_mb=options.prefix_cache_mb,
         prefix_isolation=options.prefix_isolation,
         grammar=compiler,
+        adapters=adapters,
     )
 
 

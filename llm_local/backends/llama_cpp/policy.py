@@ -74,3 +74,25 @@ def admit(
         started.append(item)
         free_tokens -= reserve(item)
     return started
+
+
+BASE = ""  # the adapter key of requests that name no LoRA adapter
+
+
+def pick_adapter(adapters: Sequence[str], previous: str | None) -> str:
+    """Which adapter's sequences decode at the next step.
+
+    llama.cpp applies LoRA adapters to the whole context (``llama_set_adapters_lora``), so
+    one step decodes the sequences of one adapter (`BASE` for none). `adapters[i]` is the
+    adapter of running sequence i, oldest first; `previous` the adapter of the last step.
+    The adapters present take turns, one step each, in the order of their oldest sequence:
+    the one after `previous` (the oldest's when `previous` runs no more). Every running
+    sequence then gets a token once per round, whatever its adapter's company; with only
+    one adapter present every step is its own, as without adapters.
+    """
+    if not adapters:
+        raise ValueError("no running sequence")
+    order = list(dict.fromkeys(adapters))
+    if previous not in order:
+        return order[0]
+    return order[(order.index(previous) + 1) % len(order)]

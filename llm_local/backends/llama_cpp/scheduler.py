@@ -41,13 +41,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from llm_local.backends.base import BackendError, BackendStats
 from llm_local.backends.llama_cpp.constrained import MaskWorker, mask_row
-from llm_local.backends.llama_cpp.policy import admit, plan_step
+from llm_local.backends.llama_cpp.library import AdapterSwitch
+from llm_local.backends.llama_cpp.policy import BASE, admit, pick_adapter, plan_step
 from llm_local.backends.llama_cpp.sampling import SamplerChain
 from llm_local.backends.shared.bridge import BatchItem
 from llm_local.backends.shared.costs import CostModel
@@ -96,6 +97,7 @@ class _Running:
     fed: int = 0  # tokens in the KV cache
     next_token: int | None = None  # sampled, to be fed at the next step
     mask: TokenMask | None = None  # structured output: the grammar's state (constrained.py)
+    adapter: str = BASE  # the LoRA adapter it decodes with (policy.pick_adapter)
 
     @property
     def prompt_left(self) -> int:
@@ -109,6 +111,7 @@ class StepShape:
     decoding: int
     prefill_tokens: int
     seq_ids: tuple[int, ...] = field(default=())
+    adapter: str = BASE  # the LoRA adapter the step decoded with
 
 
 class LlamaScheduler:
@@ -131,7 +134,9 @@ class LlamaScheduler:
         on_step: Callable[[StepShape], None] | None = None,
         reuse: ReuseOptions = NO_REUSE,
         grammar: GrammarCompiler | None = None,
+        adapters: Mapping[str, Any] | None = None,
     ) -> None:
+        """`adapters`: LoRA adapter id -> the library's adapter, for `submit`."""
         self._lib = lib
         self._ctx = ctx
         self._memory = memory
@@ -158,6 +163,10 @@ class LlamaScheduler:
         cache_ids = reuse.cache_sequences if reuse.budget_tokens > 0 else 0
         self._free_ids = list(range(sequences + cache_ids))
         self._thread: threading.Thread | None = None
+        self._adapters = dict(adapters or {})
+        self._adapter_of: dict[BatchItem, str] = {}  # waiting items' adapters; _condition
+        self._switch = AdapterSwitch(lib, ctx)
+        self._last_adapter: str | None = None
         # Kept referenced for as long as the library may read it.
         self._batch = lib.llama_batch_init(batch_tokens, 0, 1)
 
@@ -167,10 +176,16 @@ class LlamaScheduler:
         self._thread = threading.Thread(target=self._run, name="llama-cpp-decode", daemon=True)
         self._thread.start()
 
-    def submit(self, item: BatchItem) -> None:
+    def submit(self, item: BatchItem, adapter: str = BASE) -> None:
+        """Queue `item`; it decodes with the LoRA adapter `adapter` (an id given at
+        construction; BASE: none)."""
+        if adapter != BASE and adapter not in self._adapters:
+            raise BackendError(f"unknown LoRA adapter {adapter!r}")
         with self._condition:
             if self._closing:
                 raise SchedulerClosedError("the backend is closing")
+            if adapter != BASE:
+                self._adapter_of[item] = adapter
             self._waiting.append(item)
             self._condition.notify()
 
@@ -181,6 +196,7 @@ class LlamaScheduler:
         with self._condition:
             if item in self._waiting:
                 self._waiting.remove(item)
+                self._adapter_of.pop(item, None)
             self._condition.notify()
 
     def stats(self) -> BackendStats:
@@ -262,19 +278,21 @@ class LlamaScheduler:
             )
             for item in starting:
                 self._waiting.remove(item)
-        for item in starting:
-            self._start(item)
+            adapters = [self._adapter_of.pop(item, BASE) for item in starting]
+            self._adapter_of = {i: a for i, a in self._adapter_of.items() if i.active}
+        for item, adapter in zip(starting, adapters, strict=True):
+            self._start(item, adapter)
         self._running_count = len(self._running)
         if self._running:
             self._decode_step()
         return True
 
-    def _start(self, item: BatchItem) -> None:
-        seq_id, reused = self._claim_sequence(item)
+    def _start(self, item: BatchItem, adapter: str = BASE) -> None:
+        seq_id, reused = self._claim_sequence(item, adapter)
         item.cached_tokens = reused
         chain = SamplerChain(self._lib, item.sampling, self._vocab_size)
         chain.accept_prompt(item.prompt_ids)
-        running = _Running(item, seq_id, chain, list(item.prompt_ids), fed=reused)
+        running = _Running(item, seq_id, chain, list(item.prompt_ids), fed=reused, adapter=adapter)
         self._running.append(running)
         constraint = item.sampling.constraint
         if constraint is not None:
@@ -285,13 +303,14 @@ class LlamaScheduler:
             running.mask = self._grammar.matcher(constraint)
         self._make_room()
 
-    def _namespace(self, item: BatchItem) -> Namespace:
+    def _namespace(self, item: BatchItem, adapter: str) -> Namespace:
+        # KV cells computed under one adapter are another model's for the next.
         salt = (item.tenant_id or "") if self._reuse.isolate_tenants else None
-        return Namespace(self._reuse.model, adapter=None, salt=salt)
+        return Namespace(self._reuse.model, adapter=adapter or None, salt=salt)
 
-    def _claim_sequence(self, item: BatchItem) -> tuple[int, int]:
+    def _claim_sequence(self, item: BatchItem, adapter: str) -> tuple[int, int]:
         """A sequence for `item` and how many of its prompt tokens it already holds."""
-        store, namespace = self._store, self._namespace(item)
+        store, namespace = self._store, self._namespace(item, adapter)
         if self._reuse.budget_tokens <= 0:
             seq_id = self._free_id(keep=None)
             store.open(seq_id, namespace)
@@ -383,8 +402,13 @@ class LlamaScheduler:
         self._publish_reuse()
 
     def _decode_step(self) -> None:
+        # One adapter per step: the library applies it to the whole context.
+        adapter = pick_adapter([r.adapter for r in self._running], self._last_adapter)
+        members = [r for r in self._running if r.adapter == adapter]
+        self._last_adapter = adapter
+        self._switch.apply(self._adapters.get(adapter))
         plan = plan_step(
-            [running.prompt_left for running in self._running],
+            [running.prompt_left for running in members],
             prefill_chunk_tokens=self._prefill_chunk_tokens,
             batch_tokens=self._batch_tokens,
         )
@@ -392,7 +416,7 @@ class LlamaScheduler:
         rows: list[tuple[_Running, int]] = []  # who samples from which batch row
         fed: list[tuple[_Running, int]] = []
         n = 0
-        for running, count in zip(self._running, plan, strict=True):
+        for running, count in zip(members, plan, strict=True):
             if count == 0:
                 continue
             if running.prompt_left == 0:
@@ -440,7 +464,8 @@ class LlamaScheduler:
         elif decoding == 0:
             self._costs.observe_prefill(prefill_tokens, seconds)
         if self._on_step is not None:
-            self._on_step(StepShape(decoding, prefill_tokens, tuple(r.seq_id for r, _ in fed)))
+            seq_ids = tuple(r.seq_id for r, _ in fed)
+            self._on_step(StepShape(decoding, prefill_tokens, seq_ids, adapter))
         for running, count in fed:
             if running.prompt_left > 0:
                 self._read_tokens += min(count, running.prompt_left)

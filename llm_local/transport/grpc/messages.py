@@ -23,12 +23,9 @@ def _float32(value: float) -> float:
 
 
 def llama_raw_request(message: llama_pb2.GenerateStreamRequest) -> RawRequest:
-    """GenerateStreamRequest -> RawRequest; raises InvalidRequest for what no
-    validation rule covers (a LoRA adapter: this service cannot apply one)."""
-    if message.HasField("lora_adapter_id") and message.lora_adapter_id:
-        raise InvalidRequest(
-            "lora_adapter_id", "LoRA adapters are not supported by this service; leave it unset"
-        )
+    """GenerateStreamRequest -> RawRequest (the adapter id is checked in core against
+    what the backend applies: core/adapters.py)."""
+    adapter = message.lora_adapter_id if message.HasField("lora_adapter_id") else None
     rag_context = message.rag_context if message.HasField("rag_context") else None
     # Tools reach the model through the prompt (core/prompt.py).
     constraint = engine_constraint(message.params) if message.HasField("params") else None
@@ -39,6 +36,7 @@ def llama_raw_request(message: llama_pb2.GenerateStreamRequest) -> RawRequest:
         history=tuple((turn.role, turn.content) for turn in message.history),
         params=llama_raw_params(message),
         constraint=constraint,
+        adapter=adapter or None,
     )
 
 

@@ -79,6 +79,8 @@ def config_body(service: Service) -> dict[str, Any]:
         },
         "tls": {"enabled": settings.tls.enabled, "mutual": settings.tls.mutual},
         "logging": _typed_section(settings, "logging"),
+        # LoRA adapters requests may name: id -> source ([adapters]).
+        "adapters": {adapter.id: adapter.source for adapter in settings.adapters},
     }
     if info is not None:
         # What the device really runs, which "auto" settings do not say.
@@ -99,6 +101,8 @@ def config_body(service: Service) -> dict[str, Any]:
                 "repetition_penalty": info.sampling.repetition_penalty,
                 "seed": info.sampling.seed,
             },
+            # The adapters loaded; None: this backend applies none.
+            "adapters": None if info.adapters is None else list(info.adapters),
         }
     return {
         "effective": effective,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llm_local.backends.llama_cpp.policy import admit, plan_step
+from llm_local.backends.llama_cpp.policy import BASE, admit, pick_adapter, plan_step
 
 
 def test_decoding_sequences_each_feed_one_token() -> None:
@@ -92,3 +92,41 @@ def test_a_request_starts_only_when_its_tokens_fit_the_kv_cache_left() -> None:
         ("c", 100),
     ]
     assert admit(waiting, 8, tenant, reserve=size, free_tokens=500) == []
+
+
+# -- one LoRA adapter per step ---------------------------------------------------------------
+
+
+def test_without_adapters_every_step_is_the_base_models() -> None:
+    assert pick_adapter([BASE, BASE], None) == BASE
+    assert pick_adapter([BASE, BASE], BASE) == BASE
+
+
+def test_adapters_take_turns_in_the_order_of_their_oldest_sequence() -> None:
+    running = ["b", BASE, "a", "b", BASE]
+    steps: list[str] = []
+    previous: str | None = None
+    for _ in range(6):
+        previous = pick_adapter(running, previous)
+        steps.append(previous)
+    assert steps == ["b", BASE, "a", "b", BASE, "a"]
+
+
+def test_an_adapter_whose_sequences_ended_hands_the_turn_to_the_oldest() -> None:
+    assert pick_adapter(["a", "c"], "b") == "a"
+
+
+def test_pick_adapter_needs_a_running_sequence() -> None:
+    with pytest.raises(ValueError, match="no running sequence"):
+        pick_adapter([], None)
+
+
+@given(st.lists(st.sampled_from([BASE, "a", "b", "c"]), min_size=1, max_size=16))
+def test_every_adapter_present_gets_a_step_within_one_round(running: list[str]) -> None:
+    present = set(running)
+    previous: str | None = None
+    seen = []
+    for _ in range(len(present)):
+        previous = pick_adapter(running, previous)
+        seen.append(previous)
+    assert set(seen) == present

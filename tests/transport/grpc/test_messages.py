@@ -62,13 +62,18 @@ def test_unset_rag_context_is_none_but_an_empty_lora_id_is_accepted() -> None:
     assert messages.llama_raw_request(message).rag_context is None
 
 
-def test_a_lora_adapter_is_refused_by_name() -> None:
+def test_a_lora_adapter_id_travels_to_core_under_its_wire_name() -> None:
     message = llama_pb2.GenerateStreamRequest(user_prompt="q", lora_adapter_id="support-v2")
 
-    with pytest.raises(InvalidRequest) as caught:
-        messages.llama_raw_request(message)
+    raw = messages.llama_raw_request(message)
 
-    assert caught.value.field == "lora_adapter_id"
+    assert (raw.adapter, raw.adapter_field) == ("support-v2", "lora_adapter_id")
+
+
+def test_an_empty_lora_adapter_id_means_the_base_model() -> None:
+    message = llama_pb2.GenerateStreamRequest(user_prompt="q", lora_adapter_id="")
+
+    assert messages.llama_raw_request(message).adapter is None
 
 
 def test_local_prompt_is_the_user_turn_under_its_own_name() -> None:

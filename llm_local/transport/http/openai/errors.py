@@ -46,6 +46,10 @@ def from_call_error(error: CallError, translate: Callable[[str], str]) -> OpenAI
         reason = error.message.removeprefix(f"{error.field}: ")
         param = translate(error.field)
         return OpenAIError(400, f"{param}: {reason}", param=param, code="invalid_value")
+    if code is Code.NOT_FOUND:  # an unknown LoRA adapter named by `model`
+        found = error.message.removeprefix(f"{error.field}: ")
+        name = translate(error.field) if error.field else None
+        return OpenAIError(404, found, param=name, code="model_not_found")
     if code is Code.RESOURCE_EXHAUSTED:
         return OpenAIError(
             429,

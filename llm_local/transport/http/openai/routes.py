@@ -15,6 +15,7 @@ should the client read again it finds an error event where the rest would have b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,9 +40,11 @@ from llm_local.transport.http.openai.errors import (
 )
 from llm_local.transport.http.openai.models import (
     accepted_names,
+    adapter_model_id,
     model_id,
     model_list,
     model_object,
+    requested_adapter,
 )
 from llm_local.transport.http.openai.requests import Kind, OpenAIRequest, parse_request
 from llm_local.transport.http.openai.responses import Completion, StreamEncoder
@@ -81,6 +84,14 @@ def add_openai_routes(app: QuartTrio, service: Service, flow: GenerationFlow) ->
     identifier = model_id(settings.model.name, limits.model_id)
     names = accepted_names(settings.model.name, limits.model_id)
     created = int(time.time())  # the model's "created": when this server started
+    adapters = tuple(adapter.id for adapter in settings.adapters)
+
+    def served_adapters() -> tuple[str, ...]:
+        """The adapters the loaded backend applies (none listed before it is ready, nor
+        where the backend applies none: ct2 refuses them)."""
+        info = service.state.model_info
+        return () if info is None or info.adapters is None else info.adapters
+
     # Bigger bodies fail while they are read (413); only /v1/* takes bodies.
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes
 
@@ -90,14 +101,18 @@ def add_openai_routes(app: QuartTrio, service: Service, flow: GenerationFlow) ->
         return error_response(unauthorized())
 
     async def list_models() -> Response:
-        return denied() or jsonify(model_list(identifier, created))
+        return denied() or jsonify(model_list(identifier, created, served_adapters()))
 
     async def get_model(model: str) -> Response:
         if refusal := denied():
             return refusal
-        if model not in names:
+        known, adapter = requested_adapter(model, names, adapters)
+        if not known or (adapter is not None and adapter.lower() not in served_adapters()):
             return error_response(model_not_found(model))
-        return jsonify(model_object(identifier, created))
+        if adapter is None:
+            return jsonify(model_object(identifier, created))
+        found = adapter_model_id(identifier, adapter.lower())
+        return jsonify(model_object(found, created, parent=identifier))
 
     async def generate(kind: Kind) -> Response:
         rpc = RPC_NAMES[kind]
@@ -124,8 +139,13 @@ def add_openai_routes(app: QuartTrio, service: Service, flow: GenerationFlow) ->
             parsed: OpenAIRequest | InvalidRequest = parse_request(kind, body, limits)
         except InvalidRequest as exc:
             parsed = exc
-        if isinstance(parsed, OpenAIRequest) and parsed.model not in (None, *names):
-            return refuse(Code.NOT_FOUND, model_not_found(str(parsed.model)))
+        if isinstance(parsed, OpenAIRequest):
+            known, adapter = requested_adapter(parsed.model, names, adapters)
+            if not known:
+                return refuse(Code.NOT_FOUND, model_not_found(str(parsed.model)))
+            if adapter is not None:  # core checks it: 404 unknown, 400 on ct2
+                raw = dataclasses.replace(parsed.raw, adapter=adapter, adapter_field="model")
+                parsed = dataclasses.replace(parsed, raw=raw)
         user = body.get("user")
         call = _call_metadata(user if isinstance(user, str) else None)
         tool_calls = isinstance(parsed, OpenAIRequest) and parsed.tool_calls

@@ -7,7 +7,12 @@ import pytest
 from llm_local.serving import CallError, Code
 from llm_local.transport.http.openai.auth import authorized, bearer_token
 from llm_local.transport.http.openai.errors import from_call_error
-from llm_local.transport.http.openai.models import accepted_names, model_id
+from llm_local.transport.http.openai.models import (
+    accepted_names,
+    model_id,
+    model_list,
+    requested_adapter,
+)
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1"
 
@@ -64,3 +69,35 @@ def test_call_errors_become_http_statuses_with_the_body_field_names() -> None:
     assert statuses == {Code.UNAVAILABLE: 503, Code.DEADLINE_EXCEEDED: 504, Code.INTERNAL: 500}
     tenant = from_call_error(CallError(Code.INVALID_ARGUMENT, "x-tenant-id required"), translate)
     assert (tenant.status, tenant.param) == (400, None)
+
+
+NAMES = frozenset({"SmolLM2", "package:x/SmolLM2.gguf"})
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (None, (True, None)),
+        ("SmolLM2", (True, None)),
+        ("SmolLM2:pirate", (True, "pirate")),
+        ("package:x/SmolLM2.gguf:pirate", (True, "pirate")),
+        ("SmolLM2:parrot", (True, "parrot")),  # core says 404, naming it
+        ("pirate", (True, "pirate")),
+        ("Pirate", (True, "Pirate")),
+        ("parrot", (False, None)),
+        ("other:pirate", (False, None)),
+    ],
+)
+def test_the_model_field_names_the_base_model_or_an_adapter(
+    model: str | None, expected: tuple[bool, str | None]
+) -> None:
+    assert requested_adapter(model, NAMES, ("pirate", "robot")) == expected
+
+
+def test_adapters_are_listed_as_models_of_their_own() -> None:
+    listed = model_list("SmolLM2", 7, ("pirate",))
+
+    assert [(m["id"], m.get("parent")) for m in listed["data"]] == [
+        ("SmolLM2", None),
+        ("SmolLM2:pirate", "SmolLM2"),
+    ]

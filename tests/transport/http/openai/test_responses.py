@@ -39,7 +39,12 @@ def test_whole_chat_completion() -> None:
                 "finish_reason": "length",  # a full context is a length limit
             }
         ],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 3,
+            "total_tokens": 13,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
     }
 
 

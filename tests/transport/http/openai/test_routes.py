@@ -318,3 +318,22 @@ async def test_a_chat_prompt_is_the_same_whether_or_not_plain_prompts_get_a_bos(
 
     assert seen[0] == seen[1]
     assert seen[0][1] == len(seen[0][0])
+
+
+async def test_adapters_a_backend_cannot_apply_are_not_listed_and_refused_by_name(
+    make_service: ServiceFactory,
+) -> None:
+    # The fake backend, like ct2, applies no LoRA adapter.
+    service = await ready(make_service(adapters={"pirate": "/adapters/pirate"}))
+    async with client_for(service) as client:
+        listed = await client.get("/v1/models")
+        model = (await listed.get_json())["data"][0]["id"]
+        one = await client.get(f"/v1/models/{model}:pirate")
+        refused = await client.post(CHAT, json=chat_body(model=f"{model}:pirate"))
+
+    assert [m["id"] for m in (await listed.get_json())["data"]] == [model]
+    assert one.status_code == 404
+    assert refused.status_code == 400
+    error = (await refused.get_json())["error"]
+    assert error["param"] == "model"
+    assert "cannot apply LoRA adapters" in error["message"]

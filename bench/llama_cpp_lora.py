@@ -1,0 +1,79 @@
+"""LoRA adapters in the llama_cpp backend, in process: 16 streams with 4 adapters in the mix
+against the base model alone (issue 25's goal: the mix at >= 0.8x the base's tokens/s).
+
+`python -m bench.llama_cpp_lora [STREAMS] [NEW_TOKENS]` (default 16 streams, 64 tokens): the
+suite's two test adapters (tests/lora_adapters.py, made first if missing) are configured
+under four ids (two each: four distinct llama.cpp adapters, so every switch between them
+is real), the backend is loaded once per variant from the test settings (the SmolLM2 GGUF),
+and every stream decodes NEW_TOKENS greedy tokens of one prompt. Variants, side by side in
+one run: "base" (every stream on the base model), "mix" (streams assigned in turn to the
+base and the four adapters: five groups, which llama.cpp decodes one per step). Printed:
+aggregate tokens/s of each and the ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import trio
+
+from llm_local.backends.llama_cpp.backend import LlamaCppBackend
+from llm_local.backends.llama_cpp.loader import plan_from_settings
+from llm_local.backends.shared.source import resolve_model_source
+from llm_local.core.prompt import prepare_prompt
+from llm_local.core.types import GenerationHints, GenerationRequest, SamplingOptions
+from llm_local.settings.loader import load_settings
+from llm_local.settings.schema import AdapterSettings
+from tests.lora_adapters import ensure_test_adapters
+
+PROMPT = "Write the numbers from 1 to 1000, separated by commas."
+ADAPTER_IDS = ("pirate-a", "robot-a", "pirate-b", "robot-b")
+
+
+async def run(streams: int, new_tokens: int, mix: bool) -> float:
+    settings = load_settings(env="test")
+    source = resolve_model_source(settings.model)
+    assert source.path is not None
+    made = ensure_test_adapters(settings.model.cache_dir, source.path)
+    paths = [made["pirate"].path, made["robot"].path] * 2
+    adapters = tuple(AdapterSettings(i, str(p)) for i, p in zip(ADAPTER_IDS, paths, strict=True))
+    settings = dataclasses.replace(settings, adapters=adapters)
+    backend = LlamaCppBackend(lambda: plan_from_settings(settings))
+    await backend.load()
+    ids = prepare_prompt(
+        GenerationRequest(user_prompt=PROMPT), backend.tokenizer, backend.info.context_limit
+    ).ids
+    groups: list[str | None] = [None, *ADAPTER_IDS] if mix else [None]
+    counts = [0] * streams
+
+    async def stream(index: int) -> None:
+        hints = GenerationHints(adapter=groups[index % len(groups)])
+        async with backend.generate(ids, new_tokens, SamplingOptions(), hints) as tokens:
+            async for group in tokens:
+                counts[index] += len(group)
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(streams):
+            nursery.start_soon(stream, index)
+    elapsed = time.perf_counter() - started
+    await backend.aclose()
+    return sum(counts) / elapsed
+
+
+def main(argv: list[str]) -> None:
+    streams = int(argv[0]) if argv else 16
+    new_tokens = int(argv[1]) if len(argv) > 1 else 64
+    base = trio.run(run, streams, new_tokens, False)
+    mix = trio.run(run, streams, new_tokens, True)
+    print(
+        f"streams={streams} new_tokens={new_tokens} base tokens/s={base:.1f} "
+        f"mix (base + 4 adapters) tokens/s={mix:.1f} ratio={mix / base:.2f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
