@@ -51,6 +51,10 @@ def library() -> Any:
     return llama_cpp
 
 
+class AdapterNotLoaded(BackendLoadError):
+    retryable = False  # the same file fails the same way (another architecture, shapes)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelOptions:
     gpu_layers: int
@@ -147,7 +151,7 @@ class LoadedLibraryModel:
         """A GGUF LoRA for this model (freed with the model, or by `free`)."""
         adapter = self.lib.llama_adapter_lora_init(self.model, str(path).encode())
         if not adapter:
-            raise BackendLoadError(
+            raise AdapterNotLoaded(
                 f"llama.cpp cannot load the LoRA adapter {path} for this model (see its log)"
             )
         self._adapters.append(adapter)
