@@ -60,6 +60,7 @@ TINY_BUDGET_MB = 2.0
 CALL_WAVES = 13
 # Where an answer decoded among others first leaves its alone-answer, the most the model
 # (scored alone) may prefer the alone-answer's token over the one taken, in nats: a near tie.
+# Measured: -0.25 .. +0.19 over the 12 calls that diverged in one run of the 16-call test.
 NEAR_TIE_NATS = 0.5
 
 
@@ -195,9 +196,8 @@ async def test_a_call_evicted_for_its_sequence_comes_back_from_host_memory() -> 
 
         gaps, same = nll_gaps(backend, callers, lines, restored, without)
 
-    # Measured: 8 of 9 answers equal as text; the other (call B, turn 2, whose first turn
-    # shared 10 template tokens with call A's cells) a near-tie apart (module docstring of
-    # the 16-call test: rounding follows where the cells lie).
+    # Measured: 7 and 8 of 9 answers equal as text in two runs, the others a near tie apart
+    # (-0.18 nats; the 16-call test's docstring: rounding follows where the cells lie).
     assert max(gaps, default=0.0) <= NEAR_TIE_NATS, (gaps, same)
     assert same >= 5, same
     for call_turns in restored:
