@@ -104,8 +104,8 @@ class LlamaCppSettings:
     # the AMX path takes the process down at the first decode (docs/FINDINGS.md).
     repack: bool
     # Finished requests' sequences stay in the KV cache for later prompts that extend them
-    # (a call's next turn): memory the idle ones may hold, at the model's KV bytes per
-    # token; least recently used go first. 0 = no reuse.
+    # (a call's next turn): memory the kept ones may hold, in the pool (at the model's KV
+    # bytes per token) or saved to host memory; least recently used go first. 0 = no reuse.
     prefix_cache_mb: float
     # "tenant": a tenant reuses only its own prefixes (cached ones are visible through
     # timing); "none": any request reuses any exact prefix.

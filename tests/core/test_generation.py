@@ -231,3 +231,42 @@ async def test_other_errors_propagate() -> None:
     backend = _StubBackend([list(b"x")], error=RuntimeError("bug"))
     with pytest.raises(RuntimeError, match="bug"):
         await generate(backend)
+
+
+class _CachingStream:
+    """A backend stream that says how many prompt tokens came from its cache."""
+
+    def __init__(self, groups: list[list[int]], cached: int) -> None:
+        self._groups = iter(groups)
+        self.cached_tokens = cached
+
+    def __aiter__(self) -> _CachingStream:
+        return self
+
+    async def __anext__(self) -> Sequence[int]:
+        await trio.lowlevel.checkpoint()
+        for group in self._groups:
+            return group
+        raise StopAsyncIteration
+
+
+class _CachingBackend(_StubBackend):
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingOptions,
+        hints: GenerationHints = NO_HINTS,
+    ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
+        return self._caching()
+
+    @asynccontextmanager
+    async def _caching(self) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
+        yield _CachingStream(self._groups, cached=7)
+
+
+async def test_the_prompt_tokens_a_backend_reused_reach_the_finish() -> None:
+    _, finished = await generate(_CachingBackend([list(b"ok")]), max_new_tokens=50)
+    assert finished.cached_tokens == 7
+    _, plain = await generate(_StubBackend([list(b"ok")]), max_new_tokens=50)
+    assert plain.cached_tokens == 0  # a stream that does not say: nothing reused

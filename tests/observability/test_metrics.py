@@ -25,10 +25,12 @@ def test_a_finished_request_counts_tokens_and_latencies() -> None:
         completion_tokens=8,
         ttft_s=0.12,
         duration_s=0.9,
+        cached_tokens=15,
     )
     metrics.observe_inter_token(0.02)
     found = samples(metrics)
     svc = (("service", "LlamaService"),)
+    assert found[("llm_local_prompt_tokens_cached_total", svc)] == 15
     assert found[("llm_local_requests_total", (("code", "OK"), *svc))] == 1
     assert found[("llm_local_prompt_tokens_total", svc)] == 20
     assert found[("llm_local_completion_tokens_total", svc)] == 8

@@ -114,8 +114,8 @@ class LlamaCppBackend:
         reuse = scheduler.reuse_stats()
         return dataclasses.replace(
             scheduler.stats(),
-            prefix_cache_bytes=reuse.idle_tokens * model.kv_bytes_per_token,
-            prefix_cache_entries=reuse.idle_sequences,
+            prefix_cache_bytes=reuse.idle_tokens * model.kv_bytes_per_token + reuse.host_bytes,
+            prefix_cache_entries=reuse.idle_sequences + reuse.host_sequences,
             prefix_reused_tokens=reuse.reused_tokens,
             prefix_read_tokens=reuse.read_tokens,
             prefix_evictions=reuse.evictions,
@@ -191,6 +191,7 @@ def reuse_options(model: LoadedModel, cache_sequences: int) -> ReuseOptions:
         budget_tokens=budget_bytes // max(1, model.kv_bytes_per_token),
         cache_sequences=cache_sequences,
         isolate_tenants=model.prefix_isolation == "tenant",
+        bytes_per_token=model.kv_bytes_per_token,
     )
 
 

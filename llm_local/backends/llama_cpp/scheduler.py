@@ -33,11 +33,15 @@ The library is asked afterwards what the sequence holds (``seq_pos_min/max``): a
 but exactly positions 0..n-1 (a model whose memory cannot be cut there) drops the reuse
 and reads the prompt whole. Idle sequences go least recently used first: while the cells
 only they hold exceed the budget, when a newcomer needs a sequence id, and when the
-running requests' reservations leave the pool too little room.
+running requests' reservations leave the pool too little room. In the last two cases the
+sequence is first saved to host memory (``llama_state_seq_get_data``), within the same
+budget; a prompt that extends a saved sequence further than any in the context gets it back
+(``llama_state_seq_set_data`` into a free sequence, then cut to the match).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -53,7 +57,7 @@ from llm_local.backends.llama_cpp.sampling import SamplerChain
 from llm_local.backends.shared.bridge import BatchItem
 from llm_local.backends.shared.costs import CostModel
 from llm_local.backends.shared.grammar import GrammarCompiler, TokenMask
-from llm_local.backends.shared.prefix_store import Namespace, PrefixStore
+from llm_local.backends.shared.prefix_store import HostCache, Namespace, PrefixStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,14 @@ class ReuseOptions:
     budget_tokens: int  # KV cells that idle sequences alone may hold
     cache_sequences: int  # sequence ids beyond the running ones, for idle sequences
     isolate_tenants: bool = False
+    # KV bytes of one token; above 0, a sequence evicted for room or for its id (not for
+    # the budget) is saved to host memory (llama_state_seq_get_data) within the same budget
+    # and restored (set_data) for a prompt that extends it further than any kept sequence.
+    bytes_per_token: int = 0
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget_tokens * self.bytes_per_token
 
 
 NO_REUSE = ReuseOptions(model="", budget_tokens=0, cache_sequences=0)
@@ -84,6 +96,9 @@ class ReuseStats:
     evictions: int
     idle_sequences: int
     idle_tokens: int
+    host_sequences: int = 0  # saved to host memory
+    host_bytes: int = 0
+    restores: int = 0  # host copies put back into the context for a prompt
 
 
 @dataclass(eq=False, slots=True)
@@ -158,6 +173,8 @@ class LlamaScheduler:
         self._running_count = 0  # what stats() reads
         self._reuse = reuse
         self._store: PrefixStore[int] = PrefixStore()
+        self._host: HostCache[Any] = HostCache()
+        self._restores = 0
         self._read_tokens = 0  # prompt tokens fed (worker thread; read by stats)
         self._reuse_stats = ReuseStats(0, 0, 0, 0, 0)  # a snapshot the worker replaces
         cache_ids = reuse.cache_sequences if reuse.budget_tokens > 0 else 0
@@ -316,6 +333,9 @@ class LlamaScheduler:
             store.open(seq_id, namespace)
             return seq_id, 0
         match = store.best_match(namespace, item.prompt_ids)
+        host = self._host.best_match(namespace, item.prompt_ids)
+        if host is not None and host[1] > (0 if match is None else match.length):
+            return self._restore(namespace, *host)
         if match is None:
             seq_id = self._free_id(keep=None)
             store.open(seq_id, namespace)
@@ -336,6 +356,27 @@ class LlamaScheduler:
             return seq_id, 0
         return seq_id, length
 
+    def _restore(self, namespace: Namespace, key: int, length: int) -> tuple[int, int]:
+        """Put a host copy back into a free sequence; keep its first `length` cells."""
+        seq_id = self._free_id(keep=None)
+        store, lib = self._store, self._lib
+        store.open(seq_id, namespace)
+        tokens, state = self._host.take(key)
+        read = int(lib.llama_state_seq_set_data(self._ctx, state, len(state), seq_id))
+        if read == 0:  # no room for its cells, or a state this context cannot take
+            lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            return seq_id, 0
+        store.append(seq_id, tokens)
+        lib.llama_memory_seq_rm(self._memory, seq_id, length, -1)
+        store.truncate(seq_id, length)
+        if not self._holds_exactly(seq_id, length):
+            lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            store.truncate(seq_id, 0)
+            return seq_id, 0
+        store.counters.reused_tokens += length
+        self._restores += 1
+        return seq_id, length
+
     def _holds_exactly(self, seq_id: int, length: int) -> bool:
         lib, memory = self._lib, self._memory
         return (
@@ -353,28 +394,50 @@ class LlamaScheduler:
             victim = self._store.lru_idle(keep=keep)
             if victim is None:  # admission keeps running requests below the ids
                 raise BackendError("no free llama.cpp sequence")
-            self._evict(victim)
+            self._evict(victim, spill=True)
         return self._free_ids.pop(0)
 
-    def _evict(self, seq_id: int) -> None:
+    def _evict(self, seq_id: int, *, spill: bool) -> None:
+        """Free an idle sequence's cells; with `spill`, save its state to host memory first
+        (it stays within the budget: it leaves the context as it enters the host)."""
+        moved = spill and self._reuse.bytes_per_token > 0 and self._spill(seq_id)
         self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        self._store.drop(seq_id, evicted=True)
+        self._store.drop(seq_id, evicted=not moved)
         self._free_ids.append(seq_id)
+
+    def _spill(self, seq_id: int) -> bool:
+        """Save an idle sequence's state to host memory; False if it was not saved."""
+        lib = self._lib
+        size = int(lib.llama_state_seq_get_size(self._ctx, seq_id))
+        if size <= 0 or size > self._reuse.budget_bytes:
+            return False
+        state = (ctypes.c_uint8 * size)()
+        if int(lib.llama_state_seq_get_data(self._ctx, state, size, seq_id)) != size:
+            return False
+        namespace = self._store.namespace(seq_id)
+        self._host.add(namespace, self._store.tokens(seq_id), state, size)
+        return True
 
     def _make_room(self) -> None:
         """Evict idle sequences, least recently used first, while the cells they alone
         hold exceed the budget or leave the running requests too little of the pool."""
         reserved = sum(_reserve(running.item) for running in self._running)
+        per_token = max(1, self._reuse.bytes_per_token)
+        budget_cells = self._reuse.budget_tokens
         while True:
             idle = self._store.idle_cells()
+            held = idle + -(-self._host.bytes // per_token)  # host bytes as cells, rounded up
+            if held > budget_cells and self._host.evict_lru():
+                continue  # host copies left the context earlier: the oldest go first
             if idle == 0:
                 break
-            if idle <= self._reuse.budget_tokens and reserved + idle <= self._kv_cache_tokens:
+            over_budget = held > budget_cells
+            if not over_budget and reserved + idle <= self._kv_cache_tokens:
                 break
             victim = self._store.lru_idle()
             if victim is None:
                 break
-            self._evict(victim)
+            self._evict(victim, spill=not over_budget)
         self._publish_reuse()
 
     def _publish_reuse(self) -> None:
@@ -382,9 +445,12 @@ class LlamaScheduler:
         self._reuse_stats = ReuseStats(
             reused_tokens=counters.reused_tokens,
             read_tokens=self._read_tokens,
-            evictions=counters.evictions,
+            evictions=counters.evictions + self._host.evictions,
             idle_sequences=len(self._store.idle_handles()),
             idle_tokens=self._store.idle_cells(),
+            host_sequences=len(self._host),
+            host_bytes=self._host.bytes,
+            restores=self._restores,
         )
 
     def _release(self, running: _Running, *, keep: bool = True) -> None:

@@ -89,6 +89,9 @@ class PrefixStore(Generic[H]):
     def tokens(self, handle: H) -> Sequence[int]:
         return self._entries[handle].tokens
 
+    def namespace(self, handle: H) -> Namespace:
+        return self._entries[handle].namespace
+
     def is_idle(self, handle: H) -> bool:
         return not self._entries[handle].running
 
@@ -231,3 +234,61 @@ def _unique_cells(entries: Iterable[_Entry]) -> int:
             if size > longest.get(block, 0):
                 longest[block] = size
     return sum(longest.values())
+
+
+P = TypeVar("P")
+
+
+@dataclass(slots=True)
+class _HostEntry(Generic[P]):
+    namespace: Namespace
+    tokens: tuple[int, ...]
+    payload: P
+    size: int
+    used: int
+
+
+class HostCache(Generic[P]):
+    """Sequences moved out of the engine into host memory (a saved state, `payload`), found
+    by the same exact match as kept sequences; least recently stored go first."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _HostEntry[P]] = {}
+        self._ids = itertools.count()
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, namespace: Namespace, tokens: Sequence[int], payload: P, size: int) -> int:
+        key = next(self._ids)
+        self._entries[key] = _HostEntry(namespace, tuple(tokens), payload, size, key)
+        self.bytes += size
+        return key
+
+    def best_match(self, namespace: Namespace, prompt: Sequence[int]) -> tuple[int, int] | None:
+        """(key, tokens to reuse) of the longest exact match, at most ``len(prompt) - 1``."""
+        best: tuple[int, int] | None = None
+        for key, entry in self._entries.items():
+            if entry.namespace != namespace:
+                continue
+            length = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
+            if length > 0 and (best is None or length > best[1]):
+                best = (key, length)
+        return best
+
+    def take(self, key: int) -> tuple[tuple[int, ...], P]:
+        """Remove the entry (it goes back into the engine): its tokens and payload."""
+        entry = self._entries.pop(key)
+        self.bytes -= entry.size
+        return entry.tokens, entry.payload
+
+    def evict_lru(self) -> bool:
+        """Drop the least recently stored entry; False when empty."""
+        if not self._entries:
+            return False
+        key = min(self._entries)
+        self.bytes -= self._entries.pop(key).size
+        self.evictions += 1
+        return True

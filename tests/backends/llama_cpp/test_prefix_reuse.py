@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import trio
 
+from llm_local.backends.base import BackendStats
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.library import (
     ContextOptions,
@@ -57,10 +58,10 @@ TINY_BUDGET_MB = 2.0
 # 104 calls (the issue asks 200: `CALL_WAVES=25` measured the same, 53 s on a loaded 2-core
 # machine, too long for `make test`).
 CALL_WAVES = 13
-# Nats per token an answer decoded among others may lose against the alone-answer: 12-token
-# answers, one flipped near-tie changes the rest; measured gaps -0.16 .. +0.39 (one run,
-# 9 of 32 answers equal as text).
-NLL_TOLERANCE = 0.5
+# Where an answer decoded among others first leaves its alone-answer, the most the model
+# (scored alone) may prefer the alone-answer's token over the one taken, in nats: a near tie.
+# Measured: -0.25 .. +0.19 over the 12 calls that diverged in one run of the 16-call test.
+NEAR_TIE_NATS = 0.5
 
 
 def settings(**llama_cpp: object) -> AppSettings:
@@ -87,6 +88,17 @@ class loaded:  # used as `async with loaded(...)`
 
     async def __aexit__(self, *_: object) -> None:
         await self._backend.aclose()
+
+
+async def settled_stats(backend: LlamaCppBackend) -> BackendStats:
+    """The backend's stats once its worker has released every request: a consumer gets its
+    last token before the worker, in the same step, keeps the request's sequence."""
+    for _ in range(3000):  # 30 s at most: a hang guard
+        stats = backend.stats()
+        if not stats.running:
+            return stats
+        await trio.sleep(0.01)
+    raise AssertionError("the backend's worker kept a request running")
 
 
 async def answer(
@@ -151,10 +163,48 @@ async def test_a_call_reads_only_its_new_turn_and_answers_as_without_reuse(
         # Every later turn reuses at least the whole previous prompt.
         assert now.cached_tokens >= previous.prompt_tokens
         assert now.cached_tokens < now.prompt_tokens
-    stats = reusing.stats()
+    stats = await settled_stats(reusing)
     assert stats.prefix_reused_tokens == sum(f.cached_tokens for _, f in with_reuse)
     assert stats.prefix_read_tokens == sum(f.prompt_tokens - f.cached_tokens for _, f in with_reuse)
     assert stats.prefix_cache_entries == 1 and stats.prefix_cache_bytes > 0
+
+
+async def test_a_call_evicted_for_its_sequence_comes_back_from_host_memory() -> None:
+    """Three calls taking turns on one running sequence and one kept: each turn evicts the
+    call kept before it, saved to host memory (llama_state_seq_get_data); its next turn
+    restores it (set_data) and reads only the new tokens, answering as without reuse."""
+    callers = personas(3)
+    lines = ["Hello, who are you?", "What is my customer number?", "Thanks, goodbye."]
+
+    async def turns(backend: LlamaCppBackend) -> list[list[tuple[str, Finished]]]:
+        results: list[list[tuple[str, Finished]]] = [[] for _ in callers]
+        histories: list[list[ChatTurn]] = [[] for _ in callers]
+        for line in lines:
+            for i, persona in enumerate(callers):  # A, B, C, A, B, C, ...
+                text, finished, _ = await answer(
+                    backend, turn_request(persona, histories[i], line, max_new=12)
+                )
+                results[i].append((text, finished))
+                histories[i] += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, text)]
+        return results
+
+    async with loaded(settings(prefix_cache_mb=0.0, sequences=1)) as plain:
+        without = await turns(plain)
+    async with loaded(settings(prefix_cache_mb=64.0, sequences=1)) as backend:
+        restored = await turns(backend)
+        stats = await settled_stats(backend)
+
+        gaps, same = nll_gaps(backend, callers, lines, restored, without)
+
+    # Measured: 7 and 8 of 9 answers equal as text in two runs, the others a near tie apart
+    # (-0.18 nats; the 16-call test's docstring: rounding follows where the cells lie).
+    assert max(gaps, default=0.0) <= NEAR_TIE_NATS, (gaps, same)
+    assert same >= 5, same
+    for call_turns in restored:
+        for (_, previous), (_, now) in itertools.pairwise(call_turns):
+            assert now.cached_tokens >= previous.prompt_tokens  # the whole call came back
+    assert stats.prefix_evictions == 0  # moved to host memory, none dropped
+    assert stats.prefix_cache_entries == 3  # one kept in the context, two in host memory
 
 
 def personas(n: int) -> list[str]:
@@ -182,28 +232,39 @@ class Scorer:
             ContextOptions(kv_cache_tokens=1024, sequences=1, batch_tokens=1024, threads=2),
         )
 
-    def nll(self, prompt: Sequence[int], answer_text: str) -> float:
-        """Mean negative log-likelihood per token of `answer_text` (as it encodes)."""
+    def divergence_gap(self, prompt: Sequence[int], mine: str, reference: str) -> float:
+        """At the first token where `mine` leaves `reference` (both after `prompt`), how
+        much less likely the model finds my token than the reference's, in nats: about 0
+        for a near tie that rounding flipped; large for an answer to another conversation."""
+        ids_mine = self._tokenizer.encode(mine)
+        ids_ref = self._tokenizer.encode(reference)
+        common = 0
+        while common < min(len(ids_mine), len(ids_ref)) and ids_mine[common] == ids_ref[common]:
+            common += 1
+        if common == len(ids_mine) or common == len(ids_ref):
+            return 0.0  # one ends where the other goes on: the end token decided, not text
+        row = self._next_logprobs([*prompt, *ids_ref[:common]])
+        return float(row[ids_ref[common]] - row[ids_mine[common]])
+
+    def _next_logprobs(self, ids: Sequence[int]) -> np.ndarray:
         lib, handle = self._lib, self._handle
-        answer_ids = self._tokenizer.encode(answer_text)
-        ids = [*prompt, *answer_ids]
         lib.llama_memory_seq_rm(handle.memory, 0, -1, -1)
         batch = lib.llama_batch_init(len(ids), 0, 1)
         try:
             for i, token in enumerate(ids):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if i >= len(prompt) - 1 else 0
+                batch.logits[i] = 1 if i == len(ids) - 1 else 0
             batch.n_tokens = len(ids)
             assert lib.llama_decode(handle.ctx, batch) == 0
             vocab = self._tokenizer.vocab_size
-            total = 0.0
-            for i in range(len(prompt) - 1, len(ids) - 1):
-                row = np.ctypeslib.as_array(lib.llama_get_logits_ith(handle.ctx, i), (vocab,))
-                row = row.astype(np.float64)
-                top = row.max()
-                total += float(np.log(np.exp(row - top).sum()) + top - row[ids[i + 1]])
-            return total / max(1, len(answer_ids))
+            row = np.ctypeslib.as_array(
+                lib.llama_get_logits_ith(handle.ctx, len(ids) - 1), (vocab,)
+            )
+            logits = row.astype(np.float64)
+            top = logits.max()
+            result: np.ndarray = logits - (np.log(np.exp(logits - top).sum()) + top)
+            return result
         finally:
             lib.llama_batch_free(batch)
 
@@ -219,54 +280,66 @@ async def test_sixteen_concurrent_calls_each_get_their_alone_answer_under_evicti
     Exact text equality is not what llama.cpp gives on a CPU even without any cache: its
     rounding depends on which sequences share a batch and where a sequence's cells lie in
     the pool (flash attention accumulates over cells in their order). Measured here: 16 calls
-    decoded together without reuse answered as alone in 6 of 16. So each answer is compared
-    teacher-forced instead: its mean log-likelihood per token, scored alone after its own
-    prompt, is within `NLL_TOLERANCE` of the alone-answer's (a near-tie flipped), where
-    another caller's state would give an answer the caller's own conversation does not
-    predict. Most answers are also equal as text."""
+    decoded together without reuse answered as alone in 6 of 16. So each call is compared
+    teacher-forced instead: where its answer first leaves its alone-answer, the model scored
+    alone (same prompt, same tokens before) finds both tokens about equally likely
+    (`NEAR_TIE_NATS`: a near tie that rounding flipped), where another caller's state would
+    pick a token the caller's own conversation does not predict."""
     callers = personas(16)
     lines = ["Hello, who are you?", "What is my customer number?"]
     async with loaded(settings(prefix_cache_mb=0.0)) as alone_backend:
-        alone = [await call(alone_backend, p, lines, max_new=12) for p in callers]
+        alone = [await call(alone_backend, p, lines, max_new=8) for p in callers]
 
     async with loaded(settings(prefix_cache_mb=TINY_BUDGET_MB)) as backend:
         together: list[list[tuple[str, Finished]]] = [[] for _ in callers]
 
         async def one(i: int) -> None:
-            together[i] = await call(backend, callers[i], lines, tenant=f"t{i}", max_new=12)
+            together[i] = await call(backend, callers[i], lines, tenant=f"t{i}", max_new=8)
 
         async with trio.open_nursery() as nursery:
             for i in range(len(callers)):
                 nursery.start_soon(one, i)
-        stats = backend.stats()
+        stats = await settled_stats(backend)
 
-        scorer = Scorer(backend)
-        try:
-            gaps: list[float] = []
-            for persona, mine, reference in zip(callers, together, alone, strict=True):
-                history: list[ChatTurn] = []
-                ref_history: list[ChatTurn] = []
-                for line, (text, _), (ref_text, _) in zip(lines, mine, reference, strict=True):
-                    prompt = _ids(backend, turn_request(persona, history, line))
-                    ref_prompt = _ids(backend, turn_request(persona, ref_history, line))
-                    gaps.append(scorer.nll(prompt, text) - scorer.nll(ref_prompt, ref_text))
-                    history += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, text)]
-                    ref_history += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, ref_text)]
-        finally:
-            scorer.free()
+        gaps, same = nll_gaps(backend, callers, lines, together, alone)
 
-    same = sum(
-        t == r
-        for c, a in zip(together, alone, strict=True)
-        for (t, _), (r, _) in zip(c, a, strict=True)
-    )
-    assert max(gaps) <= NLL_TOLERANCE, (gaps, same)
+    assert max(gaps, default=0.0) <= NEAR_TIE_NATS, (gaps, same)
     assert same >= len(gaps) // 8, same
     assert stats.prefix_evictions > 0  # the budget forced evictions
     # Reuse happened across callers (the shared persona opening) and within calls.
     assert sum(f.cached_tokens for c in together for _, f in c) == stats.prefix_reused_tokens
     assert stats.prefix_reused_tokens > 0
     assert stats.prefix_cache_bytes <= TINY_BUDGET_MB * 1024 * 1024
+
+
+Answers = list[list[tuple[str, Finished]]]
+
+
+def nll_gaps(
+    backend: LlamaCppBackend, callers: list[str], lines: list[str], mine: Answers, alone: Answers
+) -> tuple[list[float], int]:
+    """Per call, at its first answer that differs from the alone-answer (the history before
+    it equal, so the prompt is the same): the divergence gap (`Scorer.divergence_gap`); and
+    how many answers are equal as text."""
+    scorer = Scorer(backend)
+    gaps: list[float] = []
+    try:
+        for persona, answers, reference in zip(callers, mine, alone, strict=True):
+            history: list[ChatTurn] = []
+            for line, (text, _), (ref_text, _) in zip(lines, answers, reference, strict=True):
+                if text != ref_text:
+                    prompt = _ids(backend, turn_request(persona, history, line))
+                    gaps.append(scorer.divergence_gap(prompt, text, ref_text))
+                    break
+                history += [ChatTurn(Role.USER, line), ChatTurn(Role.ASSISTANT, text)]
+    finally:
+        scorer.free()
+    same = sum(
+        text == ref
+        for answers, reference in zip(mine, alone, strict=True)
+        for (text, _), (ref, _) in zip(answers, reference, strict=True)
+    )
+    return gaps, same
 
 
 def _ids(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[int, ...]:
@@ -312,7 +385,7 @@ async def test_kept_state_stays_within_its_budget_over_many_calls() -> None:
                 for i in range(8):
                     nursery.start_soon(one, wave * 8 + i)
             rss.append(rss_bytes())
-        stats = backend.stats()
+        stats = await settled_stats(backend)
 
     assert len(held) == CALL_WAVES * 8
     assert max(held) <= budget_bytes

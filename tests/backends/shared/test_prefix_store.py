@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from llm_local.backends.shared.prefix_store import Namespace, PrefixStore, common_prefix
+from llm_local.backends.shared.prefix_store import (
+    HostCache,
+    Namespace,
+    PrefixStore,
+    common_prefix,
+)
 
 MODEL = Namespace("smollm2")
 
@@ -136,3 +141,21 @@ def test_bad_operations_are_refused() -> None:
     store.take_over(0, 1)
     with pytest.raises(ValueError):
         store.take_over(0, 1)
+
+
+def test_the_host_cache_matches_exactly_and_drops_the_oldest_first() -> None:
+    host: HostCache[bytes] = HostCache()
+    first = host.add(MODEL, [1, 2, 3, 4], b"a" * 10, 10)
+    host.add(MODEL, [1, 2, 9], b"b" * 5, 5)
+    host.add(Namespace("smollm2", salt="x"), [1, 2, 3, 4, 5], b"c", 1)
+
+    assert host.best_match(MODEL, [1, 2, 3, 4, 5]) == (first, 4)
+    assert host.best_match(MODEL, [7]) is None
+    assert host.bytes == 16
+    assert host.evict_lru() and host.bytes == 6 and host.evictions == 1
+    assert host.best_match(MODEL, [1, 2, 3, 4, 5]) is not None  # the [1, 2, 9] entry: 2
+    key, length = host.best_match(MODEL, [1, 2, 3, 4, 5]) or (0, 0)
+    assert length == 2
+    tokens, payload = host.take(key)
+    assert (tokens, payload, host.bytes) == ((1, 2, 9), b"b" * 5, 1)
+    assert host.evict_lru() and not host.evict_lru()

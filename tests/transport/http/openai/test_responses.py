@@ -9,7 +9,9 @@ from llm_local.core.types import Finished, FinishReason
 from llm_local.transport.http.openai.errors import OpenAIError
 from llm_local.transport.http.openai.responses import Completion, StreamEncoder
 
-FINISHED = Finished(FinishReason.CONTEXT_FULL, prompt_tokens=10, completion_tokens=3)
+FINISHED = Finished(
+    FinishReason.CONTEXT_FULL, prompt_tokens=10, completion_tokens=3, cached_tokens=6
+)
 
 
 def events(data: bytes) -> list[Any]:
@@ -43,7 +45,7 @@ def test_whole_chat_completion() -> None:
             "prompt_tokens": 10,
             "completion_tokens": 3,
             "total_tokens": 13,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": 6},  # the prompt tokens reused
         },
     }
 
