@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,7 +52,9 @@ QUICK_STREAMS = (1, 4)
 
 # llama.cpp's server: FINDINGS.md's setup (-t 2 -np 32 -c 16384): 512 context tokens per
 # slot, enough for these prompts and 128 new tokens.
-LLAMA_CPP_THREADS = 2
+# BENCH_LLAMA_CPP_THREADS overrides the thread count, e.g. to match what the llama_cpp backend
+# measured at load on a shared machine (where 2 threads stall at llama.cpp's barriers).
+LLAMA_CPP_THREADS = int(os.environ.get("BENCH_LLAMA_CPP_THREADS", "2"))
 LLAMA_CPP_SLOTS = 32
 LLAMA_CPP_CONTEXT = 16384
 
