@@ -31,6 +31,7 @@ from llm_local.core.types import (
     TextChunk,
 )
 from llm_local.settings.loader import load_settings
+from tests.backends.llama_cpp.scoring import NEAR_TIE_NATS, Scorer
 
 pytestmark = pytest.mark.model
 
@@ -124,7 +125,19 @@ async def test_constrained_and_free_requests_decode_side_by_side(
     jsonschema.validate(json.loads(results["schema"][0]), PERSON)
     free_text, _ = results["free"]
     alone, _ = await generate(backend, "Describe a person.", None, 40)
-    assert free_text == alone  # greedy: the neighbours' masks never touch its row
+    # Greedy: the neighbours' masks never touch its row. A mask on it would have made it
+    # JSON or a tool call; and where it parts from its alone-answer (llama.cpp's rounding
+    # follows the batch's shape: scoring.py), the model finds both tokens about as likely.
+    assert not free_text.lstrip().startswith(("{", "<")), free_text
+    if free_text != alone:
+        request = GenerationRequest(user_prompt="Describe a person.", max_new_tokens=40)
+        prompt = prepare_prompt(request, backend.tokenizer, backend.info.context_limit).ids
+        scorer = Scorer(backend, plan_from_settings(load_settings(env="test")).gguf)
+        try:
+            gap = scorer.divergence_gap(prompt, free_text, alone)
+        finally:
+            scorer.free()
+        assert gap <= NEAR_TIE_NATS, (gap, free_text, alone)
     auto_text = results["auto"][0]
     # auto: a text answer (not starting with "<") or well-formed calls
     answer = fmt.read_answer(auto_text)
