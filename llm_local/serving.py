@@ -107,6 +107,7 @@ class CallMetadata:
     tenant_id: str | None = None
     trace_id: str | None = None
     span_id: str | None = None
+    call_id: str | None = None  # x-call-id: one conversation's turns share it
     time_remaining_s: float | None = None  # until the client's deadline; None = none
     peer: str | None = None
 
@@ -186,6 +187,7 @@ class GenerationFlow:
             tenant_id=call.tenant_id,
             trace_id=call.trace_id,
             span_id=call.span_id,
+            call_id=call.call_id,
         )
         log = request_logger(context, self._log)
         record = _Record(started=time.perf_counter())

@@ -112,6 +112,9 @@ class RequestContext:
     tenant_id: str | None = None
     trace_id: str | None = None
     span_id: str | None = None
+    # The gateway's id of the conversation (x-call-id): the same on every turn of a call,
+    # so its turns can be followed across log lines and replicas (docs/SCALING.md).
+    call_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from llm_local.core.types import RequestContext
     from llm_local.settings.schema import LoggingSettings
 
-REQUEST_FIELDS = ("request_id", "tenant_id", "trace_id", "span_id")
-_TEXT_TAGS = (("request_id", "req"), ("tenant_id", "tenant"), ("trace_id", "trace"),
-              ("span_id", "span"))  # fmt: skip
+REQUEST_FIELDS = ("request_id", "tenant_id", "call_id", "trace_id", "span_id")
+_TEXT_TAGS = (("request_id", "req"), ("tenant_id", "tenant"), ("call_id", "call"),
+              ("trace_id", "trace"), ("span_id", "span"))  # fmt: skip
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -164,12 +164,13 @@ class RequestLoggerAdapter(logging.LoggerAdapter[logging.Logger]):
 def request_logger(
     context: RequestContext, logger: logging.Logger | None = None
 ) -> logging.LoggerAdapter[logging.Logger]:
-    """A logger whose lines carry `context`'s request, tenant, trace and span ids."""
+    """A logger whose lines carry `context`'s request, tenant, call, trace and span ids."""
     return RequestLoggerAdapter(
         logger if logger is not None else logging.getLogger("llm_local.request"),
         {
             "request_id": context.request_id,
             "tenant_id": context.tenant_id,
+            "call_id": context.call_id,
             "trace_id": context.trace_id,
             "span_id": context.span_id,
         },

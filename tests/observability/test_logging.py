@@ -12,7 +12,9 @@ from llm_local.core.types import RequestContext
 from llm_local.observability.logging import configure_logging, request_logger
 from llm_local.settings.schema import LoggingSettings
 
-CONTEXT = RequestContext(request_id="r-1", tenant_id="acme", trace_id="t-9", span_id="s-3")
+CONTEXT = RequestContext(
+    request_id="r-1", tenant_id="acme", trace_id="t-9", span_id="s-3", call_id="c-5"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +44,7 @@ def test_json_lines_carry_the_request_fields_and_extras(capsys: pytest.CaptureFi
     assert entry["tenant_id"] == "acme"
     assert entry["trace_id"] == "t-9"
     assert entry["span_id"] == "s-3"
+    assert entry["call_id"] == "c-5"
     assert entry["status"] == "OK"
     assert entry["completion_tokens"] == 7
     assert entry["ttft_s"] == 0.05
@@ -60,11 +63,11 @@ def test_json_puts_an_exception_in_one_line(capsys: pytest.CaptureFixture[str]) 
 
 def test_text_tags_the_line_with_the_request(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(LoggingSettings(level="DEBUG", format="text"))
-    request_logger(RequestContext(request_id="r-2", tenant_id="acme")).debug(
+    request_logger(RequestContext(request_id="r-2", tenant_id="acme", call_id="c-5")).debug(
         "admitted", extra={"queued_s": 0.0}
     )
     line = last_line(capsys)
-    assert "[req=r-2 tenant=acme]" in line
+    assert "[req=r-2 tenant=acme call=c-5]" in line
     assert "admitted" in line
     assert "queued_s=0.0" in line
     assert "trace=" not in line  # absent ids are left out, not printed as None

@@ -44,6 +44,7 @@ LOCAL_SERVICE = "sentiric.llm.v1.LLMLocalService"
 TENANT_ID_KEY = "x-tenant-id"
 TRACE_ID_KEY = "x-trace-id"
 SPAN_ID_KEY = "x-span-id"
+CALL_ID_KEY = "x-call-id"  # docs/SCALING.md: a call's turns share it
 
 
 def call_metadata(stream: TrioStream) -> CallMetadata:
@@ -55,6 +56,7 @@ def call_metadata(stream: TrioStream) -> CallMetadata:
         tenant_id=value(TENANT_ID_KEY),
         trace_id=value(TRACE_ID_KEY),
         span_id=value(SPAN_ID_KEY),
+        call_id=value(CALL_ID_KEY),
         time_remaining_s=stream.time_remaining(),
         peer=stream.peer_address,
     )

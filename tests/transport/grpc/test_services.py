@@ -237,13 +237,19 @@ async def test_request_metadata_is_logged_with_the_outcome(
     start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = await start_server()
-    metadata = [("x-tenant-id", "acme"), ("x-trace-id", "trace-1"), ("x-span-id", "span-9")]
+    metadata = [
+        ("x-tenant-id", "acme"),
+        ("x-trace-id", "trace-1"),
+        ("x-span-id", "span-9"),
+        ("x-call-id", "call-3"),  # the same on every turn of a call (docs/SCALING.md)
+    ]
 
     with caplog.at_level(logging.INFO, logger="llm_local.request"):
         await server.call(lambda: list(server.llama(request(), metadata=metadata)))
 
     (line,) = [r for r in caplog.records if r.getMessage() == "request finished"]
     assert (line.tenant_id, line.trace_id, line.span_id) == ("acme", "trace-1", "span-9")  # type: ignore[attr-defined]
+    assert line.call_id == "call-3"  # type: ignore[attr-defined]
     assert line.status == "OK"  # type: ignore[attr-defined]
     assert line.completion_tokens == len(b"Echo: Hi") + 1  # type: ignore[attr-defined]
     assert line.ttft_ms is not None  # type: ignore[attr-defined]

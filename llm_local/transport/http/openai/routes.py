@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 TENANT_ID_HEADER = "x-tenant-id"
 TRACE_ID_HEADER = "x-trace-id"
 SPAN_ID_HEADER = "x-span-id"
+CALL_ID_HEADER = "x-call-id"  # docs/SCALING.md: a call's turns share it
 # The service label of the request metrics and log lines (gRPC's are its service names).
 RPC_NAMES: dict[Kind, str] = {"chat": "openai.chat.completions", "completion": "openai.completions"}
 # The same labels by path, for what is refused before a route runs (headers too large).
@@ -193,6 +194,7 @@ def _call_metadata(user: str | None) -> CallMetadata:
         tenant_id=header(TENANT_ID_HEADER) or (user or "").strip() or None,
         trace_id=header(TRACE_ID_HEADER),
         span_id=header(SPAN_ID_HEADER),
+        call_id=header(CALL_ID_HEADER),
         peer=None if remote is None else str(remote),
     )
 

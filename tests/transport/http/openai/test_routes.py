@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 from quart.typing import TestClientProtocol as Client
 
@@ -337,3 +339,21 @@ async def test_adapters_a_backend_cannot_apply_are_not_listed_and_refused_by_nam
     error = (await refused.get_json())["error"]
     assert error["param"] == "model"
     assert "cannot apply LoRA adapters" in error["message"]
+
+
+async def test_the_request_log_line_names_the_call_its_turn_belongs_to(
+    make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await ready(make_service())
+    with caplog.at_level(logging.INFO, logger="llm_local.request"):
+        async with client_for(service) as client:
+            for turn in ("Hello", "And then?"):
+                response = await client.post(
+                    CHAT, json=chat_body(turn), headers={"x-call-id": "call-42"}
+                )
+                assert response.status_code == 200
+            anonymous = await client.post(CHAT, json=chat_body("Who?"))
+            assert anonymous.status_code == 200
+
+    finished = [r for r in caplog.records if r.getMessage() == "request finished"]
+    assert [getattr(r, "call_id", "unset") for r in finished] == ["call-42", "call-42", None]
