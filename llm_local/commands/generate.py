@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant-id", help="sent as x-tenant-id metadata")
     parser.add_argument("--trace-id", help="sent as x-trace-id metadata")
     parser.add_argument(
+        "--call-id", help="sent as x-call-id metadata (the conversation; docs/SCALING.md)"
+    )
+    parser.add_argument(
         "--service",
         choices=("llama", "local"),
         default="llama",
@@ -107,6 +110,8 @@ def _metadata(args: argparse.Namespace) -> dict[str, str]:
         metadata["x-tenant-id"] = args.tenant_id
     if args.trace_id:
         metadata["x-trace-id"] = args.trace_id
+    if args.call_id:
+        metadata["x-call-id"] = args.call_id
     return metadata
 
 
