@@ -11,6 +11,7 @@ from pathlib import Path
 from bench.models import EncodedPrompts
 from bench.records import LevelRun, RateRun
 from bench.served import Kernels
+from bench.studies import Studies
 
 Collect = Callable[[LevelRun], None]
 
@@ -33,3 +34,5 @@ class ScenarioContext:
     # What the ct2 server chose on this machine (bench/served.py): the in-process ceiling
     # runs it. None: not known (the in-process scenarios then refuse to run).
     kernels: Kernels | None = None
+    # The study scenarios' results (bench/studies.py), as each one ends.
+    studies: Studies = field(default_factory=Studies)
