@@ -130,9 +130,9 @@ class BenchConfig:
             gateway_min_requests=4,
             gateway_max_levels=2,
             gateway_refinements=0,
-            # Six turns: the fewest that have a first three and a last three.
+            # Seven turns: the fewest whose first three and last four are apart.
             call_levels=(1,),
-            call_turns=6,
+            call_turns=7,
             call_think_s=0.0,
             call_max_new_tokens=4,
             structured_streams=(1, 4),

@@ -162,7 +162,7 @@ def test_the_studies_are_scenarios_with_modest_quick_sizes_and_call_options() ->
 
     assert set(STUDY_SCENARIOS) <= set(ALL_SCENARIOS)
     quick = parse("--quick")
-    assert quick.call_levels == (1,) and quick.call_turns == 6 and quick.call_think_s == 0
+    assert quick.call_levels == (1,) and quick.call_turns == 7 and quick.call_think_s == 0
     assert quick.structured_streams == (1, 4) and quick.lora_streams == 4
     full = parse("--call-levels", "8,1", "--call-turns", "12", "--call-think-s", "0.5")
     assert (full.call_levels, full.call_turns, full.call_think_s) == ((1, 8), 12, 0.5)

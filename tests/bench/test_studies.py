@@ -17,6 +17,7 @@ from bench.studies import (
     lora_rows,
     structured_rows,
     study_tables,
+    tail_growth,
     turn_growth,
     turn_percentiles,
     turn_plot_series,
@@ -51,6 +52,12 @@ def test_growth_is_the_slowest_last_turn_over_the_median_of_the_first_three() ->
     assert turn_growth([100.0, None, 100.0, 100.0, 100.0, 100.0]) is None
 
 
+def test_tail_growth_is_the_slowest_of_the_last_four_over_the_slowest_of_the_first_three() -> None:
+    assert tail_growth([100.0, 300.0, 200.0, 100.0, 600.0, 100.0, 100.0]) == 2.0
+    assert tail_growth([100.0] * 6) is None  # the first three and the last four overlap
+    assert tail_growth([100.0] * 6 + [None]) is None
+
+
 def test_turn_table_has_a_row_per_turn_and_a_column_per_variant() -> None:
     header, rows = turn_table([series("reuse", GROWING), series("no reuse", GROWING[:3])])
     assert header == ("turn", "reuse, 2 calls p50 / p95 ms", "no reuse, 2 calls p50 / p95 ms")
@@ -63,8 +70,10 @@ def test_summary_gives_growth_reuse_memory_and_the_verdict() -> None:
     flat = [[0.1, 0.1]] * 6
     rows = turn_summary_rows([series("reuse", flat), series("no reuse", GROWING)])
     assert len(rows[0]) == len(TURN_SUMMARY_COLUMNS)
-    assert rows[0] == ["reuse", "2", "1.00×", "1.00×", "300 / 1,000", "3.0", "met"]
+    assert rows[0] == ["reuse", "2", "1.00×", "–", "300 / 1,000", "3.0", "met"]
     assert rows[1][2] == "5.00×" and rows[1][-1] == "MISSED"
+    seven = turn_summary_rows([series("reuse", [[0.1, 0.1]] * 3 + [[0.2, 0.2]] * 4)])
+    assert seven[0][2:4] == ["2.00×", "2.00×"]
     peer = TurnSeries("llama.cpp server, cache_prompt", 1, tuple((0.1,) for _ in range(6)))
     assert turn_summary_rows([peer])[0][4:6] == ["–", "–"]  # the peer has no counters
 
