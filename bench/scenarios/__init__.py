@@ -4,6 +4,7 @@ keeps what was measured), or raises `ScenarioSkipped` with the reason."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,3 +37,10 @@ class ScenarioContext:
     kernels: Kernels | None = None
     # The study scenarios' results (bench/studies.py), as each one ends.
     studies: Studies = field(default_factory=Studies)
+
+
+def quiet_llama_cpp() -> None:
+    """llama.cpp in this process logs every tensor it loads (thousands of lines per load,
+    through llama-cpp-python's logger): they would bury the bench's own output. Warnings
+    and errors still show."""
+    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)

