@@ -6,7 +6,10 @@ Scenarios, all on the same converted SmolLM2 model and the same prompts, greedy:
 - ``ct2-batch``: in-process `generate_batch` on two single-thread workers (the ceiling);
 - ``grpc``: the real server (`llm-local serve`) through the official grpcio client;
 - ``llama.cpp``: llama.cpp's own server on the same GGUF (the peer), when built;
-- ``transformers``: transformers `generate` in float32 (the reference).
+- ``transformers``: transformers `generate` in float32 (the reference);
+- ``gateway``: the open loop shaped like the gateway (capacity at SLO);
+- ``call-turns``, ``structured``, ``lora``: studies of one llama_cpp feature on and off,
+  in process (bench/studies.py).
 
 Pure parts (statistics, ratios, targets, rendering) live apart from the parts that
 start processes and measure, so they can be unit-tested without timings.

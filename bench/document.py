@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from bench.config import BenchConfig
 from bench.paths import without_absolute_paths
@@ -32,6 +32,7 @@ from bench.report import (
 )
 from bench.slo import RateSummary, Slo, capacity_at_slo, capacity_ratio
 from bench.stats import LevelSummary
+from bench.studies import STUDY_LABELS, Studies, study_tables
 from bench.workload import MAX_HISTORY_TURNS, MAX_NEW_TOKENS, MIN_NEW_TOKENS, RAG_SHARE, TENANTS
 
 
@@ -50,6 +51,7 @@ class RunOutcome:
     load_average_at_end: tuple[float, float, float] | None
     rate_runs: Sequence[RateRun] = ()  # the open loop's levels
     rate_summaries: Sequence[RateSummary] = ()
+    studies: Studies = field(default_factory=Studies)  # the one-feature studies
 
 
 def results_json(outcome: RunOutcome) -> dict[str, object]:
@@ -77,6 +79,11 @@ def results_json(outcome: RunOutcome) -> dict[str, object]:
         "levels": levels,
         "skipped": [asdict(skip) for skip in outcome.skipped],
         "targets": [asdict(target) for target in outcome.targets],
+        "studies": {
+            "call_turns": [asdict(series) for series in outcome.studies.call_turns],
+            "structured": [asdict(level) for level in outcome.studies.structured],
+            "lora": [asdict(run) for run in outcome.studies.lora],
+        },
         "open_loop": [
             {
                 **{key: _finite(value) for key, value in asdict(summary).items()},
@@ -119,9 +126,11 @@ def render_markdown(
     throughput_png: str | None,
     ttft_png: str | None,
     slo_pngs: Sequence[str] = (),
+    call_turns_png: str | None = None,
 ) -> str:
     """The report; no absolute path of this machine survives into it."""
-    return without_absolute_paths(_markdown(outcome, throughput_png, ttft_png, slo_pngs))
+    text = _markdown(outcome, throughput_png, ttft_png, slo_pngs, call_turns_png)
+    return without_absolute_paths(text)
 
 
 def _markdown(
@@ -129,6 +138,7 @@ def _markdown(
     throughput_png: str | None,
     ttft_png: str | None,
     slo_pngs: Sequence[str],
+    call_turns_png: str | None = None,
 ) -> str:
     table = Summaries(outcome.summaries)
     config = outcome.config
@@ -166,6 +176,7 @@ def _markdown(
         if image is not None:
             lines += [f"![{title}]({image})", ""]
     lines += _open_loop_section(outcome, slo_pngs)
+    lines += studies_section(outcome.studies, call_turns_png)
     lines += _method_section(config)
     lines += _setup_section(outcome, machine)
     return "\n".join(lines).rstrip() + "\n"
@@ -211,6 +222,41 @@ def _method_section(config: BenchConfig) -> list[str]:
         "a batch ends).",
         "",
     ]
+
+
+def studies_section(studies: Studies, call_turns_png: str | None) -> list[str]:
+    """The one-feature studies: each one's tables, the calls' plot, what was compared."""
+    lines = ["## Studies: one feature on and off, side by side", ""]
+    tables = study_tables(studies)
+    if not tables:
+        return [*lines, "Not measured in this run (scenarios " + _study_names() + ").", ""]
+    for title, header, rows in tables:
+        lines += [f"### {title}", "", render_markdown_table(rows, header), ""]
+        if title.startswith("Calls: TTFT by turn") and call_turns_png is not None:
+            lines += [f"![TTFT by turn]({call_turns_png})", ""]
+    lines += [f"- `{key}`: {label}" for key, label in STUDY_LABELS.items()]
+    lines += [
+        "- `call-turns` (bench/call_turns.py): concurrent calls, each a persona of its "
+        "tenant as the system prompt (about 220 tokens), scripted caller lines, the "
+        "answers fed back into the history and the whole history resent every turn, a "
+        "think time between turns; greedy. The llama_cpp backend in process with "
+        "`prefix_cache_mb` at its default and at 0, one after the other; llama.cpp's "
+        "server with `cache_prompt: true` on the same calls when it is built. Growth: "
+        "the slowest of the last three turns over the median of turns 1-3. Tokens "
+        "reused / read and bytes held: the backend's prefix-cache counters.",
+        "- `structured` (bench/structured.py speed): the same endless prompt free and "
+        "constrained by a JSON schema that keeps it generating as long; rounds "
+        "interleaved, medians of tokens/s over the whole level and of TTFT.",
+        "- `lora` (bench/llama_cpp_lora.py): every stream decodes the same prompt; the "
+        "base alone, then streams assigned in turn to the base and four adapters (five "
+        "groups), each on a freshly loaded backend; aggregate tokens/s.",
+        "",
+    ]
+    return lines
+
+
+def _study_names() -> str:
+    return ", ".join(f"`{key}`" for key in STUDY_LABELS)
 
 
 def _open_loop_section(outcome: RunOutcome, pngs: Sequence[str]) -> list[str]:

@@ -8,7 +8,7 @@ is real), the backend is loaded once per variant from the test settings (the Smo
 and every stream decodes NEW_TOKENS greedy tokens of one prompt. Variants, side by side in
 one run: "base" (every stream on the base model), "mix" (streams assigned in turn to the
 base and the four adapters: five groups, which llama.cpp decodes one per step). Printed:
-aggregate tokens/s of each and the ratio.
+aggregate tokens/s of each and the ratio. `make bench` runs it as the scenario `lora`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import time
 
 import trio
 
+from bench.report import render_text_table
+from bench.studies import LORA_COLUMNS, LoraRun, lora_rows
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
 from llm_local.backends.shared.source import resolve_model_source
@@ -54,6 +56,11 @@ async def run(streams: int, new_tokens: int, mix: bool) -> float:
             async for group in tokens:
                 counts[index] += len(group)
 
+    # Warm up: the first decode after a load pays one-off costs (buffers, pages) that
+    # would otherwise count against whichever variant runs first.
+    async with backend.generate(ids, 1, SamplingOptions(), GenerationHints()) as warm:
+        async for _ in warm:
+            pass
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for index in range(streams):
@@ -63,16 +70,17 @@ async def run(streams: int, new_tokens: int, mix: bool) -> float:
     return sum(counts) / elapsed
 
 
+def measure(streams: int, new_tokens: int) -> LoraRun:
+    """The base alone, then the mix, each on a freshly loaded backend."""
+    base = trio.run(run, streams, new_tokens, False)
+    mix = trio.run(run, streams, new_tokens, True)
+    return LoraRun(streams=streams, new_tokens=new_tokens, base_tps=base, mix_tps=mix)
+
+
 def main(argv: list[str]) -> None:
     streams = int(argv[0]) if argv else 16
     new_tokens = int(argv[1]) if len(argv) > 1 else 64
-    base = trio.run(run, streams, new_tokens, False)
-    mix = trio.run(run, streams, new_tokens, True)
-    print(
-        f"streams={streams} new_tokens={new_tokens} base tokens/s={base:.1f} "
-        f"mix (base + 4 adapters) tokens/s={mix:.1f} ratio={mix / base:.2f}",
-        flush=True,
-    )
+    print(render_text_table(lora_rows([measure(streams, new_tokens)]), LORA_COLUMNS), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from bench.records import (
 )
 from bench.report import TTFT_TARGET_FACTOR, TTFT_TARGET_STREAMS, Summaries
 from bench.slo import RateSummary, Slo
+from bench.studies import TURN_GROWTH_GOAL, TurnSeries, turn_plot_series
 
 LINE_SCENARIOS = (GRPC, LLAMA_CPP, CT2_BATCH)
 FLAT_SCENARIOS = (CT2_STREAM, TRANSFORMERS)  # one-stream baselines, drawn as levels
@@ -159,6 +160,27 @@ def plot_goodput(summaries: Sequence[RateSummary], path: Path) -> bool:
     axes.set_ylim(bottom=0)
     labels = ("goodput, req/s meeting the SLO", "Goodput (open loop)")
     _save_rates(plt, figure, axes, summaries, labels, path)
+    return True
+
+
+def plot_call_turns(series: Sequence[TurnSeries], path: Path) -> bool:
+    """Calls: TTFT p50 against the turn number, one line per variant and call count."""
+    lines = turn_plot_series(series)
+    if not lines:
+        return False
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for index, (label, turns, ttft_ms) in enumerate(lines):
+        axes.plot(turns, ttft_ms, marker="o", color=f"C{index}", label=label)
+    longest = max(max(turns) for _, turns, _ in lines)
+    axes.set_xticks(range(1, longest + 1))
+    axes.set_xlabel("turn of the call (the whole history resent every turn)")
+    axes.set_ylabel("time to first token p50, ms")
+    axes.set_ylim(bottom=0)
+    axes.set_title(
+        f"TTFT by turn, SmolLM2-135M (goal: last 3 turns ≤ {TURN_GROWTH_GOAL:g}× turns 1-3)"
+    )
+    _finish(plt, figure, axes, path)
     return True
 
 

@@ -3,7 +3,8 @@
     python -m bench.structured speed [--streams 1 16] [--tokens 64]
     python -m bench.structured coverage [--count 300] [--tokens 256] [--streams 16]
 
-`speed`: constrained vs unconstrained decoding side by side in one run, the same prompt
+`speed` (also `make bench`'s scenario `structured`): constrained vs unconstrained decoding
+side by side in one run, the same prompt
 (a count that never ends by itself), N concurrent streams, greedy: tokens/s over the
 whole run and the median time to first token. The constrained requests follow a JSON
 schema (an array of at least 200 integers) that keeps them generating as long as the
@@ -32,6 +33,8 @@ from typing import Any
 
 import trio
 
+from bench.report import render_text_table
+from bench.studies import STRUCTURED_COLUMNS, StructuredLevel, structured_rows
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
 from llm_local.core.generation import run_generation
@@ -102,23 +105,36 @@ async def run_level(
     return generated / wall, statistics.median(outcome.ttft_s for outcome in outcomes)
 
 
-async def speed(levels: list[int], tokens: int, rounds: int) -> None:
+async def measure_speed(levels: list[int], tokens: int, rounds: int) -> list[StructuredLevel]:
+    """Free and constrained at every level, `rounds` interleaved rounds each: medians."""
     backend = await load(max(levels))
     constraint = OutputConstraint(field="bench", schema=canonical_json(LONG_ARRAY))
+    found: list[StructuredLevel] = []
     try:
         await run_level(backend, 1, None, 8)  # warm up
-        print("streams  mode         tok/s   TTFT ms (median)")
         for streams in levels:
             results: dict[str, list[tuple[float, float]]] = {"free": [], "constrained": []}
             for _ in range(rounds):  # interleaved: load drift hits both alike
                 results["free"].append(await run_level(backend, streams, None, tokens))
                 results["constrained"].append(await run_level(backend, streams, constraint, tokens))
-            for mode, runs in results.items():
-                rate = statistics.median(r for r, _ in runs)
-                ttft = statistics.median(t for _, t in runs)
-                print(f"{streams:7d}  {mode:11s} {rate:7.1f}   {ttft * 1000:7.1f}")
+            free, constrained = results["free"], results["constrained"]
+            found.append(
+                StructuredLevel(
+                    streams=streams,
+                    free_tps=statistics.median(r for r, _ in free),
+                    constrained_tps=statistics.median(r for r, _ in constrained),
+                    free_ttft_s=statistics.median(t for _, t in free),
+                    constrained_ttft_s=statistics.median(t for _, t in constrained),
+                )
+            )
     finally:
         await backend.aclose()
+    return found
+
+
+async def speed(levels: list[int], tokens: int, rounds: int) -> None:
+    found = await measure_speed(levels, tokens, rounds)
+    print(render_text_table(structured_rows(found), STRUCTURED_COLUMNS))
 
 
 def corpus_schemas(corpus: Path, count: int) -> list[tuple[str, str]]:

@@ -4,6 +4,7 @@ keeps what was measured), or raises `ScenarioSkipped` with the reason."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from bench.models import EncodedPrompts
 from bench.records import LevelRun, RateRun
 from bench.served import Kernels
+from bench.studies import Studies
 
 Collect = Callable[[LevelRun], None]
 
@@ -33,3 +35,12 @@ class ScenarioContext:
     # What the ct2 server chose on this machine (bench/served.py): the in-process ceiling
     # runs it. None: not known (the in-process scenarios then refuse to run).
     kernels: Kernels | None = None
+    # The study scenarios' results (bench/studies.py), as each one ends.
+    studies: Studies = field(default_factory=Studies)
+
+
+def quiet_llama_cpp() -> None:
+    """llama.cpp in this process logs every tensor it loads (thousands of lines per load,
+    through llama-cpp-python's logger): they would bury the bench's own output. Warnings
+    and errors still show."""
+    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)

@@ -95,7 +95,8 @@ def run_main(
 ) -> int:
     monkeypatch.setattr(cli, "_scenario", lambda name: scenario)
     # Drawing is not under test here, and importing matplotlib alone takes seconds.
-    for plot in ("plot_throughput", "plot_ttft", "plot_slo_ttft", "plot_goodput"):
+    plots = ("plot_throughput", "plot_ttft", "plot_slo_ttft", "plot_goodput", "plot_call_turns")
+    for plot in plots:
         monkeypatch.setattr(cli, plot, lambda *args: False)
     return cli.main(
         [
@@ -154,3 +155,34 @@ def test_every_server_variant_is_a_closed_loop_scenario_and_an_open_loop_target(
         runner = cli._scenario(variant.scenario)
         assert isinstance(runner, functools.partial)
         assert runner.keywords["variant"] == variant
+
+
+def test_the_studies_are_scenarios_with_modest_quick_sizes_and_call_options() -> None:
+    from bench.studies import STUDY_SCENARIOS
+
+    assert set(STUDY_SCENARIOS) <= set(ALL_SCENARIOS)
+    quick = parse("--quick")
+    assert quick.call_levels == (1,) and quick.call_turns == 7 and quick.call_think_s == 0
+    assert quick.structured_streams == (1, 4) and quick.lora_streams == 4
+    full = parse("--call-levels", "8,1", "--call-turns", "12", "--call-think-s", "0.5")
+    assert (full.call_levels, full.call_turns, full.call_think_s) == ((1, 8), 12, 0.5)
+    assert parse().structured_streams == (1, 16) and parse().lora_streams == 16
+
+
+def test_a_run_of_a_study_alone_succeeds_and_reports_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    test_model_dir: Path,
+) -> None:
+    from bench.studies import LoraRun
+
+    def studied(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None:
+        context.studies.lora.append(LoraRun(16, 64, 100.0, 90.0))
+
+    assert run_main(tmp_path, monkeypatch, test_model_dir, studied) == 0
+    captured = capsys.readouterr()
+    assert "INCOMPLETE" not in captured.err
+    assert "LoRA (llama_cpp): 4 adapters in the mix vs the base" in captured.out
+    report = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
+    assert "| 16 | 64 | 100.0 | 90.0 | 0.90× | met |" in report

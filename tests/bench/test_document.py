@@ -161,3 +161,31 @@ def test_results_json_keeps_the_open_loop_and_writes_infinity_as_null() -> None:
     assert (lost["target"], lost["offered_rps"], lost["ttft_p95_ms"]) == (LLAMA_CPP, 4.0, None)
     assert lost["requests_detail"][0]["error"] == "cancelled"
     assert len(decoded["open_loop"]) == 6
+
+
+def test_studies_get_their_tables_plot_and_json() -> None:
+    from bench.studies import LoraRun, Studies, TurnSeries
+
+    turns = tuple((0.1, 0.2) for _ in range(6))
+    studies = Studies(
+        call_turns=[TurnSeries("llama_cpp, prefix reuse", 2, turns, 10, 20, 2**20)],
+        lora=[LoraRun(16, 64, 100.0, 90.0)],
+    )
+    done = dataclasses.replace(outcome(BenchConfig()), studies=studies)
+    text = render_markdown(
+        done, throughput_png=None, ttft_png=None, call_turns_png="bench_call_turns.png"
+    )
+    assert "### Calls: TTFT by turn (ms, p50 / p95 over calls)" in text
+    assert "| 6 | 150 / 195 |" in text
+    assert "![TTFT by turn](bench_call_turns.png)" in text
+    assert "| 16 | 64 | 100.0 | 90.0 | 0.90× | met |" in text
+    assert "Structured output" not in text  # not measured, no empty table
+    saved = results_json(done)["studies"]
+    assert isinstance(saved, dict)
+    assert saved["lora"] == [{"streams": 16, "new_tokens": 64, "base_tps": 100.0, "mix_tps": 90.0}]
+    assert saved["call_turns"][0]["reused_tokens"] == 10
+
+
+def test_a_run_without_studies_says_they_were_not_measured() -> None:
+    text = render_markdown(outcome(BenchConfig()), throughput_png=None, ttft_png=None)
+    assert "Not measured in this run (scenarios `call-turns`, `structured`, `lora`)" in text
