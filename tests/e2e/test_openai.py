@@ -146,8 +146,10 @@ def test_plain_completion_continues_the_prompt(client: openai.OpenAI, test_model
         ("frequency_penalty", {"frequency_penalty": 0.5}),
         ("logit_bias", {"logit_bias": {"42": 10}}),
         ("logprobs", {"logprobs": True}),
-        ("response_format", {"response_format": {"type": "json_object"}}),
-        ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        # Malformed on every backend (whether a backend supports structure at all is
+        # tests/e2e/test_structured.py's: ct2 refuses it, llama_cpp serves it).
+        ("response_format.type", {"response_format": {"type": "xml"}}),
+        ("tools[0].type", {"tools": [{"type": "retrieval"}]}),
         ("made_up", {"extra_body": {"made_up": 1}}),
     ],
 )

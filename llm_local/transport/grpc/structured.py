@@ -16,6 +16,7 @@ as an integer (``maxLength: 20.0`` is ``20``), which JSON Schema treats as the s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from google.protobuf import json_format
@@ -27,6 +28,7 @@ from llm_local.proto.sentiric.llm.v1 import llama_pb2
 
 PREFIX = "params.engine_specific_params."
 KEYS = ("json_schema", "tools", "tool_choice", "parallel_tool_calls")
+_PLAIN_KEY = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 def engine_constraint(params: llama_pb2.GenerationParams) -> OutputConstraint | None:
@@ -36,8 +38,11 @@ def engine_constraint(params: llama_pb2.GenerationParams) -> OutputConstraint | 
     assert isinstance(values, dict)
     for key in values:
         if key not in KEYS:
+            # A key that is no plain name (empty, spaces, punctuation) would make the field
+            # path unreadable: the path then stops at the Struct and the message quotes it.
+            field = f"{PREFIX}{key}" if _PLAIN_KEY.fullmatch(key) else PREFIX.rstrip(".")
             raise InvalidRequest(
-                f"{PREFIX}{key}", f"unknown key; the keys this server reads: {', '.join(KEYS)}"
+                field, f"unknown key {key!r}; the keys this server reads: {', '.join(KEYS)}"
             )
     tools = declared_tools(values.get("tools"), f"{PREFIX}tools")
     constraint = tool_constraint(

@@ -129,6 +129,15 @@ def test_an_unknown_engine_specific_key_is_refused_naming_it() -> None:
     assert "json_schema" in str(caught.value)  # says which keys there are
 
 
+@pytest.mark.parametrize("key", ["", "Top P", "a.b", "x: y"])
+def test_an_unknown_key_that_is_no_plain_name_is_quoted_beside_a_readable_path(key: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        messages.llama_raw_request(engine_params(**{key: 2}))
+
+    assert caught.value.field == "params.engine_specific_params"
+    assert f"unknown key {key!r}" in str(caught.value)
+
+
 def test_a_json_schema_key_becomes_the_constraint_with_whole_numbers() -> None:
     schema = {"type": "string", "maxLength": 20}
     raw = messages.llama_raw_request(engine_params(json_schema=schema))
