@@ -84,6 +84,10 @@ def turn(server: ServerProcess, messages: list[dict[str, str]]) -> Any:
 
 
 def counter(server: ServerProcess, name: str) -> float:
+    """A prefix counter once the replica's last request is released: the worker counts a
+    request's reads when it frees its sequence, which may come a moment after the client
+    has the whole answer (a read before that is one request behind)."""
+    server.wait_for_metric("llm_local_backend_running", 0)
     value = server.metric(name)
     assert value is not None, f"{name} missing from /metrics"
     return value
