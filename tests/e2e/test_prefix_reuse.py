@@ -68,6 +68,9 @@ def test_later_turns_reuse_the_call_and_answer_as_without_reuse(
     assert [c.usage.prompt_tokens_details.cached_tokens for c in without] == [0, 0, 0]
 
     service = {"service": "openai.chat.completions"}
+    # The worker counts a request's reads when it frees its sequence, a moment after the
+    # client has the answer: read the counters once nothing runs.
+    reusing.wait_for_metric("llm_local_backend_running", 0)
     assert reusing.metric("llm_local_prompt_tokens_cached_total", service) == sum(cached)
     assert reusing.metric("llm_local_backend_prefix_reused_tokens_total") == sum(cached)
     assert reusing.metric("llm_local_backend_prefix_read_tokens_total") == sum(prompts) - sum(
