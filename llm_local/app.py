@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -318,6 +319,8 @@ async def _load_once(service: Service, attempt: int, attempts: int) -> LoadFailu
     try:
         if settings.model.convert_on_start and settings.backend == "ct2":
             await _convert_if_missing(service, retry)
+        elif settings.model.convert_on_start and settings.backend == "llama_cpp":
+            await _record_gguf_reference_if_missing(service, retry)
         state.mark_loading(f"loading the model{retry}")
         service.metrics.set_model_state("loading", None)
         log.info("loading model %s%s", settings.model.name, retry)
@@ -346,20 +349,7 @@ async def _convert_if_missing(service: Service, retry: str) -> None:
     else:
         service.state.mark_loading(f"recording the model's numerics reference{retry}")
         log.info("model %s has no numerics reference yet: recording it", model.name)
-    # A child process: the converter's torch and the float weights it reads would
-    # otherwise stay in the server's memory for good.
-    # The child gets the exact model, revision, quantization and cache this server
-    # looks in, whatever layer of settings they came from.
-    command = [
-        sys.executable, "-m", "llm_local", "convert",
-        "--env", settings.env,
-        "--model", model.name,
-        "--quantization", model.quantization,
-        "--cache-dir", str(model.cache_dir),
-    ]  # fmt: skip
-    if model.revision:
-        command += ["--revision", model.revision]
-    returncode, last_line = await _run_showing_stderr(command)
+    returncode, last_line = await _run_showing_stderr(_convert_command(settings))
     if returncode != 0:
         why = last_line or f"exit status {returncode}; see the converter's output in the log"
         raise ConversionFailed(f"converting {settings.model.name!r} failed: {why}")
@@ -370,13 +360,62 @@ async def _convert_if_missing(service: Service, retry: str) -> None:
         )
 
 
-async def _run_showing_stderr(command: list[str]) -> tuple[int, str | None]:
-    """Run `command`, passing its stderr (progress, errors) through to ours as it comes;
-    return its exit status and the last line it wrote there (the error, on failure)."""
+async def _record_gguf_reference_if_missing(service: Service, retry: str) -> None:
+    """The llama_cpp backend serves the GGUF as is; what `llm-local convert` prepares for
+    it is the numerics reference its check at load compares with. Without one the model
+    would be served unverified: record it first, as `convert` would. A failure to record
+    is no reason to refuse the model: it is then served unverified, saying why."""
+    from llm_local.convert.gguf_reference import find_gguf_reference
+
+    settings = service.settings
+    if not settings.numerics.check_at_load or find_gguf_reference(settings) is not None:
+        return
+    service.state.mark_loading(f"recording the GGUF's numerics reference{retry}")
+    log.info(
+        "model %s has no numerics reference yet: recording it (llm-local convert)",
+        settings.model.name,
+    )
+    returncode, last_line = await _run_showing_stderr(
+        _convert_command(settings), env_overrides={"LLM_LOCAL_SERVICE_BACKEND": "llama_cpp"}
+    )
+    if returncode != 0:
+        log.warning(
+            "recording the numerics reference of %s failed (%s): the model will be served "
+            "unverified; run `llm-local convert` to retry",
+            settings.model.name,
+            last_line or f"exit status {returncode}",
+        )
+
+
+def _convert_command(settings: AppSettings) -> list[str]:
+    """`llm-local convert` in a child process: the converter's torch and the float weights
+    it reads would otherwise stay in the server's memory for good. The child gets the
+    exact model, revision, quantization and cache this server looks in, whatever layer of
+    settings they came from."""
+    model = settings.model
+    command = [
+        sys.executable, "-m", "llm_local", "convert",
+        "--env", settings.env,
+        "--model", model.name,
+        "--quantization", model.quantization,
+        "--cache-dir", str(model.cache_dir),
+    ]  # fmt: skip
+    if model.revision:
+        command += ["--revision", model.revision]
+    return command
+
+
+async def _run_showing_stderr(
+    command: list[str], env_overrides: dict[str, str] | None = None
+) -> tuple[int, str | None]:
+    """Run `command` (our environment, plus `env_overrides`), passing its stderr
+    (progress, errors) through to ours as it comes; return its exit status and the last
+    line it wrote there (the error, on failure)."""
     tail = b""
+    env = {**os.environ, **env_overrides} if env_overrides else None
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
-            partial(trio.run_process, command, stderr=subprocess.PIPE, check=False)
+            partial(trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env)
         )
         assert process.stderr is not None
         async for data in process.stderr:

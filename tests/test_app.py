@@ -202,3 +202,46 @@ def test_loopback_only_tells_addresses_other_machines_cannot_reach(
     host: str, only_here: bool
 ) -> None:
     assert loopback_only(host) is only_here
+
+
+async def test_a_gguf_reference_that_cannot_be_recorded_leaves_the_model_served_unverified(
+    fake_settings: SettingsFor,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """llama_cpp's start-up recording of the numerics reference failing (no torch, no
+    room...) is logged with its cause and the load goes on: the check then serves the
+    model unverified and says so, as before the server tried."""
+    from types import SimpleNamespace
+
+    from llm_local import app
+    from llm_local.core.state import ServiceState
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    settings = fake_settings(
+        backend="llama_cpp",
+        model__name=str(gguf),
+        model__cache_dir=str(tmp_path / "cache"),
+        numerics__check_at_load=True,
+    )
+    commands: list[tuple[list[str], dict[str, str] | None]] = []
+
+    async def failing_child(
+        command: list[str], env_overrides: dict[str, str] | None = None
+    ) -> tuple[int, str]:
+        commands.append((command, env_overrides))
+        return 1, "error: torch is not installed"
+
+    monkeypatch.setattr(app, "_run_showing_stderr", failing_child)
+    service = SimpleNamespace(settings=settings, state=ServiceState())
+
+    await app._record_gguf_reference_if_missing(service, "")  # type: ignore[arg-type]
+
+    [(command, env)] = commands
+    assert command[3:5] == ["convert", "--env"] and str(gguf) in command
+    assert env == {"LLM_LOCAL_SERVICE_BACKEND": "llama_cpp"}
+    assert "torch is not installed" in caplog.text
+    assert "served unverified" in caplog.text
+    assert service.state.phase is Phase.LOADING

@@ -205,11 +205,20 @@ def llama_cpp_cache(
 def test_llama_cpp_checks_the_gguf_at_load_and_reports_it_everywhere(
     serve: Callable[..., Any], llama_cpp_cache: Path
 ) -> None:
+    """No `llm-local convert` first: the server records the GGUF's reference at start
+    (model.convert_on_start, as ct2 converts), then checks the GGUF against it."""
     llama_cpp = {
         "LLM_LOCAL_SERVICE_BACKEND": "llama_cpp",
         "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(llama_cpp_cache),
+        "LLM_LOCAL_SERVICE_MODEL__CONVERT_ON_START": "true",
     }
-    recorded = subprocess.run(
+    assert not list(llama_cpp_cache.rglob("gguf-reference-*/reference.json"))
+
+    server = serve(env={**CHECKED, **llama_cpp})
+
+    assert "has no numerics reference yet: recording it" in server.log_text()
+    assert list(llama_cpp_cache.rglob("gguf-reference-*/reference.json"))
+    again = subprocess.run(
         [sys.executable, "-m", "llm_local", "convert", "--quiet"],
         env={**os.environ, "ENV": "test", **llama_cpp},
         capture_output=True,
@@ -217,11 +226,8 @@ def test_llama_cpp_checks_the_gguf_at_load_and_reports_it_everywhere(
         timeout=300,
         check=False,
     )
-    assert recorded.returncode == 0, recorded.stderr
-    assert "recorded the numerics reference" in recorded.stdout
-    assert list(llama_cpp_cache.rglob("gguf-reference-*/reference.json"))
-
-    server = serve(env={**CHECKED, **llama_cpp})
+    assert again.returncode == 0, again.stderr
+    assert "is already at" in again.stdout
 
     _, health = server.http_json("/health")
     numerics = health["numerics"]
