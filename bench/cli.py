@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = Summaries(summaries)
     slo = Slo(config.slo_ttft_s, config.slo_tpot_s)
     rate_summaries = [summarize_rate(run, slo) for run in context.rate_runs]
-    targets = evaluate_targets(table, capacity_pair(rate_summaries))
+    targets = evaluate_targets(table, capacity_pair(rate_summaries), rate_summaries)
     print()
     print(render_text_table(table_rows(table, skipped)))
     if rate_summaries:

@@ -33,6 +33,10 @@ class ServerVariant:
 
 GRPC_TRANSFORMERS = "grpc-transformers"
 GRPC_LLAMA_CPP = "grpc-llama-cpp"
+# A pinned extra row, never the headline: the llama_cpp backend with llama-server's KV
+# layout and size in this benchmark (a stream of 512 cells per sequence, -np 32 -c 16384),
+# so that the scheduler is compared with the server's on the same memory layout.
+GRPC_LLAMA_CPP_STREAMS = "grpc-llama-cpp-streams"
 
 # Every llm-local configuration the benchmark drives: each is a closed-loop scenario of
 # its own (gRPC, same levels) and a target of the open-loop sweep. Adding one is one line.
@@ -47,6 +51,17 @@ SERVER_VARIANTS = (
         GRPC_LLAMA_CPP,
         "llm-local gRPC server, llama_cpp backend (the GGUF as is, our continuous batching)",
         {"LLM_LOCAL_SERVICE_BACKEND": "llama_cpp"},
+    ),
+    ServerVariant(
+        GRPC_LLAMA_CPP_STREAMS,
+        "llm-local gRPC server, llama_cpp backend pinned to llama-server's KV layout "
+        "(kv_layout per_sequence, 32 x 512 cells; an extra row)",
+        {
+            "LLM_LOCAL_SERVICE_BACKEND": "llama_cpp",
+            "LLM_LOCAL_SERVICE_LLAMA_CPP__KV_LAYOUT": "per_sequence",
+            "LLM_LOCAL_SERVICE_LLAMA_CPP__KV_CACHE_TOKENS": "16384",
+            "LLM_LOCAL_SERVICE_LLAMA_CPP__SEQUENCES": "32",
+        },
     ),
 )
 VARIANT_SCENARIOS = tuple(variant.scenario for variant in SERVER_VARIANTS)

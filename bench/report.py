@@ -15,6 +15,7 @@ from bench.records import (
     CT2_BATCH,
     CT2_STREAM,
     GRPC,
+    GRPC_LLAMA_CPP,
     GRPC_PAIRED,
     LLAMA_CPP,
     OPENAI_HTTP,
@@ -32,6 +33,10 @@ TTFT_TARGET_FACTOR = 3.0
 CEILING_FACTOR = 0.95
 PEER_FACTORS = {1: 1.0, 16: 2.0, 32: 2.0}  # gRPC tokens/s over llama.cpp's, per streams
 CAPACITY_FACTOR = 1.5  # capacity at SLO over llama.cpp's
+# The llama_cpp backend against llama.cpp's own server on the same GGUF (issue 21):
+# tokens/s ratios per streams, and its capacity at SLO over the server's and ct2's.
+LLAMA_CPP_PEER_FACTORS = {1: 0.95, 16: 1.0, 32: 1.0}
+LLAMA_CPP_CAPACITY_FACTORS = {LLAMA_CPP: 1.5, GRPC: 1.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +140,7 @@ def capacity_pair(
 def evaluate_targets(
     table: Summaries,
     capacities: tuple[Capacity | None, Capacity | None] = (None, None),
+    rate_summaries: Sequence[RateSummary] = (),
 ) -> list[TargetResult]:
     """The targets, each with what was measured and whether it holds. Every one is a
     ratio (or a difference) measured side by side in one run, so its verdict means the
@@ -182,13 +188,40 @@ def evaluate_targets(
     ]
     results.append(_ttft_growth(table))
     results.append(_capacity_target(*capacities))
+    return results + llama_cpp_targets(table, rate_summaries)
+
+
+def llama_cpp_targets(
+    table: Summaries, rate_summaries: Sequence[RateSummary] = ()
+) -> list[TargetResult]:
+    """The llama_cpp backend's goals: beside llama.cpp's server on the same GGUF, its own
+    TTFT growth, and its capacity at SLO against the server's and the ct2 backend's."""
+    results = [
+        _at_least(
+            f"llama_cpp backend, {streams} stream{'s' if streams > 1 else ''}: vs llama.cpp server",
+            table.rate(GRPC_LLAMA_CPP, streams),
+            table.rate(LLAMA_CPP, streams),
+            factor,
+        )
+        for streams, factor in LLAMA_CPP_PEER_FACTORS.items()
+    ]
+    results.append(_ttft_growth(table, GRPC_LLAMA_CPP))
+    ours = capacity_at_slo(GRPC_LLAMA_CPP, rate_summaries)
+    for baseline, factor in LLAMA_CPP_CAPACITY_FACTORS.items():
+        theirs = capacity_at_slo(baseline, rate_summaries)
+        name = f"llama_cpp backend: capacity at SLO vs {SCENARIO_LABEL_SHORT[baseline]}"
+        results.append(_capacity_target(ours, theirs, name=name, factor=factor))
     return results
 
 
-def _ttft_growth(table: Summaries) -> TargetResult:
-    name = f"TTFT p95 at {TTFT_TARGET_STREAMS} gRPC streams vs 1 stream (closed loop)"
+SCENARIO_LABEL_SHORT = {LLAMA_CPP: "llama.cpp server", GRPC: "the ct2 backend"}
+
+
+def _ttft_growth(table: Summaries, scenario: str = GRPC) -> TargetResult:
+    who = "gRPC" if scenario == GRPC else f"{scenario}"
+    name = f"TTFT p95 at {TTFT_TARGET_STREAMS} {who} streams vs 1 stream (closed loop)"
     required = f"≤ {TTFT_TARGET_FACTOR:g}×"
-    loaded, single = table.get(GRPC, TTFT_TARGET_STREAMS), table.get(GRPC, 1)
+    loaded, single = table.get(scenario, TTFT_TARGET_STREAMS), table.get(scenario, 1)
     if loaded is None or single is None:
         return TargetResult(name, required, "n/a", None)
     if loaded.ttft_p95_ms is None or not single.ttft_p95_ms:
@@ -198,13 +231,18 @@ def _ttft_growth(table: Summaries) -> TargetResult:
     return TargetResult(name, required, text, quotient <= TTFT_TARGET_FACTOR)
 
 
-def _capacity_target(ours: Capacity | None, theirs: Capacity | None) -> TargetResult:
-    name = "capacity at SLO (open loop, gateway-shaped): llm-local vs llama.cpp server"
-    required = f"≥ {CAPACITY_FACTOR:g}×"
+def _capacity_target(
+    ours: Capacity | None,
+    theirs: Capacity | None,
+    *,
+    name: str = "capacity at SLO (open loop, gateway-shaped): llm-local vs llama.cpp server",
+    factor: float = CAPACITY_FACTOR,
+) -> TargetResult:
+    required = f"≥ {factor:g}×"
     ratio = capacity_ratio(ours, theirs)
     if ratio.value is None or ours is None or theirs is None:
         return TargetResult(name, required, ratio.text, None)
-    passed: bool | None = ratio.value >= CAPACITY_FACTOR
+    passed: bool | None = ratio.value >= factor
     # A sweep that never missed gives a lower bound only: it decides one way alone.
     if not ours.bounded and not passed:
         passed = None

@@ -26,6 +26,7 @@ TorchDType = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Threads = int | Literal["auto"]
 PrefixIsolation = Literal["none", "tenant"]
+KvLayout = Literal["pool", "per_sequence"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +91,16 @@ class LlamaCppSettings:
     """The `llama_cpp` backend's own options (backends/llama_cpp): the GGUF served as is by
     llama.cpp's library, its requests decoded by our continuous-batching scheduler."""
 
-    # Tokens the KV cache holds for all requests together (one pool, shared): a request
-    # starts only when its prompt + max_new_tokens fit what the running ones left.
+    # Tokens the KV cache holds for all requests together: in one pool (`kv_layout`
+    # "pool") a request starts only when its prompt + max_new_tokens fit what the running
+    # ones left; "per_sequence" gives each sequence an equal share of its own.
     # 0 = the model's training context.
     kv_cache_tokens: int
+    # "pool": every sequence draws cells from one pool (a long call may take most of it),
+    # at the price of attention scanning the pool's whole used range each step;
+    # "per_sequence": a stream per sequence, as llama-server runs by default (cheaper
+    # steps with many short requests, but no request may outgrow its share).
+    kv_layout: KvLayout
     sequences: int  # requests decoded together (llama.cpp sequences); more wait their turn
     # Prompt tokens read per step while other requests decode: the newcomer's wait
     # against the running streams' pace.

@@ -14,6 +14,7 @@ from bench.records import (
     GATEWAY,
     GRPC,
     GRPC_LLAMA_CPP,
+    GRPC_LLAMA_CPP_STREAMS,
     GRPC_TRANSFORMERS,
     LLAMA_CPP,
     SERVER_VARIANTS,
@@ -75,7 +76,12 @@ def test_skip_leaves_scenarios_and_open_loop_targets_out() -> None:
     config = parse("--skip", "llama.cpp,transformers")
     assert LLAMA_CPP not in config.scenarios and TRANSFORMERS not in config.scenarios
     assert GATEWAY in config.scenarios
-    assert config.gateway_targets == (GRPC, GRPC_TRANSFORMERS, GRPC_LLAMA_CPP)
+    assert config.gateway_targets == (
+        GRPC,
+        GRPC_TRANSFORMERS,
+        GRPC_LLAMA_CPP,
+        GRPC_LLAMA_CPP_STREAMS,
+    )
 
 
 def test_open_loop_options() -> None:
@@ -87,7 +93,13 @@ def test_open_loop_options() -> None:
     assert (config.slo_ttft_s, config.slo_tpot_s) == (0.8, 0.05)
     assert config.gateway_targets == (LLAMA_CPP,)
     assert config.gateway_level_s == 5.0
-    assert parse().gateway_targets == (GRPC, GRPC_TRANSFORMERS, GRPC_LLAMA_CPP, LLAMA_CPP)
+    assert parse().gateway_targets == (
+        GRPC,
+        GRPC_TRANSFORMERS,
+        GRPC_LLAMA_CPP,
+        GRPC_LLAMA_CPP_STREAMS,
+        LLAMA_CPP,
+    )
 
 
 def run_main(

@@ -42,6 +42,7 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("llama_cpp.repack", "maybe"),
     ("llama_cpp.prefix_cache_mb", -1),
     ("llama_cpp.prefix_isolation", "everyone"),
+    ("llama_cpp.kv_layout", "unified"),
     ("generation.max_new_tokens", 0),
     ("generation.max_new_tokens", 4096),  # above max_new_tokens_limit (2048)
     ("generation.max_new_tokens_limit", "lots"),

@@ -81,6 +81,7 @@ class LlamaCppBackend:
             handle.memory,
             sequences=options.sequences,
             kv_cache_tokens=options.kv_cache_tokens,
+            shared_pool=options.shared_pool,
             context_per_sequence=handle.context_per_sequence,
             batch_tokens=options.batch_tokens,
             prefill_chunk_tokens=model.prefill_chunk_tokens,

@@ -69,6 +69,9 @@ class ContextOptions:
     threads: int
     # Sequence ids beyond `sequences` for finished requests' kept state (prefix reuse).
     cache_sequences: int = 0
+    # One pool every sequence draws from (True), or a stream of n_ctx / n_seq_max cells
+    # per sequence (False: llama-server's default layout).
+    shared_pool: bool = True
 
 
 def model_params(lib: Any, options: ModelOptions) -> Any:
@@ -80,12 +83,15 @@ def model_params(lib: Any, options: ModelOptions) -> Any:
 
 
 def context_params(lib: Any, options: ContextOptions) -> Any:
-    """llama_context_params: one KV cache pool that every sequence draws from.
+    """llama_context_params: by default one KV cache pool that every sequence draws from.
 
     Unified: a sequence may grow to the whole pool, and memory follows what requests use,
     not sequences x the longest context. The scheduler admits a request only when its
     prompt + max_new_tokens fit what the running ones may still take (policy.admit), so
-    the pool never runs out under a decode.
+    the pool never runs out under a decode. The price: a token's attention scans the
+    pool's whole used range, other sequences' cells masked (bench/llama_cpp_kv_layout.py:
+    a step of 32 short sequences costs 1.2x a stream per sequence's). Not unified, each
+    sequence has a stream of its own share, and a request must fit its share.
     """
     params = lib.llama_context_default_params()
     params.n_ctx = options.kv_cache_tokens
@@ -94,7 +100,7 @@ def context_params(lib: Any, options: ContextOptions) -> Any:
     params.n_seq_max = options.sequences + options.cache_sequences
     params.n_threads = options.threads
     params.n_threads_batch = options.threads
-    params.kv_unified = True
+    params.kv_unified = options.shared_pool
     params.no_perf = True
     return params
 
@@ -122,6 +128,7 @@ class LoadedLibraryModel:
             batch_tokens=context.batch_tokens,
             threads=context.threads,
             cache_sequences=context.cache_sequences,
+            shared_pool=context.shared_pool,
         )
         self.context_params = context_params(lib, self.context_options)
         self.ctx = lib.llama_init_from_model(self.model, self.context_params)

@@ -89,7 +89,10 @@ def batch_tokens(options: LlamaCppSettings) -> int:
 def cache_sequences(options: LlamaCppSettings) -> int:
     """Sequence ids kept for finished requests' state: as many as run at once (a call's
     turn finished per running call), within the library's limit; none without reuse."""
-    if options.prefix_cache_mb <= 0:
+    if options.prefix_cache_mb <= 0 or options.kv_layout == "per_sequence":
+        # Per sequence, every id is a stream of its own share of the cache: extra ids
+        # would cut each request's share. A finished request's sequence stays until its
+        # id is needed, then goes to host memory.
         return 0
     return max(0, min(options.sequences, MAX_SEQUENCES - options.sequences))
 
@@ -205,6 +208,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             batch_tokens=plan.batch_tokens,
             threads=plan.threads,
             cache_sequences=cache_sequences(options),
+            shared_pool=options.kv_layout == "pool",
         ),
     )
     try:
@@ -248,9 +252,10 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         handle.free()
         raise
     log.info(
-        "llama.cpp: %s, %d sequences sharing %d KV cache tokens, %d threads, repack %s",
+        "llama.cpp: %s, %d sequences %s %d KV cache tokens, %d threads, repack %s",
         handle.description(),
         options.sequences,
+        "sharing" if options.kv_layout == "pool" else "each with an equal share of",
         handle.context_options.kv_cache_tokens,
         threads,
         "on" if options.repack else "off",

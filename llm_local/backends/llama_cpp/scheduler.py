@@ -150,13 +150,18 @@ class LlamaScheduler:
         reuse: ReuseOptions = NO_REUSE,
         grammar: GrammarCompiler | None = None,
         adapters: Mapping[str, Any] | None = None,
+        shared_pool: bool = True,
     ) -> None:
-        """`adapters`: LoRA adapter id -> the library's adapter, for `submit`."""
+        """`adapters`: LoRA adapter id -> the library's adapter, for `submit`.
+        `shared_pool`: the sequences draw from one KV pool of `kv_cache_tokens` (admission
+        keeps the running requests within it); False: each has a stream of its own, of
+        `context_per_sequence` cells, which validation keeps every request within."""
         self._lib = lib
         self._ctx = ctx
         self._memory = memory
         self._sequences = sequences
         self._kv_cache_tokens = kv_cache_tokens
+        self._shared_pool = shared_pool
         self._context_per_sequence = context_per_sequence
         self._batch_tokens = batch_tokens
         self._prefill_chunk_tokens = prefill_chunk_tokens
@@ -285,13 +290,12 @@ class LlamaScheduler:
             for running in [r for r in self._running if not r.item.active]:
                 self._release(running)
             self._waiting = [item for item in self._waiting if item.active]
-            reserved = sum(_reserve(running.item) for running in self._running)
             starting = admit(
                 self._waiting,
                 self._sequences - len(self._running),
                 lambda item: item.tenant_id,
                 reserve=_reserve,
-                free_tokens=self._kv_cache_tokens - reserved,
+                free_tokens=self._free_pool_tokens(),
             )
             for item in starting:
                 self._waiting.remove(item)
@@ -303,6 +307,13 @@ class LlamaScheduler:
         if self._running:
             self._decode_step()
         return True
+
+    def _free_pool_tokens(self) -> int:
+        """What the running requests leave of the shared pool for newcomers (per
+        sequence: no limit, each stream holds what validation lets a request hold)."""
+        if not self._shared_pool:
+            return 1 << 62
+        return self._kv_cache_tokens - sum(_reserve(running.item) for running in self._running)
 
     def _start(self, item: BatchItem, adapter: str = BASE) -> None:
         seq_id, reused = self._claim_sequence(item, adapter)
@@ -346,7 +357,7 @@ class LlamaScheduler:
             store.take_over(seq_id, length)
         else:
             seq_id, length = self._free_id(keep=match.handle), match.length
-            self._lib.llama_memory_seq_cp(self._memory, match.handle, seq_id, 0, length)
+            self._share_prefix(match.handle, seq_id, length)
             store.copy_prefix(match.handle, seq_id, length)
         if not self._holds_exactly(seq_id, length):
             # The library could not keep just those positions: read the prompt whole.
@@ -355,6 +366,17 @@ class LlamaScheduler:
             store.counters.reused_tokens -= length
             return seq_id, 0
         return seq_id, length
+
+    def _share_prefix(self, source: int, seq_id: int, length: int) -> None:
+        """`seq_id` gets `source`'s first `length` cells. In one pool the cells are shared
+        (no copy); between streams the library copies only a whole stream, so the copy's
+        tail is cut afterwards."""
+        lib, memory = self._lib, self._memory
+        if self._shared_pool:
+            lib.llama_memory_seq_cp(memory, source, seq_id, 0, length)
+            return
+        lib.llama_memory_seq_cp(memory, source, seq_id, -1, -1)
+        lib.llama_memory_seq_rm(memory, seq_id, length, -1)
 
     def _restore(self, namespace: Namespace, key: int, length: int) -> tuple[int, int]:
         """Put a host copy back into a free sequence; keep its first `length` cells."""
@@ -421,7 +443,7 @@ class LlamaScheduler:
     def _make_room(self) -> None:
         """Evict idle sequences, least recently used first, while the cells they alone
         hold exceed the budget or leave the running requests too little of the pool."""
-        reserved = sum(_reserve(running.item) for running in self._running)
+        room = self._free_pool_tokens()
         per_token = max(1, self._reuse.bytes_per_token)
         budget_cells = self._reuse.budget_tokens
         while True:
@@ -432,7 +454,7 @@ class LlamaScheduler:
             if idle == 0:
                 break
             over_budget = held > budget_cells
-            if not over_budget and reserved + idle <= self._kv_cache_tokens:
+            if not over_budget and idle <= room:
                 break
             victim = self._store.lru_idle()
             if victim is None:
