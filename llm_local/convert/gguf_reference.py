@@ -19,12 +19,15 @@ as for ct2: NLL ratio over the reference's, greedy agreement over the reference'
 (1.0). What llama.cpp loses on top of the file's quantization (its activation
 quantization, its repacked layouts, a broken kernel on some CPU) is what the check sees.
 
-Sources: a `.gguf` file or a `package:` file. A hub repository holding a GGUF has no
-reference yet (the backend then serves it unverified, saying so).
+Sources: a `.gguf` file, a `package:` file, or a hub repository holding one GGUF: its
+file, downloaded into the hub cache, is keyed like a local one (its path names the hub
+commit, so another revision gets another reference). Looking a reference up never
+downloads: a hub GGUF not in the hub cache yet has none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -59,23 +62,47 @@ def reference_dir(cache_dir: Path, source: ModelSource) -> Path:
 
 
 def find_gguf_reference(settings: AppSettings) -> Reference | None:
-    """The recorded reference of the configured GGUF, or None (never imports torch)."""
+    """The recorded reference of the configured GGUF, or None (never imports torch,
+    never downloads)."""
     try:
-        source = resolve_source(settings.model)
+        source = served_gguf(settings, download=False)
     except ConversionError:
         return None
-    if source.kind != "gguf":
+    if source is None:
         return None
     return read_reference(reference_dir(settings.model.cache_dir, source))
 
 
+def served_gguf(settings: AppSettings, *, download: bool) -> ModelSource | None:
+    """The GGUF file the llama_cpp backend serves, as a source of its own: the `.gguf` or
+    `package:` file itself, or a hub repository's one GGUF (downloaded when `download`,
+    else found in the hub cache or not at all: None). None for a model directory."""
+    source = resolve_source(settings.model)
+    if source.kind == "gguf":
+        return source
+    if source.kind != "hub":
+        return None
+    from llm_local.backends.base import BackendLoadError
+    from llm_local.backends.llama_cpp.loader import gguf_path
+
+    model = settings.model if download else dataclasses.replace(settings.model, offline=True)
+    try:
+        path = gguf_path(source, model)
+    except BackendLoadError as exc:
+        if not download:
+            return None
+        raise ConversionError(str(exc)) from exc
+    return resolve_source(dataclasses.replace(settings.model, name=str(path)))
+
+
 def ensure_gguf_reference(settings: AppSettings, report: Report) -> tuple[Path, bool]:
     """(the entry, whether it was recorded now). Raises ConversionError."""
-    source = resolve_source(settings.model)
-    if source.kind != "gguf":
+    source = served_gguf(settings, download=True)
+    if source is None:
         raise ConversionError(
-            f"model {source.spec!r} is not a .gguf file: the llama_cpp backend's numerics "
-            "reference is recorded for a .gguf or package: file only"
+            f"model {settings.model.name!r} is not a .gguf file: the llama_cpp backend's "
+            "numerics reference is recorded for a .gguf file, a package: file or a hub "
+            "repository holding one GGUF"
         )
     cache_dir = settings.model.cache_dir
     target = reference_dir(cache_dir, source)

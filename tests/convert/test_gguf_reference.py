@@ -13,11 +13,14 @@ from llm_local.convert.gguf_reference import (
     find_gguf_reference,
     gguf_anchored,
     reference_dir,
+    served_gguf,
 )
+from llm_local.convert.reference import write_reference
 from llm_local.convert.sources import ModelSource
 from llm_local.core.numerics import Anchor, ProbeItem, Reference
 from llm_local.settings.loader import load_settings
 from llm_local.settings.schema import AppSettings
+from tests.hub_cache import hub_cache
 
 
 def gguf_source(fingerprint: str) -> ModelSource:
@@ -60,3 +63,31 @@ def test_the_anchor_of_a_gguf_served_as_is_is_the_reference_itself() -> None:
 
     assert anchored.anchor == Anchor(nll=0.7, agreement=1.0)
     assert (anchored.items, anchored.nll) == (reference.items, reference.nll)
+
+
+def test_a_hub_gguf_s_reference_is_keyed_by_its_downloaded_file(tmp_path: Path) -> None:
+    """A hub repository holding one GGUF: its reference lives under the file's own entry
+    (the path names the hub commit), found without a download once the file is in the
+    hub cache, and not at all before."""
+    gguf = tmp_path / "m.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    settings = on_model("acme/m-gguf", tmp_path / "cache")
+    empty_hub = dataclasses.replace(
+        settings.model, download_dir=tmp_path / "empty-hub", offline=False
+    )
+    assert find_gguf_reference(dataclasses.replace(settings, model=empty_hub)) is None
+
+    hub = hub_cache(tmp_path / "hub", "acme/m-gguf", {"m.Q4_1.gguf": gguf})
+    settings = dataclasses.replace(
+        settings, model=dataclasses.replace(settings.model, download_dir=hub)
+    )
+    source = served_gguf(settings, download=False)
+    assert source is not None and source.kind == "gguf"
+    assert source.path is not None and source.path.name == "m.Q4_1.gguf"
+    assert find_gguf_reference(settings) is None  # nothing recorded yet
+    reference = Reference(2, 4, (ProbeItem((1,), (2,)),), 0.7, Anchor(nll=0.7, agreement=1.0))
+    entry = reference_dir(settings.model.cache_dir, source)
+    entry.mkdir(parents=True)
+    write_reference(entry, reference)
+
+    assert find_gguf_reference(settings) == reference

@@ -4,8 +4,10 @@ through core's generation: answers, streams joining a running batch, cancellatio
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 
 import pytest
 import trio
@@ -25,6 +27,7 @@ from llm_local.core.types import (
 )
 from llm_local.settings.loader import load_settings
 from llm_local.settings.schema import AppSettings
+from tests.hub_cache import hub_cache
 
 pytestmark = pytest.mark.model
 
@@ -236,13 +239,48 @@ async def test_the_loaded_model_was_given_repacking_off(backend: LlamaCppBackend
 
 
 def test_a_model_directory_is_refused_naming_the_backends_that_serve_it(
-    tmp_path: object,
+    tmp_path: Path,
 ) -> None:
-    from pathlib import Path
-
     directory = Path(str(tmp_path))
     (directory / "config.json").write_text("{}")
     app = settings()
     app = dataclasses.replace(app, model=dataclasses.replace(app.model, name=str(directory)))
     with pytest.raises(SourceNotServed, match='backend = "ct2"'):
         plan_from_settings(app)
+
+
+def hub_settings(repo_id: str, download_dir: Path) -> AppSettings:
+    app = settings()
+    model = dataclasses.replace(
+        app.model, name=repo_id, download_dir=download_dir, offline=True, revision=None
+    )
+    return dataclasses.replace(app, model=model)
+
+
+async def test_a_hub_repository_holding_one_gguf_is_served_from_the_hub_cache(
+    tmp_path: Path,
+) -> None:
+    """The third source kind: a hub repository id whose one .gguf file is found (here in
+    the hub cache, offline: no network in tests) and served as is."""
+    gguf = plan_from_settings(settings()).gguf
+    cache = hub_cache(tmp_path, "acme/smollm2-gguf", {"smollm2.Q4_1.gguf": gguf})
+    app = hub_settings("acme/smollm2-gguf", cache)
+    plan = plan_from_settings(app)
+    assert plan.gguf.name == "smollm2.Q4_1.gguf" and plan.gguf.resolve() == gguf.resolve()
+    hub_backend = LlamaCppBackend(lambda: plan)
+    await hub_backend.load()
+    try:
+        text, finished = await generate_text(
+            hub_backend, GenerationRequest(user_prompt=FRANCE, max_new_tokens=12)
+        )
+    finally:
+        await hub_backend.aclose()
+    assert "Paris" in text and finished.completion_tokens > 0
+
+
+def test_a_hub_repository_with_several_ggufs_is_refused_naming_them(tmp_path: Path) -> None:
+    gguf = plan_from_settings(settings()).gguf
+    files = {"model.Q4_1.gguf": gguf, "model.Q8_0.gguf": gguf}
+    cache = hub_cache(tmp_path, "acme/two-ggufs", files)
+    with pytest.raises(SourceNotServed, match=re.escape("model.Q4_1.gguf, model.Q8_0.gguf")):
+        plan_from_settings(hub_settings("acme/two-ggufs", cache))
