@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 # Where a request for structure can be served (the others refuse it, naming these).
-STRUCTURED_OUTPUT_BACKENDS = ("llama_cpp",)
+STRUCTURED_OUTPUT_BACKENDS = ("llama_cpp", "transformers")
 
 
 class ToolMode(enum.StrEnum):
