@@ -1,9 +1,11 @@
-"""Structured output on a real `llm-local serve` (llama_cpp backend, SmolLM2 GGUF), called
-with the official `openai` client: JSON Schema answers, tool calls forced, chosen, streamed
-and answered; the refusals (ct2, unsupported schema features).
+"""Structured output on a real `llm-local serve` (SmolLM2 on each backend that supports it:
+llama_cpp, transformers), called with the official `openai` client and over gRPC: JSON
+Schema answers, tool calls forced, chosen, streamed and answered; the refusals (ct2,
+unsupported schema features).
 
-One llama_cpp server for the module; the ct2 refusal is checked on its own small server.
-Greedy decoding and small max_tokens keep it quick and deterministic.
+One server per supporting backend for the module (the tests run per backend, one server
+started at a time); the ct2 refusal is checked on its own small server. Greedy decoding
+and small max_tokens keep it quick and deterministic.
 """
 
 from __future__ import annotations
@@ -82,9 +84,21 @@ EXAMPLE_CONVERSATION: list[Any] = [
 ]
 
 
+# The backends with a grammar engine (core/structured/constraint.py).
+BACKENDS = ("llama_cpp", "transformers")
+LOAD_TIMEOUT_S = 240.0  # transformers dequantizes the GGUF at every start
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def server(serve: Callable[..., Any]) -> Any:
-    return serve(env={"LLM_LOCAL_SERVICE_BACKEND": "llama_cpp"})
+def server(serve: Callable[..., Any], backend: str) -> Any:
+    started = serve(env={"LLM_LOCAL_SERVICE_BACKEND": backend}, wait="listening")
+    started.wait("ready", timeout=LOAD_TIMEOUT_S)
+    return started
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +286,7 @@ def test_ct2_refuses_structure_naming_the_field_and_who_supports_it(
     error = rpc.error(lambda: list(rpc.llama(ct2.channel(), message)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "params.engine_specific_params.json_schema" in error.details()
-    assert "llama_cpp" in error.details()
+    assert "llama_cpp" in error.details() and "transformers" in error.details()
     with openai.OpenAI(base_url=ct2.url("/v1"), api_key="none", max_retries=0) as client:
         for params, field in (
             ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -282,6 +296,7 @@ def test_ct2_refuses_structure_naming_the_field_and_who_supports_it(
                 chat(client, "Hi", **params)
             assert raised.value.param == field
             assert "llama_cpp" in raised.value.message
+            assert "transformers" in raised.value.message
         assert chat(client, "Hi", max_tokens=3).choices[0].message.content  # still serving
 
 
