@@ -176,6 +176,11 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return result
 
+    def is_compiled(self, constraint: OutputConstraint) -> bool:
+        """`ConstraintChecker`: the constraint's grammar (or refusal) is in the cache."""
+        with self._lock:
+            return constraint in self._cache
+
     def refusal(self, constraint: OutputConstraint) -> str | None:
         """`ConstraintChecker`: None, or the engine's reason naming the feature."""
         result = self._compiled(constraint)

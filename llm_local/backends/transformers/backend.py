@@ -208,7 +208,7 @@ class TransformersBackend:
             prompt_ids, max_new_tokens, sampling, arrived_at=trio.current_time(), relay=wakeups
         )
         request_id = f"llm-local-{next(self._request_ids)}"
-        mask = self._grammar_state(sampling)
+        mask = await self._grammar_state(sampling)
         self._relay.track(request_id, item)
         if mask is not None:
             assert self._masks is not None  # _grammar_state found a grammar, hence masks
@@ -235,7 +235,9 @@ class TransformersBackend:
                 item.cancel()
                 manager.cancel_request(request_id)
 
-    def _grammar_state(self, sampling: SamplingOptions) -> TokenMask | None:
+    async def _grammar_state(self, sampling: SamplingOptions) -> TokenMask | None:
+        """A fresh matcher for a constrained request, made on a worker thread: llguidance
+        builds its parser from the grammar then (milliseconds for a large schema)."""
         constraint = sampling.constraint
         if constraint is None:
             return None
@@ -244,7 +246,7 @@ class TransformersBackend:
             # Validation refuses structure before admission here: only a bug gets here.
             raise BackendError("structured output is not available on this backend")
         try:
-            return compiler.matcher(constraint)
+            return await trio.to_thread.run_sync(compiler.matcher, constraint)
         except ValueError as exc:
             raise BackendError(f"structured output: {exc}") from exc
 
