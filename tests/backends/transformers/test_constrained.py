@@ -13,7 +13,7 @@ import torch
 
 from llm_local.backends.hf_tokenizer import HFTokenizer
 from llm_local.backends.shared import grammar
-from llm_local.backends.transformers.constrained import GrammarMasks
+from llm_local.backends.transformers.constrained import GrammarMasks, supports_masks
 from llm_local.core.structured.constraint import OutputConstraint, canonical_json
 
 ANSWER = OutputConstraint(field="response_format", schema=canonical_json({"enum": ["yes", "no"]}))
@@ -109,3 +109,30 @@ def test_a_rejected_token_fails_that_request_alone(
     assert not torch.isfinite(scores[1]).all()  # the good one is still masked
     step(masks, [row("bad", wrong), row("good", good)], scores_preferring(tokenizer, "Hello", 2))
     assert len(failed) == 1  # reported once
+
+
+def manager_with(**config: object) -> SimpleNamespace:
+    resolved = {
+        "use_async_batching": False,
+        "use_cuda_graph": (False, False),
+        "varlen_compile_config": None,
+        "decode_compile_config": None,
+        **config,
+    }
+    return SimpleNamespace(continuous_batching_config=SimpleNamespace(**resolved))
+
+
+@pytest.mark.parametrize(
+    ("config", "supported"),
+    [
+        ({}, True),  # the CPU's resolution: synchronous, no graphs, not compiled
+        ({"use_async_batching": True}, False),  # the fed token is only on the device
+        ({"use_cuda_graph": (False, True)}, False),  # a replayed graph runs no Python
+        ({"use_cuda_graph": True}, False),
+        ({"decode_compile_config": object()}, False),
+    ],
+)
+def test_masks_are_offered_only_where_the_manager_runs_them_every_step(
+    config: dict[str, object], supported: bool
+) -> None:
+    assert supports_masks(manager_with(**config)) is supported
