@@ -5,7 +5,12 @@ unsupported schema features).
 
 One server per supporting backend for the module (the tests run per backend, one server
 started at a time); the ct2 refusal is checked on its own small server. Greedy decoding
-and small max_tokens keep it quick and deterministic.
+and small max_tokens keep it quick and deterministic. The transformers backend decodes
+slowly on a CPU (about a second per token on the shared 2-core machine, most of this
+module's time), so it answers the tests of what the backend itself enforces (a schema,
+JSON objects, a forced call, gRPC, the engine's refusals); the tests of what the
+transport and the prompt do around the same grammar (auto, required, streaming deltas,
+a tool result in the history) run on llama_cpp only (`LLAMA_CPP_ONLY`).
 """
 
 from __future__ import annotations
@@ -89,6 +94,10 @@ BACKENDS = ("llama_cpp", "transformers")
 LOAD_TIMEOUT_S = 240.0  # transformers dequantizes the GGUF at every start
 
 
+# Narrows the module's backends for a test (the same module-scoped server is reused).
+LLAMA_CPP_ONLY = pytest.mark.parametrize("backend", ["llama_cpp"], indirect=True)
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -155,6 +164,7 @@ def test_a_forced_tool_call_has_arguments_that_validate(client: openai.OpenAI) -
     jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
 
 
+@LLAMA_CPP_ONLY
 def test_required_calls_some_tool_with_valid_arguments(client: openai.OpenAI) -> None:
     completion = chat(
         client,
@@ -173,6 +183,7 @@ def test_required_calls_some_tool_with_valid_arguments(client: openai.OpenAI) ->
         jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
 
 
+@LLAMA_CPP_ONLY
 def test_auto_calls_the_tool_when_the_question_needs_it_and_answers_text_else(
     client: openai.OpenAI,
 ) -> None:
@@ -196,6 +207,7 @@ def test_auto_calls_the_tool_when_the_question_needs_it_and_answers_text_else(
     assert chat_only.message.tool_calls is None and chat_only.message.content
 
 
+@LLAMA_CPP_ONLY
 def test_streamed_tool_call_deltas_reassemble_to_the_whole_answer(
     client: openai.OpenAI,
 ) -> None:
@@ -229,6 +241,7 @@ def test_streamed_tool_call_deltas_reassemble_to_the_whole_answer(
     assert all(call_id.startswith("call_") for call_id in ids.values())
 
 
+@LLAMA_CPP_ONLY
 def test_a_tool_result_in_the_history_is_rendered_for_the_model(client: openai.OpenAI) -> None:
     messages = EXAMPLE_CONVERSATION[:3]
     with_result = client.chat.completions.create(
@@ -333,6 +346,7 @@ def test_grpc_json_schema_answers_validate(server: Any, rpc: Any) -> None:
     jsonschema.validate(json.loads(text), PERSON)
 
 
+@LLAMA_CPP_ONLY
 def test_grpc_forced_tool_call_reads_back_with_valid_arguments(server: Any, rpc: Any) -> None:
     from llm_local.core.structured.tools import read_answer
 
