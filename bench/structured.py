@@ -1,7 +1,7 @@
 """Structured output on the backends that support it, in process (not part of `make test`):
 
     python -m bench.structured speed [--streams 1 16] [--tokens 64] [--backends B ...]
-    python -m bench.structured coverage [--count 300] [--tokens 256] [--streams 16]
+    python -m bench.structured coverage [--count 300] [--tokens 256] [--streams 16] [--backend B]
 
 `speed` (also `make bench`'s scenario `structured`): constrained vs unconstrained decoding
 side by side in one run on each backend (`--backends`, default llama_cpp then
@@ -11,10 +11,11 @@ whole run and the median time to first token. The constrained requests follow a 
 schema (an array of at least 200 integers) that keeps them generating as long as the
 free ones, so both decode the same number of tokens.
 
-`coverage` (llama_cpp): JSON schemas from JSONSchemaBench (github.com/guidance-ai/jsonschemabench:
-its Glaiveai2K function-call set and its GitHub sets, in a fixed order), each asked for
-once ("Answer with a JSON value matching this schema: …", the schema cut at 1,500
-characters, greedy: the grammar alone makes the answer fit). Reported: the
+`coverage` (`--backend`, default llama_cpp): JSON schemas from JSONSchemaBench
+(github.com/guidance-ai/jsonschemabench: its Glaiveai2K function-call set and its GitHub
+sets, in a fixed order), each asked for once ("Answer with a JSON value matching this
+schema: …", the schema cut at 1,500 characters, greedy: the grammar alone makes the
+answer fit). Reported: the
 share accepted, the share of accepted answers that parse and validate (`jsonschema`), the
 share cut at `--tokens` before the value was complete, and the share refused naming a
 feature, with the most common reasons. Pass the corpus checkout with `--corpus`.
@@ -187,10 +188,12 @@ def corpus_schemas(corpus: Path, count: int) -> list[tuple[str, str]]:
     return schemas[:count]
 
 
-async def coverage(corpus: Path, count: int, tokens: int, streams: int) -> None:
+async def coverage(
+    corpus: Path, count: int, tokens: int, streams: int, backend_name: str = "llama_cpp"
+) -> None:
     import jsonschema
 
-    backend = await load(streams)
+    backend = await load_backend(backend_name, streams)
     checker = backend.info.sampling.constraints
     assert checker is not None, "llguidance is not installed"
     schemas = corpus_schemas(corpus, count)
@@ -274,11 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     coverage_parser.add_argument("--count", type=int, default=300)
     coverage_parser.add_argument("--tokens", type=int, default=256)
     coverage_parser.add_argument("--streams", type=int, default=16)
+    coverage_parser.add_argument("--backend", choices=SPEED_BACKENDS, default="llama_cpp")
     args: Any = parser.parse_args(argv)
     if args.command == "speed":
         trio.run(speed, args.streams, args.tokens, args.rounds, args.backends)
     else:
-        trio.run(coverage, args.corpus, args.count, args.tokens, args.streams)
+        trio.run(coverage, args.corpus, args.count, args.tokens, args.streams, args.backend)
 
 
 if __name__ == "__main__":
