@@ -6,11 +6,12 @@ unsupported schema features).
 One server per supporting backend for the module (the tests run per backend, one server
 started at a time); the ct2 refusal is checked on its own small server. Greedy decoding
 and small max_tokens keep it quick and deterministic. The transformers backend decodes
-slowly on a CPU (about a second per token on the shared 2-core machine, most of this
-module's time), so it answers the tests of what the backend itself enforces (a schema,
-JSON objects, a forced call, gRPC, the engine's refusals); the tests of what the
-transport and the prompt do around the same grammar (auto, required, streaming deltas,
-a tool result in the history) run on llama_cpp only (`LLAMA_CPP_ONLY`).
+slowly on a CPU (up to a second per token on the shared 2-core machine, where torch's
+two threads contend with other work: docs/FINDINGS.md; most of this module's time), so it
+answers the tests of what the backend itself enforces (a schema, JSON objects, a forced
+call, gRPC, the engine's refusals); the tests of what the transport and the prompt do
+around the same grammar (auto, required, streaming deltas, a tool result in the
+history, the gRPC forced call) run on llama_cpp only (`LLAMA_CPP_ONLY`).
 """
 
 from __future__ import annotations
