@@ -8,7 +8,8 @@ Scenarios, all on the same converted SmolLM2 model and the same prompts, greedy:
 - ``llama.cpp``: llama.cpp's own server on the same GGUF (the peer), when built;
 - ``transformers``: transformers `generate` in float32 (the reference);
 - ``gateway``: the open loop shaped like the gateway (capacity at SLO);
-- ``call-turns``, ``structured``, ``lora``: studies of one llama_cpp feature on and off,
+- ``call-turns``, ``structured``, ``lora``: studies of one feature on and off (llama_cpp;
+  structured output on transformers too),
   in process (bench/studies.py).
 
 Pure parts (statistics, ratios, targets, rendering) live apart from the parts that

@@ -245,8 +245,9 @@ def studies_section(studies: Studies, call_turns_png: str | None) -> list[str]:
         "the slowest of the last three turns over the median of turns 1-3. Tokens "
         "reused / read and bytes held: the backend's prefix-cache counters.",
         "- `structured` (bench/structured.py speed): the same endless prompt free and "
-        "constrained by a JSON schema that keeps it generating as long; rounds "
-        "interleaved, medians of tokens/s over the whole level and of TTFT.",
+        "constrained by a JSON schema that keeps it generating as long, on llama_cpp "
+        "then transformers; rounds interleaved, medians of tokens/s over the whole level "
+        "and of TTFT.",
         "- `lora` (bench/llama_cpp_lora.py): every stream decodes the same prompt; the "
         "base alone, then streams assigned in turn to the base and four adapters (five "
         "groups), each on a freshly loaded backend; aggregate tokens/s.",

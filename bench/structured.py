@@ -1,19 +1,21 @@
-"""Structured output on the llama_cpp backend, in process (not part of `make test`):
+"""Structured output on the backends that support it, in process (not part of `make test`):
 
-    python -m bench.structured speed [--streams 1 16] [--tokens 64]
-    python -m bench.structured coverage [--count 300] [--tokens 256] [--streams 16]
+    python -m bench.structured speed [--streams 1 16] [--tokens 64] [--backends B ...]
+    python -m bench.structured coverage [--count 300] [--tokens 256] [--streams 16] [--backend B]
 
 `speed` (also `make bench`'s scenario `structured`): constrained vs unconstrained decoding
-side by side in one run, the same prompt
+side by side in one run on each backend (`--backends`, default llama_cpp then
+transformers), the same prompt
 (a count that never ends by itself), N concurrent streams, greedy: tokens/s over the
 whole run and the median time to first token. The constrained requests follow a JSON
 schema (an array of at least 200 integers) that keeps them generating as long as the
 free ones, so both decode the same number of tokens.
 
-`coverage`: JSON schemas from JSONSchemaBench (github.com/guidance-ai/jsonschemabench:
-its Glaiveai2K function-call set and its GitHub sets, in a fixed order), each asked for
-once ("Answer with a JSON value matching this schema: …", the schema cut at 1,500
-characters, greedy: the grammar alone makes the answer fit). Reported: the
+`coverage` (`--backend`, default llama_cpp): JSON schemas from JSONSchemaBench
+(github.com/guidance-ai/jsonschemabench: its Glaiveai2K function-call set and its GitHub
+sets, in a fixed order), each asked for once ("Answer with a JSON value matching this
+schema: …", the schema cut at 1,500 characters, greedy: the grammar alone makes the
+answer fit). Reported: the
 share accepted, the share of accepted answers that parse and validate (`jsonschema`), the
 share cut at `--tokens` before the value was complete, and the share refused naming a
 feature, with the most common reasons. Pass the corpus checkout with `--corpus`.
@@ -35,6 +37,7 @@ import trio
 
 from bench.report import render_text_table
 from bench.studies import STRUCTURED_COLUMNS, StructuredLevel, structured_rows
+from llm_local.backends.base import Backend
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
 from llm_local.core.generation import run_generation
@@ -46,6 +49,8 @@ from llm_local.settings.loader import load_settings
 ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
 LONG_ARRAY = {"type": "array", "items": {"type": "integer"}, "minItems": 200}
 CORPUS_SETS = ("Glaiveai2K", "Github_easy", "Github_medium", "Github_hard")
+# The backends with a grammar engine (core/structured/constraint.py).
+SPEED_BACKENDS = ("llama_cpp", "transformers")
 
 
 async def load(streams: int) -> LlamaCppBackend:
@@ -59,6 +64,27 @@ async def load(streams: int) -> LlamaCppBackend:
     return backend
 
 
+async def load_backend(name: str, streams: int) -> Backend:
+    """`name` loaded on the test settings, sized for `streams` requests at once."""
+    if name == "llama_cpp":
+        return await load(streams)
+    if name != "transformers":
+        raise ValueError(f"no structured output on {name!r}: one of {', '.join(SPEED_BACKENDS)}")
+    from llm_local.backends.transformers.backend import TransformersBackend
+    from llm_local.backends.transformers.loader import plan_from_settings as transformers_plan
+
+    loaded = load_settings(env="test")
+    options = dataclasses.replace(
+        loaded.transformers,
+        max_requests_per_batch=max(streams, loaded.transformers.max_requests_per_batch),
+        kv_cache_tokens=max(streams, 1) * 1024,
+    )
+    settings = dataclasses.replace(loaded, transformers=options)
+    backend = TransformersBackend(lambda: transformers_plan(settings), options)
+    await backend.load()
+    return backend
+
+
 @dataclasses.dataclass
 class Outcome:
     text: str
@@ -67,7 +93,7 @@ class Outcome:
 
 
 async def generate(
-    backend: LlamaCppBackend, question: str, constraint: OutputConstraint | None, tokens: int
+    backend: Backend, question: str, constraint: OutputConstraint | None, tokens: int
 ) -> Outcome:
     request = GenerationRequest(
         user_prompt=question,
@@ -89,7 +115,7 @@ async def generate(
 
 
 async def run_level(
-    backend: LlamaCppBackend, streams: int, constraint: OutputConstraint | None, tokens: int
+    backend: Backend, streams: int, constraint: OutputConstraint | None, tokens: int
 ) -> tuple[float, float]:
     outcomes: list[Outcome] = []
 
@@ -105,9 +131,24 @@ async def run_level(
     return generated / wall, statistics.median(outcome.ttft_s for outcome in outcomes)
 
 
-async def measure_speed(levels: list[int], tokens: int, rounds: int) -> list[StructuredLevel]:
-    """Free and constrained at every level, `rounds` interleaved rounds each: medians."""
-    backend = await load(max(levels))
+async def measure_speed(
+    levels: list[int],
+    tokens: int,
+    rounds: int,
+    backends: tuple[str, ...] = SPEED_BACKENDS,
+) -> list[StructuredLevel]:
+    """On each backend, one after the other: free and constrained at every level,
+    `rounds` interleaved rounds each: medians."""
+    found: list[StructuredLevel] = []
+    for name in backends:
+        found.extend(await _measure_backend(name, levels, tokens, rounds))
+    return found
+
+
+async def _measure_backend(
+    name: str, levels: list[int], tokens: int, rounds: int
+) -> list[StructuredLevel]:
+    backend = await load_backend(name, max(levels))
     constraint = OutputConstraint(field="bench", schema=canonical_json(LONG_ARRAY))
     found: list[StructuredLevel] = []
     try:
@@ -120,6 +161,7 @@ async def measure_speed(levels: list[int], tokens: int, rounds: int) -> list[Str
             free, constrained = results["free"], results["constrained"]
             found.append(
                 StructuredLevel(
+                    backend=name,
                     streams=streams,
                     free_tps=statistics.median(r for r, _ in free),
                     constrained_tps=statistics.median(r for r, _ in constrained),
@@ -132,8 +174,8 @@ async def measure_speed(levels: list[int], tokens: int, rounds: int) -> list[Str
     return found
 
 
-async def speed(levels: list[int], tokens: int, rounds: int) -> None:
-    found = await measure_speed(levels, tokens, rounds)
+async def speed(levels: list[int], tokens: int, rounds: int, backends: list[str]) -> None:
+    found = await measure_speed(levels, tokens, rounds, tuple(backends))
     print(render_text_table(structured_rows(found), STRUCTURED_COLUMNS))
 
 
@@ -146,10 +188,12 @@ def corpus_schemas(corpus: Path, count: int) -> list[tuple[str, str]]:
     return schemas[:count]
 
 
-async def coverage(corpus: Path, count: int, tokens: int, streams: int) -> None:
+async def coverage(
+    corpus: Path, count: int, tokens: int, streams: int, backend_name: str = "llama_cpp"
+) -> None:
     import jsonschema
 
-    backend = await load(streams)
+    backend = await load_backend(backend_name, streams)
     checker = backend.info.sampling.constraints
     assert checker is not None, "llguidance is not installed"
     schemas = corpus_schemas(corpus, count)
@@ -225,16 +269,20 @@ def main(argv: list[str] | None = None) -> None:
     speed_parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     speed_parser.add_argument("--tokens", type=int, default=64)
     speed_parser.add_argument("--rounds", type=int, default=3)
+    speed_parser.add_argument(
+        "--backends", nargs="+", choices=SPEED_BACKENDS, default=list(SPEED_BACKENDS)
+    )
     coverage_parser = sub.add_parser("coverage")
     coverage_parser.add_argument("--corpus", type=Path, required=True)
     coverage_parser.add_argument("--count", type=int, default=300)
     coverage_parser.add_argument("--tokens", type=int, default=256)
     coverage_parser.add_argument("--streams", type=int, default=16)
+    coverage_parser.add_argument("--backend", choices=SPEED_BACKENDS, default="llama_cpp")
     args: Any = parser.parse_args(argv)
     if args.command == "speed":
-        trio.run(speed, args.streams, args.tokens, args.rounds)
+        trio.run(speed, args.streams, args.tokens, args.rounds, args.backends)
     else:
-        trio.run(coverage, args.corpus, args.count, args.tokens, args.streams)
+        trio.run(coverage, args.corpus, args.count, args.tokens, args.streams, args.backend)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ STUDY_SCENARIOS = (CALL_TURNS, STRUCTURED, LORA)
 STUDY_LABELS = {
     CALL_TURNS: "calls turn by turn: TTFT by turn, llama_cpp prefix reuse on and off "
     "(and llama.cpp's server with cache_prompt when built)",
-    STRUCTURED: "structured output (llama_cpp): constrained vs free decoding",
+    STRUCTURED: "structured output (llama_cpp, transformers): constrained vs free decoding",
     LORA: "LoRA adapters (llama_cpp): 4 adapters in the mix vs the base alone",
 }
 # Issue 22: the last three turns at most this multiple of the median of turns 1-3.
@@ -52,8 +52,10 @@ class TurnSeries:
 
 @dataclass(frozen=True, slots=True)
 class StructuredLevel:
-    """Free and constrained decoding at one concurrency: medians over interleaved rounds."""
+    """Free and constrained decoding on one backend at one concurrency: medians over
+    interleaved rounds."""
 
+    backend: str
     streams: int
     free_tps: float
     constrained_tps: float
@@ -201,6 +203,7 @@ def turn_plot_series(
 
 
 STRUCTURED_COLUMNS = (
+    "backend",
     "streams",
     "free tok/s",
     "constrained tok/s",
@@ -214,6 +217,7 @@ STRUCTURED_COLUMNS = (
 def structured_rows(levels: Sequence[StructuredLevel]) -> list[list[str]]:
     return [
         [
+            level.backend,
             str(level.streams),
             _cell(level.free_tps, 1),
             _cell(level.constrained_tps, 1),
@@ -222,7 +226,7 @@ def structured_rows(levels: Sequence[StructuredLevel]) -> list[list[str]]:
             _cell(level.constrained_ttft_s * 1000, 1),
             _ratio(_quotient(level.constrained_ttft_s, level.free_ttft_s)),
         ]
-        for level in sorted(levels, key=lambda level: level.streams)
+        for level in sorted(levels, key=lambda level: (level.backend, level.streams))
     ]
 
 
@@ -283,7 +287,7 @@ def study_tables(studies: Studies) -> list[tuple[str, tuple[str, ...], list[list
     if studies.structured:
         tables.append(
             (
-                "Structured output (llama_cpp): constrained vs free",
+                "Structured output: constrained vs free, per backend",
                 STRUCTURED_COLUMNS,
                 structured_rows(studies.structured),
             )

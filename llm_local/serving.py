@@ -48,7 +48,7 @@ from llm_local.core.errors import CapacityExceeded, InvalidRequest, NotReady
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.types import Finished, FinishReason, RequestContext, TextChunk
-from llm_local.core.validation import RawRequest, validate_request
+from llm_local.core.validation import RawRequest, validate_request_off_loop
 from llm_local.observability.logging import request_logger
 
 if TYPE_CHECKING:
@@ -257,7 +257,9 @@ class GenerationFlow:
             if service.settings.logging.log_prompts:
                 # Only when switched on (logging.log_prompts): prompts are user data.
                 log.debug("prompt", extra=prompt_fields(raw))
-            valid = validate_request(raw, service.settings.generation, context, info.sampling)
+            valid = await validate_request_off_loop(
+                raw, service.settings.generation, context, info.sampling
+            )
             adapter = check_adapter(raw.adapter, raw.adapter_field, info.adapters, info.backend)
             if adapter is not None:
                 valid = dataclasses.replace(valid, adapter=adapter)

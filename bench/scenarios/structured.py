@@ -1,6 +1,6 @@
-"""Scenario `structured`: constrained vs free decoding on the llama_cpp backend, in
-process (bench/structured.py's `speed`), at the configured stream counts. llama_cpp is
-the one backend that supports structured output, so it is the one measured."""
+"""Scenario `structured`: constrained vs free decoding on each backend that supports
+structured output (llama_cpp, transformers), in process (bench/structured.py's `speed`),
+at the configured stream counts, one backend after the other."""
 
 from __future__ import annotations
 
@@ -30,6 +30,6 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
     }
     for level in found:
         context.log(
-            f"  @{level.streams}: free {level.free_tps:.1f} tok/s, constrained "
+            f"  {level.backend} @{level.streams}: free {level.free_tps:.1f} tok/s, constrained "
             f"{level.constrained_tps:.1f} tok/s"
         )

@@ -121,6 +121,11 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
+    def to_json(self) -> str:
+        """The whole tokenizer as tokenizer.json text (what a grammar engine reads)."""
+        text: str = self._tokenizer.to_str()
+        return text
+
     def encode(self, text: str) -> list[int]:
         # The chat template already placed bos and friends: adding them again would
         # double them. Special tokens spelled in `text` still become their ids.

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import trio
+
 from llm_local.core.errors import InvalidRequest
 from llm_local.core.structured.constraint import STRUCTURED_OUTPUT_BACKENDS, OutputConstraint
 from llm_local.core.structured.limits import check_limits
@@ -110,6 +112,22 @@ def validate_request(
         prompt_field=raw.prompt_field,
         chat_template=raw.chat_template,
     )
+
+
+async def validate_request_off_loop(
+    raw: RawRequest,
+    defaults: GenerationDefaults,
+    context: RequestContext,
+    support: SamplingSupport,
+) -> GenerationRequest:
+    """`validate_request`, on a worker thread when it would compile a grammar: a schema
+    not seen before compiles in milliseconds, up to ~80 ms for a large one, which would
+    stall every other request on the event loop. A request without structure, or with a
+    constraint already compiled (the bounded cache), is validated here, with no thread hop."""
+    checker = support.constraints
+    if raw.constraint is None or checker is None or checker.is_compiled(raw.constraint):
+        return validate_request(raw, defaults, context, support)
+    return await trio.to_thread.run_sync(validate_request, raw, defaults, context, support)
 
 
 def _validate_constraint(

@@ -89,11 +89,16 @@ def test_plot_series_are_one_line_per_variant_with_finite_points_only() -> None:
 
 def test_structured_rows_are_ratios_of_constrained_over_free() -> None:
     rows = structured_rows(
-        [StructuredLevel(16, 200.0, 150.0, 0.2, 0.3), StructuredLevel(1, 50.0, 50.0, 0.05, 0.05)]
+        [
+            StructuredLevel("transformers", 1, 20.0, 19.0, 0.1, 0.1),
+            StructuredLevel("llama_cpp", 16, 200.0, 150.0, 0.2, 0.3),
+            StructuredLevel("llama_cpp", 1, 50.0, 50.0, 0.05, 0.05),
+        ]
     )
-    assert [row[0] for row in rows] == ["1", "16"]
+    order = [row[:2] for row in rows]
+    assert order == [["llama_cpp", "1"], ["llama_cpp", "16"], ["transformers", "1"]]
     assert len(rows[1]) == len(STRUCTURED_COLUMNS)
-    assert rows[1] == ["16", "200.0", "150.0", "0.75×", "200.0", "300.0", "1.50×"]
+    assert rows[1] == ["llama_cpp", "16", "200.0", "150.0", "0.75×", "200.0", "300.0", "1.50×"]
 
 
 def test_lora_row_is_the_mix_over_the_base_against_the_goal() -> None:

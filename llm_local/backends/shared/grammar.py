@@ -4,7 +4,8 @@ Why llguidance (docs/FINDINGS.md, "Structured output"): no dependencies (xgramma
 torch, triton and transformers into an image that has none of them), it names the schema
 feature it cannot enforce instead of relaxing it, and on SmolLM2's 49k vocabulary a mask
 took 6 µs at the median and 150 µs at p99 over JSONSchemaBench schemas (compile: 2 ms
-median). It also ships the bridge from a llama.cpp vocabulary (`tokenizer_for_llama_cpp`).
+median). It ships the bridges from a llama.cpp vocabulary (`tokenizer_for_llama_cpp`) and
+from a Hugging Face tokenizer.json (`tokenizer_for_hf`, the transformers backend's).
 
 `GrammarCompiler` is what core sees as the backend's `ConstraintChecker`: it compiles a
 constraint once (an LRU cache bounded by `cache_size`) and says why it refuses one.
@@ -92,6 +93,16 @@ def tokenizer_for_llama_cpp(lib: Any, vocab: Any, end_token_ids: Iterable[int]) 
     )
 
 
+def tokenizer_for_hf(tokenizer_json: str, vocab_size: int, end_token_ids: Iterable[int]) -> Any:
+    """An llguidance tokenizer over a Hugging Face `tokenizers` vocabulary (its tokenizer.json
+    text; special tokens are known as such, so that no grammar spells them), with the
+    model's end-of-generation ids as its end tokens. Once, at load."""
+    llguidance = _llguidance()
+    return llguidance.LLTokenizer(
+        tokenizer_json, n_vocab=vocab_size, eos_token=sorted(end_token_ids)
+    )
+
+
 def grammar_text(constraint: OutputConstraint) -> str:
     """The llguidance grammar (its JSON form) of a constraint."""
     llguidance = _llguidance()
@@ -165,6 +176,11 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return result
 
+    def is_compiled(self, constraint: OutputConstraint) -> bool:
+        """`ConstraintChecker`: the constraint's grammar (or refusal) is in the cache."""
+        with self._lock:
+            return constraint in self._cache
+
     def refusal(self, constraint: OutputConstraint) -> str | None:
         """`ConstraintChecker`: None, or the engine's reason naming the feature."""
         result = self._compiled(constraint)
@@ -198,12 +214,17 @@ class TokenMask:
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         self._allowed = np.unpackbits(bits, bitorder="little")[: self._vocab_size].astype(bool)
 
-    def apply(self, logits: npt.NDArray[np.float32]) -> None:
-        """Forbid in place what the grammar does not allow next (`compute` first)."""
+    def allowed(self) -> npt.NDArray[np.bool_]:
+        """Which tokens may come next, one flag per vocabulary token (`compute` first, or
+        it computes here)."""
         if self._allowed is None:
             self.compute()
         assert self._allowed is not None
-        allowed = self._allowed[: logits.shape[0]]
+        return self._allowed
+
+    def apply(self, logits: npt.NDArray[np.float32]) -> None:
+        """Forbid in place what the grammar does not allow next (`compute` first)."""
+        allowed = self.allowed()[: logits.shape[0]]
         logits[: allowed.shape[0]][~allowed] = -np.inf
         logits[allowed.shape[0] :] = -np.inf
 

@@ -12,13 +12,18 @@ top-k and top-p processors, so that greedy and sampled requests share one batch:
 request is sampled with top-k 1 (the most likely token, always), a top-k of 0 ("no cut")
 becomes the vocabulary size. A repetition penalty and per-request seeds cannot be honoured
 per request (`loader.TRANSFORMERS_SAMPLING`): validation refuses them before admission.
+
+Structured output: a constrained request's grammar state joins `constrained.GrammarMasks`,
+which the manager runs as its first logits processor (see there).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,6 +31,8 @@ import trio
 from llm_local.backends.base import BackendError, BackendStats, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer
 from llm_local.backends.shared.bridge import BatchItem, WakeupRelay
+from llm_local.backends.shared.grammar import TokenMask
+from llm_local.backends.transformers import constrained
 from llm_local.backends.transformers.loader import (
     LoadedModel,
     LoadPlan,
@@ -43,6 +50,8 @@ if TYPE_CHECKING:
 _PROCESSOR_PLACEHOLDERS = {"temperature": 0.5, "top_k": 50, "top_p": 0.9}
 STOP_TIMEOUT_S = 30.0
 
+log = logging.getLogger("llm_local.backends.transformers")
+
 
 class TransformersBackend:
     """`Backend` over a transformers model and its continuous batching manager."""
@@ -54,6 +63,7 @@ class TransformersBackend:
         self._model: LoadedModel | None = None
         self._manager: Any = None
         self._relay = TokenRelay()
+        self._masks: constrained.GrammarMasks | None = None
         self._wakeups: WakeupRelay | None = None
         self._request_ids = itertools.count()
         self._closed = False
@@ -114,6 +124,8 @@ class TransformersBackend:
         if manager is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_stop_manager, manager)
+        if self._masks is not None:
+            self._masks.close()
         self._model = None
 
     # -- internals ----------------------------------------------------------------------------
@@ -148,8 +160,35 @@ class TransformersBackend:
             generation_config=generation, continuous_batching_config=batching
         )
         manager.output_router = make_output_router(self._relay)
+        self._setup_structured_output(loaded, manager)
         manager.start()
         return manager
+
+    def _setup_structured_output(self, loaded: LoadedModel, manager: Any) -> None:
+        """Masks as the manager's first logits processor, where its batching lets them
+        see every step (constrained.supports_masks); elsewhere structure is refused."""
+        if loaded.grammar is None:
+            return
+        if not constrained.supports_masks(manager):
+            log.warning(
+                "structured output is off: transformers' continuous batching runs "
+                "asynchronously, with accelerator graphs or compiled here, so no logits "
+                "processor of ours can see each step"
+            )
+            loaded.grammar = None
+            sampling = replace(loaded.info.sampling, constraints=None)
+            loaded.info = replace(loaded.info, sampling=sampling)
+            return
+        self._masks = constrained.GrammarMasks(self._grammar_failed)
+        constrained.install(manager, self._masks)
+
+    def _grammar_failed(self, request_id: str, why: str) -> None:
+        """On the generation thread: a grammar rejected a token (a bug, or an end token
+        where the grammar is complete): the request fails and leaves the batch."""
+        self._relay.fail(request_id, BackendError(f"structured output: {why}"))
+        manager = self._manager
+        if manager is not None:
+            manager.cancel_request(request_id)
 
     @asynccontextmanager
     async def _generate(
@@ -169,7 +208,11 @@ class TransformersBackend:
             prompt_ids, max_new_tokens, sampling, arrived_at=trio.current_time(), relay=wakeups
         )
         request_id = f"llm-local-{next(self._request_ids)}"
+        mask = await self._grammar_state(sampling)
         self._relay.track(request_id, item)
+        if mask is not None:
+            assert self._masks is not None  # _grammar_state found a grammar, hence masks
+            self._masks.track(request_id, mask)
         try:
             accepted = manager.add_request(
                 list(prompt_ids),
@@ -186,9 +229,26 @@ class TransformersBackend:
             yield item.stream()
         finally:
             self._relay.forget(request_id)
+            if self._masks is not None:
+                self._masks.forget(request_id)
             if item.active:  # the consumer left before the end: free its place now
                 item.cancel()
                 manager.cancel_request(request_id)
+
+    async def _grammar_state(self, sampling: SamplingOptions) -> TokenMask | None:
+        """A fresh matcher for a constrained request, made on a worker thread: llguidance
+        builds its parser from the grammar then (milliseconds for a large schema)."""
+        constraint = sampling.constraint
+        if constraint is None:
+            return None
+        compiler = self._loaded().grammar
+        if compiler is None or self._masks is None:
+            # Validation refuses structure before admission here: only a bug gets here.
+            raise BackendError("structured output is not available on this backend")
+        try:
+            return await trio.to_thread.run_sync(compiler.matcher, constraint)
+        except ValueError as exc:
+            raise BackendError(f"structured output: {exc}") from exc
 
 
 def processor_values(sampling: SamplingOptions, vocab_size: int) -> dict[str, Any]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
+from llm_local.backends.shared import grammar
 from llm_local.backends.shared.context import CONTEXT_LIMIT_KEYS, DEFAULT_CONTEXT_LIMIT
 from llm_local.backends.shared.source import resolve_model_source
 from llm_local.core.types import SamplingSupport
@@ -51,6 +53,9 @@ class LoadedModel:
     model: Any  # a transformers PreTrainedModel in eval mode, on its device
     tokenizer: HFTokenizer
     info: ModelInfo
+    # Structured output's engine over the tokenizer; None: llguidance is not installed, or
+    # the manager's batching cannot mask a step (the backend drops it then).
+    grammar: grammar.GrammarCompiler | None = None
 
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
@@ -123,15 +128,32 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         shutil.rmtree(work_dir, ignore_errors=True)
     device = "cpu" if plan.device == "cpu" else f"cuda:{plan.device_index}"
     model = model.to(torch.device(device))
+    compiler = _grammar_compiler(tokenizer)
     info = ModelInfo(
         backend=BACKEND_NAME,
         model_name=plan.model.name,
         device=device,
         compute_type=plan.dtype,
         context_limit=context_limit(plan, model.config),
-        sampling=TRANSFORMERS_SAMPLING,
+        sampling=replace(TRANSFORMERS_SAMPLING, constraints=compiler),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, grammar=compiler)
+
+
+def _grammar_compiler(tokenizer: HFTokenizer) -> grammar.GrammarCompiler | None:
+    """Structured output's engine over the model's own tokenizer, when llguidance is
+    installed (the `structured` extra); without it a request for structure is refused."""
+    if not grammar.available():
+        log.info("llguidance is not installed: structured output is off")
+        return None
+    started = time.perf_counter()
+    compiler = grammar.GrammarCompiler(
+        grammar.tokenizer_for_hf(tokenizer.to_json(), tokenizer.vocab_size, tokenizer.end_token_ids)
+    )
+    log.info(
+        "structured output: llguidance over the vocabulary in %.2f s", time.perf_counter() - started
+    )
+    return compiler
 
 
 def context_limit(plan: LoadPlan, config: Any) -> int:

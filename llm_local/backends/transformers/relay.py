@@ -49,6 +49,13 @@ class TokenRelay:
         with self._lock:
             self._tracked.pop(request_id, None)
 
+    def fail(self, request_id: str, error: BaseException) -> None:
+        """One request fails with `error`, from any thread; its later outputs are dropped."""
+        with self._lock:
+            entry = self._tracked.pop(request_id, None)
+        if entry is not None:
+            entry.item.end_from_thread(error)
+
     def fail_all(self, error: BaseException) -> None:
         """Every tracked request fails with `error` (the generation thread has died)."""
         with self._lock:
