@@ -1,16 +1,21 @@
-"""LoRA adapters per request on a real llama_cpp server (`lora_adapter_id`, OpenAI `model`).
+"""LoRA adapters per request on a real server (`lora_adapter_id`, OpenAI `model`), on each
+backend that applies them: llama_cpp and transformers, one server per backend.
 
 The adapters are the suite's own (tests/lora_adapters.py: a few seeded PEFT steps on
 SmolLM2 that make it answer as a pirate or as a robot). The server gets them as PEFT
-directories in its [adapters] settings and prepares each the way `llm-local convert` would
-(a GGUF LoRA in the model cache), then applies them per request to the one base GGUF.
+directories in its [adapters] settings. llama_cpp prepares each the way `llm-local convert`
+would (a GGUF LoRA in the model cache) and applies them per request to the one base GGUF;
+transformers injects them with PEFT into the float32 model it dequantized from the same
+GGUF and applies each request's own per token (requests with different adapters share a
+step).
 
 What "right" means here: greedy, the answer with an adapter equals the answer PEFT's
 `merge_and_unload` model gives (the base model's dequantized float32 weights with the
-adapter merged in, decoded by transformers when the adapter was made). That compares
-llama.cpp's Q4_1 base + float32 LoRA against a float32 merged model: two engines, the
-same weights up to llama.cpp's quantized matrix products; the adapter's taught answers
-are confident enough that greedy decoding does not flip on that difference.
+adapter merged in, decoded by transformers when the adapter was made). On llama_cpp that
+compares its Q4_1 base + float32 LoRA against a float32 merged model: two engines, the
+same weights up to llama.cpp's quantized matrix products; on transformers, the same float32
+weights with the adapter beside them rather than merged in. The adapter's taught answers
+are confident enough that greedy decoding does not flip on either difference.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,15 +51,25 @@ def adapters() -> dict[str, SuiteAdapter]:
     return ensure_test_adapters(settings.model.cache_dir, source.path)
 
 
+@pytest.fixture(scope="module", params=["llama_cpp", "transformers"])
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def server(serve: Callable[..., Any], adapters: dict[str, SuiteAdapter]) -> Any:
-    return serve(
+def server(
+    serve: Callable[..., Any], adapters: dict[str, SuiteAdapter], backend: str
+) -> Iterator[Any]:
+    started = serve(
         env={
-            "LLM_LOCAL_SERVICE_BACKEND": "llama_cpp",
+            "LLM_LOCAL_SERVICE_BACKEND": backend,
             "LLM_LOCAL_SERVICE_ADAPTERS__PIRATE": str(adapters["pirate"].path),
             "LLM_LOCAL_SERVICE_ADAPTERS__ROBOT": str(adapters["robot"].path),
         }
     )
+    yield started
+    started.stop()  # one backend's server at a time
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,11 @@ from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
 from llm_local.backends.shared.context import CONTEXT_LIMIT_KEYS, DEFAULT_CONTEXT_LIMIT
 from llm_local.backends.shared.source import resolve_model_source
+from llm_local.backends.transformers.adapters import (
+    TokenAdapters,
+    attach_adapters,
+    peft_adapter_dirs,
+)
 from llm_local.core.types import SamplingSupport
 
 if TYPE_CHECKING:
@@ -44,6 +49,7 @@ class LoadPlan:
     device_index: int
     dtype: str  # float32 | bfloat16 | float16 (auto resolved)
     options: TransformersSettings
+    adapters: tuple[tuple[str, Path], ...] = ()  # adapter id -> its PEFT directory
 
 
 @dataclass(slots=True)
@@ -51,6 +57,7 @@ class LoadedModel:
     model: Any  # a transformers PreTrainedModel in eval mode, on its device
     tokenizer: HFTokenizer
     info: ModelInfo
+    adapters: TokenAdapters | None = None  # the LoRA adapters injected, None without any
 
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
@@ -60,7 +67,8 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
     device = resolve_torch_device(runtime.device, runtime.device_index)
     options = settings.transformers
     dtype = AUTO_DTYPE_BY_DEVICE[device] if options.dtype == "auto" else options.dtype
-    return LoadPlan(source, settings.model, device, runtime.device_index, dtype, options)
+    adapters = peft_adapter_dirs(settings)
+    return LoadPlan(source, settings.model, device, runtime.device_index, dtype, options, adapters)
 
 
 class TorchMissing(BackendLoadError):
@@ -123,6 +131,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         shutil.rmtree(work_dir, ignore_errors=True)
     device = "cpu" if plan.device == "cpu" else f"cuda:{plan.device_index}"
     model = model.to(torch.device(device))
+    adapters = attach_adapters(model, plan.adapters)
     info = ModelInfo(
         backend=BACKEND_NAME,
         model_name=plan.model.name,
@@ -130,8 +139,9 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         compute_type=plan.dtype,
         context_limit=context_limit(plan, model.config),
         sampling=TRANSFORMERS_SAMPLING,
+        adapters=tuple(adapter_id for adapter_id, _ in plan.adapters),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, adapters=adapters)
 
 
 def context_limit(plan: LoadPlan, config: Any) -> int:
