@@ -21,6 +21,9 @@ are confident enough that greedy decoding does not flip on either difference.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -61,13 +64,26 @@ def backend(request: pytest.FixtureRequest) -> str:
 def server(
     serve: Callable[..., Any], adapters: dict[str, SuiteAdapter], backend: str
 ) -> Iterator[Any]:
-    started = serve(
-        env={
-            "LLM_LOCAL_SERVICE_BACKEND": backend,
-            "LLM_LOCAL_SERVICE_ADAPTERS__PIRATE": str(adapters["pirate"].path),
-            "LLM_LOCAL_SERVICE_ADAPTERS__ROBOT": str(adapters["robot"].path),
-        }
-    )
+    env = {
+        "LLM_LOCAL_SERVICE_BACKEND": backend,
+        "LLM_LOCAL_SERVICE_ADAPTERS__PIRATE": str(adapters["pirate"].path),
+        "LLM_LOCAL_SERVICE_ADAPTERS__ROBOT": str(adapters["robot"].path),
+    }
+    if backend == "llama_cpp":
+        # What `make run` does first: the GGUF LoRAs and each adapter's numerics reference
+        # (the unquantized base + adapter's probe answers), which the check at load uses.
+        recorded = subprocess.run(
+            [sys.executable, "-m", "llm_local", "convert", "--quiet"],
+            env={**os.environ, "ENV": "test", **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert recorded.returncode == 0, recorded.stderr
+        assert "adapter pirate:" in recorded.stdout, recorded.stdout
+        env["LLM_LOCAL_SERVICE_NUMERICS__CHECK_AT_LOAD"] = "true"
+    started = serve(env=env)
     yield started
     started.stop()  # one backend's server at a time
 
@@ -190,3 +206,24 @@ def test_metrics_count_requests_and_tokens_per_adapter(
     assert answer
     assert server.metric("llm_local_adapter_completion_tokens_total", {"adapter": "robot"})
     assert server.metric("llm_local_adapter_requests_total", {"adapter": "x"}) is None
+
+
+def test_each_adapter_is_checked_like_the_model_where_the_backend_checks_numerics(
+    server: Any, backend: str
+) -> None:
+    _, health = server.http_json("/health")
+    _, config = server.http_json("/config")
+    loaded = config["effective"]["loaded_model"]
+
+    if backend == "transformers":  # the unquantized model itself: nothing to check
+        assert "adapter_numerics" not in health
+        assert loaded["adapter_numerics"] == {}
+        return
+    verdicts = health["adapter_numerics"]
+    assert sorted(verdicts) == ["pirate", "robot"]
+    for verdict in verdicts.values():
+        assert verdict["verified"] is True, verdict
+        assert verdict["compute_type"] == "q4_1"
+        assert verdict["nll_ratio"] <= 1.25 and verdict["agreement_ratio"] >= 0.6
+    assert loaded["adapter_numerics"] == verdicts
+    assert "numerics check of q4_1 + LoRA adapter 'pirate'" in server.log_text()
