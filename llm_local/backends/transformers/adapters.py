@@ -17,7 +17,8 @@ token, and requests with different adapters, or none, share every step:
 
 PEFT's own mixed batch (``adapter_names=``) splits dimension 0, the one packed row here,
 and builds its index lists in Python in every layer at every step; the groups here are
-built once a step. What a mixed step costs is measured in docs/FINDINGS.md.
+built once a step. What a mixed step costs is measured in docs/FINDINGS.md
+(`python -m bench.transformers_lora_steps`).
 
 Plain LoRA only: a variant (DoRA and the like) or an adapted module that is no linear
 projection (an embedding, a convolution) is refused at load by name. With adapters, the
@@ -145,7 +146,7 @@ class TokenAdapters:
         self._layers = layers
         self._lock = threading.Lock()
         self._adapter_of: dict[str, str] = {}
-        self._processor: Any = None
+        self._manager: Any = None
         self._groups: list[TokenGroup] = []
         self._device = next(model.parameters()).device
         self._handles = [
