@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,47 +177,26 @@ class LoadedLibraryModel:
 
 class AdapterSwitch:
     """Which LoRA adapter the context applies: ``llama_set_adapters_lora`` sets it for the
-    whole context, so every sequence of a step decodes with it.
-
-    When several adapters take turns (`present` holds more than one of them), every adapter
-    present stays set and only the scales change: 1 for the step's adapter, 0 for the others
-    (all 0 for the base model). A change of the adapter set makes llama.cpp reserve its
-    compute graph again before the next decode (10-40 ms in its log); a change of scales
-    alone keeps the graph, and costs the zero-scaled adapters' small products instead
-    (measured in docs/FINDINGS.md). With one adapter present, or none, it is set alone.
-    Remembers what is set to call the library only on a change."""
+    whole context, so every sequence of a step decodes with it. Remembers the current one
+    to call the library only on a change (the library also skips an unchanged set)."""
 
     def __init__(self, lib: Any, ctx: Any) -> None:
         self._lib = lib
         self._ctx = ctx
-        self._current: tuple[tuple[Any, ...], tuple[float, ...]] = ((), ())
+        self._current: Any = None
         # Kept referenced while the library may read them.
-        self._array: Any = None
-        self._scales: Any = None
+        self._array = (lib.llama_adapter_lora_p_ctypes * 1)()
+        self._scales = (ctypes.c_float * 1)(1.0)
 
-    def apply(self, adapter: Any, present: Sequence[Any] = ()) -> None:
-        """Decode with `adapter` (None: the base model) from the next step on; `present`:
-        the adapters of every running sequence (None for the base model)."""
-        together: tuple[Any, ...] = ()
-        for candidate in present:  # ctypes handles: unhashable, compared by identity
-            if candidate is not None and not any(candidate is a for a in together):
-                together += (candidate,)
-        if len(together) < 2 or (adapter is not None and adapter not in together):
-            chosen: tuple[Any, ...] = () if adapter is None else (adapter,)
-            wanted = (chosen, tuple(1.0 for _ in chosen))
-        else:
-            wanted = (together, tuple(1.0 if a is adapter else 0.0 for a in together))
-        if wanted == self._current:
+    def apply(self, adapter: Any) -> None:
+        """Decode with `adapter` (None: the base model) from the next step on."""
+        if adapter is self._current:
             return
-        handles, scales = wanted
-        if not handles:
+        if adapter is None:
             status = self._lib.llama_set_adapters_lora(self._ctx, None, 0, None)
         else:
-            self._array = (self._lib.llama_adapter_lora_p_ctypes * len(handles))(*handles)
-            self._scales = (ctypes.c_float * len(scales))(*scales)
-            status = self._lib.llama_set_adapters_lora(
-                self._ctx, self._array, len(handles), self._scales
-            )
+            self._array[0] = adapter
+            status = self._lib.llama_set_adapters_lora(self._ctx, self._array, 1, self._scales)
         if int(status) != 0:
             raise RuntimeError(f"llama_set_adapters_lora failed (status {status})")
-        self._current = wanted
+        self._current = adapter

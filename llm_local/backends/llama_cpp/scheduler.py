@@ -472,9 +472,7 @@ class LlamaScheduler:
         adapter = pick_adapter([r.adapter for r in self._running], self._last_adapter)
         members = [r for r in self._running if r.adapter == adapter]
         self._last_adapter = adapter
-        self._switch.apply(
-            self._adapters.get(adapter), [self._adapters.get(r.adapter) for r in self._running]
-        )
+        self._switch.apply(self._adapters.get(adapter))
         plan = plan_step(
             [running.prompt_left for running in members],
             prefill_chunk_tokens=self._prefill_chunk_tokens,
