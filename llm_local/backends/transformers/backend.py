@@ -181,8 +181,8 @@ class TransformersBackend:
         )
         request_id = f"llm-local-{next(self._request_ids)}"
         adapters = self._loaded().adapters
-        if adapter is not None and adapters is None:
-            raise BackendError(f"no LoRA adapter {adapter!r} is loaded")
+        if adapter is not None and (adapters is None or adapter not in adapters.adapters):
+            raise BackendError(f"unknown LoRA adapter {adapter!r}")
         self._relay.track(request_id, item)
         if adapters is not None:
             adapters.assign(request_id, adapter)  # before the manager may schedule it
