@@ -97,6 +97,9 @@ class ModelInfo:
     # The LoRA adapters a request may name ([adapters], loaded); None: this backend cannot
     # apply adapters at all (validation refuses lora_adapter_id by name).
     adapters: tuple[str, ...] | None = None
+    # Each adapter's numerics verdict (the check at load with it applied), where the
+    # backend checks adapters (llama_cpp); /health and /config report it beside the model's.
+    adapter_numerics: tuple[tuple[str, NumericsStatus], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,9 @@ backend needs from it:
   ``<cache_dir>/adapters/<slug>/gguf-<key>/adapter.gguf``, in a scratch directory renamed
   into place under the cache's lock, like a model (cache.py). `key` hashes the adapter's
   source and the base model's: a changed file converts again.
-- ``transformers`` would take the PEFT directory as is (not served yet).
+- ``transformers``: the PEFT directory as is (a hub repository's is downloaded into the
+  model's download directory); a .gguf LoRA is llama.cpp's own format and is refused
+  (`peft_adapter_dir`).
 - ``ct2``: CTranslate2 applies no adapter at run time; nothing is prepared.
 
 `find_adapter` is the load path's cheap look-up (a stat and one manifest); `ensure_adapters`
@@ -187,6 +189,18 @@ def ensure_gguf_adapter(
             f"{type(exc).__name__}: {first_line(exc)}"
         ) from exc
     return directory / ADAPTER_FILE
+
+
+def peft_adapter_dir(source: AdapterSource, model: ModelSettings) -> Path:
+    """The adapter's PEFT directory (what the transformers backend applies); a GGUF LoRA is
+    refused by name (ConversionError): PEFT cannot read llama.cpp's format."""
+    if source.kind == "gguf":
+        raise ConversionError(
+            f"adapter {source.id!r}: {source.spec!r} is a GGUF LoRA, which only the llama_cpp "
+            "backend applies; the transformers backend takes a PEFT adapter directory "
+            f"({PEFT_CONFIG} + {PEFT_WEIGHTS}) or a hub repository holding one"
+        )
+    return _peft_dir(source, model)
 
 
 def _peft_dir(source: AdapterSource, model: ModelSettings) -> Path:

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 def _record_gguf_reference(settings: AppSettings, *, quiet: bool) -> int:
     """The llama_cpp backend serves the GGUF as is: nothing to convert, only the
     numerics reference its check at load compares with (convert/gguf_reference.py)."""
+    from llm_local.convert.adapter_reference import ensure_adapter_references
+    from llm_local.convert.adapters import ensure_adapters
     from llm_local.convert.api import _silent, _stderr_report
     from llm_local.convert.gguf_reference import ensure_gguf_reference
 
@@ -90,6 +92,11 @@ def _record_gguf_reference(settings: AppSettings, *, quiet: bool) -> int:
         print(f"recorded the numerics reference of {settings.model.name}: {entry}")
     else:
         print(f"the numerics reference of {settings.model.name} is already at {entry}")
+    # Each adapter's GGUF LoRA, and the reference its check at load compares with.
+    adapters = ensure_adapters(settings)
+    references = ensure_adapter_references(settings, report)
+    for adapter_id, path in adapters.items():
+        print(f"adapter {adapter_id}: {path} (numerics reference: {references[adapter_id]})")
     return 0
 
 

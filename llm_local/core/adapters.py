@@ -13,7 +13,7 @@ from llm_local.core.errors import InvalidRequest
 # Backends of this project that apply LoRA adapters per request (README, "LoRA adapters").
 # CTranslate2 has no run-time LoRA: an adapter would have to be merged into a separately
 # converted model, which is simply another model.
-ADAPTER_BACKENDS = ("llama_cpp",)
+ADAPTER_BACKENDS = ("llama_cpp", "transformers")
 
 
 class UnknownAdapter(Exception):

@@ -11,6 +11,7 @@ import pytest
 from llm_local.convert.adapters import (
     ensure_gguf_adapter,
     find_gguf_adapter,
+    peft_adapter_dir,
     resolve_adapter,
 )
 from llm_local.convert.errors import ConversionError
@@ -89,3 +90,21 @@ def test_a_gguf_lora_is_used_where_it_lies(tmp_path: Path) -> None:
     found = find_gguf_adapter(source, base_source(tmp_path / "base.gguf"), tmp_path / "cache")
 
     assert found == tmp_path / "lora.gguf"
+
+
+def test_the_transformers_backend_takes_a_peft_directory_as_is_and_refuses_a_gguf_lora(
+    tmp_path: Path,
+) -> None:
+    peft_adapter(tmp_path / "peft")
+    (tmp_path / "lora.gguf").write_bytes(b"GGUF")
+    model = model_settings(tmp_path / "cache")
+
+    peft = resolve_adapter(AdapterSettings("a", str(tmp_path / "peft")))
+    gguf = resolve_adapter(AdapterSettings("g", str(tmp_path / "lora.gguf")))
+
+    assert peft_adapter_dir(peft, model) == tmp_path / "peft"
+    with pytest.raises(ConversionError) as refused:
+        peft_adapter_dir(gguf, model)
+    assert str(refused.value).startswith("adapter 'g': ")
+    assert "only the llama_cpp backend applies" in str(refused.value)
+    assert "PEFT adapter directory" in str(refused.value)

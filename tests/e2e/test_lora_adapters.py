@@ -1,24 +1,32 @@
-"""LoRA adapters per request on a real llama_cpp server (`lora_adapter_id`, OpenAI `model`).
+"""LoRA adapters per request on a real server (`lora_adapter_id`, OpenAI `model`), on each
+backend that applies them: llama_cpp and transformers, one server per backend.
 
 The adapters are the suite's own (tests/lora_adapters.py: a few seeded PEFT steps on
 SmolLM2 that make it answer as a pirate or as a robot). The server gets them as PEFT
-directories in its [adapters] settings and prepares each the way `llm-local convert` would
-(a GGUF LoRA in the model cache), then applies them per request to the one base GGUF.
+directories in its [adapters] settings. llama_cpp prepares each the way `llm-local convert`
+would (a GGUF LoRA in the model cache) and applies them per request to the one base GGUF;
+transformers injects them with PEFT into the float32 model it dequantized from the same
+GGUF and applies each request's own per token (requests with different adapters share a
+step).
 
 What "right" means here: greedy, the answer with an adapter equals the answer PEFT's
 `merge_and_unload` model gives (the base model's dequantized float32 weights with the
-adapter merged in, decoded by transformers when the adapter was made). That compares
-llama.cpp's Q4_1 base + float32 LoRA against a float32 merged model: two engines, the
-same weights up to llama.cpp's quantized matrix products; the adapter's taught answers
-are confident enough that greedy decoding does not flip on that difference.
+adapter merged in, decoded by transformers when the adapter was made). On llama_cpp that
+compares its Q4_1 base + float32 LoRA against a float32 merged model: two engines, the
+same weights up to llama.cpp's quantized matrix products; on transformers, the same float32
+weights with the adapter beside them rather than merged in. The adapter's taught answers
+are confident enough that greedy decoding does not flip on either difference.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,6 +40,9 @@ from tests.lora_adapters import QUESTION, REFERENCE_MAX_NEW_TOKENS, SuiteAdapter
 pytestmark = [pytest.mark.e2e, pytest.mark.model, pytest.mark.timeout(900)]
 
 BASE_MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+# The interleaved requests' length: the three voices part within the first tokens, and
+# transformers decodes slowly on a busy CPU (the test's time is mostly its tokens).
+INTERLEAVED_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +57,38 @@ def adapters() -> dict[str, SuiteAdapter]:
     return ensure_test_adapters(settings.model.cache_dir, source.path)
 
 
+@pytest.fixture(scope="module", params=["llama_cpp", "transformers"])
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def server(serve: Callable[..., Any], adapters: dict[str, SuiteAdapter]) -> Any:
-    return serve(
-        env={
-            "LLM_LOCAL_SERVICE_BACKEND": "llama_cpp",
-            "LLM_LOCAL_SERVICE_ADAPTERS__PIRATE": str(adapters["pirate"].path),
-            "LLM_LOCAL_SERVICE_ADAPTERS__ROBOT": str(adapters["robot"].path),
-        }
-    )
+def server(
+    serve: Callable[..., Any], adapters: dict[str, SuiteAdapter], backend: str
+) -> Iterator[Any]:
+    env = {
+        "LLM_LOCAL_SERVICE_BACKEND": backend,
+        "LLM_LOCAL_SERVICE_ADAPTERS__PIRATE": str(adapters["pirate"].path),
+        "LLM_LOCAL_SERVICE_ADAPTERS__ROBOT": str(adapters["robot"].path),
+    }
+    if backend == "llama_cpp":
+        # What `make run` does first: the GGUF LoRAs and each adapter's numerics reference
+        # (the unquantized base + adapter's probe answers), which the check at load uses.
+        recorded = subprocess.run(
+            [sys.executable, "-m", "llm_local", "convert", "--quiet"],
+            env={**os.environ, "ENV": "test", **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert recorded.returncode == 0, recorded.stderr
+        assert "adapter pirate:" in recorded.stdout, recorded.stdout
+        env["LLM_LOCAL_SERVICE_NUMERICS__CHECK_AT_LOAD"] = "true"
+    started = serve(env=env)
+    yield started
+    started.stop()  # one backend's server at a time
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +96,15 @@ def channel(server: Any) -> grpc.Channel:
     return server.channel()
 
 
-def ask(rpc: Any, channel: grpc.Channel, adapter: str | None, prompt: str = QUESTION) -> str:
+def ask(
+    rpc: Any,
+    channel: grpc.Channel,
+    adapter: str | None,
+    prompt: str = QUESTION,
+    max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
+) -> str:
     message = llama_pb2.GenerateStreamRequest(user_prompt=prompt)
-    message.params.CopyFrom(llama_pb2.GenerationParams(max_new_tokens=REFERENCE_MAX_NEW_TOKENS))
+    message.params.CopyFrom(llama_pb2.GenerationParams(max_new_tokens=max_new_tokens))
     if adapter is not None:
         message.lora_adapter_id = adapter
     responses = list(rpc.llama(channel, message, timeout=120))
@@ -90,12 +130,16 @@ def test_an_adapter_changes_the_answer_to_what_the_merged_model_answers(
 def test_two_adapters_and_the_base_interleaved_each_get_their_own_answer(
     channel: grpc.Channel, rpc: Any
 ) -> None:
-    alone = {name: ask(rpc, channel, name) for name in (None, "pirate", "robot")}
+    def short(name: str | None) -> str:  # long enough to tell the three voices apart
+        return ask(rpc, channel, name, max_new_tokens=INTERLEAVED_TOKENS)
+
+    alone = {name: short(name) for name in (None, "pirate", "robot")}
     order: list[str | None] = [None, "pirate", "robot"] * 4  # 12 at once, interleaved
 
     with ThreadPoolExecutor(max_workers=len(order)) as pool:
-        answers = list(pool.map(lambda name: ask(rpc, channel, name), order))
+        answers = list(pool.map(short, order))
 
+    assert len(set(alone.values())) == 3, alone
     assert answers == [alone[name] for name in order]
 
 
@@ -175,3 +219,24 @@ def test_metrics_count_requests_and_tokens_per_adapter(
     assert answer
     assert server.metric("llm_local_adapter_completion_tokens_total", {"adapter": "robot"})
     assert server.metric("llm_local_adapter_requests_total", {"adapter": "x"}) is None
+
+
+def test_each_adapter_is_checked_like_the_model_where_the_backend_checks_numerics(
+    server: Any, backend: str
+) -> None:
+    _, health = server.http_json("/health")
+    _, config = server.http_json("/config")
+    loaded = config["effective"]["loaded_model"]
+
+    if backend == "transformers":  # the unquantized model itself: nothing to check
+        assert "adapter_numerics" not in health
+        assert loaded["adapter_numerics"] == {}
+        return
+    verdicts = health["adapter_numerics"]
+    assert sorted(verdicts) == ["pirate", "robot"]
+    for verdict in verdicts.values():
+        assert verdict["verified"] is True, verdict
+        assert verdict["compute_type"] == "q4_1"
+        assert verdict["nll_ratio"] <= 1.25 and verdict["agreement_ratio"] >= 0.6
+    assert loaded["adapter_numerics"] == verdicts
+    assert "numerics check of q4_1 + LoRA adapter 'pirate'" in server.log_text()

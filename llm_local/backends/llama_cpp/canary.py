@@ -50,6 +50,10 @@ NO_REFERENCE = (
     "no numerics reference recorded for this GGUF "
     '(run `llm-local convert` with backend = "llama_cpp")'
 )
+NO_ADAPTER_REFERENCE = (
+    "no numerics reference recorded for LoRA adapter {!r} on this GGUF "
+    '(run `llm-local convert` with backend = "llama_cpp")'
+)
 CHECK_OFF = "numerics.check_at_load is off"
 CHOSEN_BY = "settings"  # the GGUF's weight type is what the settings name; nothing is picked
 
@@ -63,16 +67,21 @@ def numerics_status(
     numerics: NumericsSettings | None,
     reference: Reference | None,
     measure: Callable[[Reference], Measurement],
+    adapter: str | None = None,
 ) -> NumericsStatus | None:
     """What serves and how far it can be trusted; raises NumericsRejected when the check
-    fails and unverified numerics are not accepted. `measure` runs the probe."""
+    fails and unverified numerics are not accepted. `measure` runs the probe. With
+    `adapter`, the probe runs with that LoRA adapter applied and `reference` is the
+    unquantized base + adapter's (convert/adapter_reference.py); the policy is the model's."""
     if numerics is None:  # no check asked for (benches, unit tests)
         return None
     if not numerics.check_at_load:
         return NumericsStatus(compute_type, False, None, None, CHOSEN_BY, warning=CHECK_OFF)
+    subject = compute_type if adapter is None else f"{compute_type} + LoRA adapter {adapter!r}"
     if reference is None:
-        log.warning("%s: serving %s unverified", NO_REFERENCE, compute_type)
-        return NumericsStatus(compute_type, False, None, None, CHOSEN_BY, warning=NO_REFERENCE)
+        missing = NO_REFERENCE if adapter is None else NO_ADAPTER_REFERENCE.format(adapter)
+        log.warning("%s: serving %s unverified", missing, subject)
+        return NumericsStatus(compute_type, False, None, None, CHOSEN_BY, warning=missing)
     bounds = Bounds(numerics.max_nll_ratio, numerics.min_agreement_ratio)
     started = time.perf_counter()
     measurement = measure(reference)
@@ -80,7 +89,7 @@ def numerics_status(
     log.info(
         "numerics check of %s in %.1f s: NLL ratio %.3f (bound %g), greedy agreement %.2f of "
         "float32's (bound %g), %d of %d answers equal: %s",
-        compute_type,
+        subject,
         time.perf_counter() - started,
         judgement.nll_ratio,
         bounds.max_nll_ratio,
@@ -103,6 +112,12 @@ def numerics_status(
     if numerics.accept_unverified:
         log.warning("serving unverified numerics (numerics.accept_unverified): %s", status.warning)
         return status
+    if adapter is not None:
+        raise NumericsRejected(
+            f"llama.cpp does not compute {subject} faithfully on this machine (against the "
+            f"unquantized base + adapter): {judgement.reason}; remove the adapter from "
+            "[adapters], serve it on the transformers backend, or set numerics.accept_unverified"
+        )
     raise NumericsRejected(
         f"llama.cpp does not compute {compute_type} faithfully on this machine: "
         f"{judgement.reason}; try llama_cpp.repack = false, another backend, or set "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.llama_cpp.canary import Probe, numerics_status
 from llm_local.backends.llama_cpp.library import (
     MAX_SEQUENCES,
+    AdapterSwitch,
     ContextOptions,
     LoadedLibraryModel,
     ModelOptions,
@@ -35,7 +37,7 @@ from llm_local.core.types import SamplingSupport
 
 if TYPE_CHECKING:
     from llm_local.convert.sources import ModelSource
-    from llm_local.core.numerics import Reference
+    from llm_local.core.numerics import Measurement, NumericsStatus, Reference
     from llm_local.settings.schema import (
         AppSettings,
         LlamaCppSettings,
@@ -65,6 +67,8 @@ class LoadPlan:
     batch_tokens: int
     numerics: NumericsSettings | None = None  # None: no numerics check (benches, tests)
     reference: Reference | None = None  # what the check compares with (canary.py)
+    # Each adapter's reference (base + adapter, unquantized); an adapter without one is absent.
+    adapter_references: Mapping[str, Reference] = field(default_factory=dict)
     adapters: tuple[tuple[str, Path], ...] = ()  # adapter id -> its GGUF LoRA
 
 
@@ -105,8 +109,12 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
     options = settings.llama_cpp
     threads = usable_cpus() if options.threads == "auto" else int(options.threads)
     reference = None
+    adapter_references: dict[str, Reference] = {}
     if settings.numerics.check_at_load:
+        from llm_local.convert.adapter_reference import find_adapter_references
+
         reference = find_gguf_reference(settings)
+        adapter_references = find_adapter_references(settings)
     gguf = gguf_path(source, settings.model)
     return LoadPlan(
         gguf=gguf,
@@ -118,6 +126,7 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
         numerics=settings.numerics,
         reference=reference,
         adapters=prepared_adapters(settings, source, gguf),
+        adapter_references=adapter_references,
     )
 
 
@@ -233,6 +242,9 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             compute_type=compute_type,
         )
         numerics = numerics_status(compute_type, plan.numerics, plan.reference, canary.measure)
+        adapter_numerics = check_adapters(
+            AdapterSwitch(lib, handle.ctx), adapters, plan, compute_type, canary.measure
+        )
         compiler = _grammar_compiler(lib, handle.vocab, tokenizer.end_token_ids)
         limit = handle.context_per_sequence
         if plan.model.context_limit:
@@ -247,6 +259,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
             threads=(1, threads),
             sampling=SamplingSupport(constraints=compiler),
             adapters=tuple(adapters),
+            adapter_numerics=adapter_numerics,
         )
     except BaseException:
         handle.free()
@@ -271,6 +284,34 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         grammar=compiler,
         adapters=adapters,
     )
+
+
+def check_adapters(
+    switch: AdapterSwitch,
+    adapters: Mapping[str, Any],
+    plan: LoadPlan,
+    compute_type: str,
+    measure: Callable[[Reference], Measurement],
+) -> tuple[tuple[str, NumericsStatus], ...]:
+    """Each adapter's numerics verdict: the probe with the adapter applied, judged against
+    the unquantized base + adapter like the model (canary.py); raises NumericsRejected for
+    a failing adapter unless numerics.accept_unverified. The context is left on the base."""
+    verdicts: list[tuple[str, NumericsStatus]] = []
+    try:
+        for name, adapter in adapters.items():
+            switch.apply(adapter)
+            status = numerics_status(
+                compute_type,
+                plan.numerics,
+                plan.adapter_references.get(name),
+                measure,
+                adapter=name,
+            )
+            if status is not None:
+                verdicts.append((name, status))
+    finally:
+        switch.apply(None)
+    return tuple(verdicts)
 
 
 def _grammar_compiler(

@@ -33,6 +33,7 @@ from llm_local.backends.hf_tokenizer import HFTokenizer
 from llm_local.backends.shared.bridge import BatchItem, WakeupRelay
 from llm_local.backends.shared.grammar import TokenMask
 from llm_local.backends.transformers import constrained
+from llm_local.backends.transformers.adapters import cb_overrides
 from llm_local.backends.transformers.loader import (
     LoadedModel,
     LoadPlan,
@@ -101,8 +102,9 @@ class TransformersBackend:
         sampling: SamplingOptions,
         hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
-        # The hints do not steer this backend: the manager schedules first come, first served.
-        return self._generate(prompt_ids, max_new_tokens, sampling)
+        # The hints do not steer this backend (the manager schedules first come, first
+        # served), except the adapter the request decodes with.
+        return self._generate(prompt_ids, max_new_tokens, sampling, hints.adapter)
 
     def stats(self) -> BackendStats:
         """Read from the manager's own scheduler: a cancelled request stops counting as
@@ -126,6 +128,8 @@ class TransformersBackend:
                 await trio.to_thread.run_sync(_stop_manager, manager)
         if self._masks is not None:
             self._masks.close()
+        if self._model is not None and self._model.adapters is not None:
+            self._model.adapters.close()
         self._model = None
 
     # -- internals ----------------------------------------------------------------------------
@@ -155,12 +159,15 @@ class TransformersBackend:
             max_requests_per_batch=options.max_requests_per_batch,
             max_batch_tokens=options.max_batch_tokens or None,
             num_blocks=-(-cache_tokens // page_size) if cache_tokens else None,
+            **cb_overrides(loaded.info.adapters or ()),
         )
         manager = loaded.model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=batching
         )
         manager.output_router = make_output_router(self._relay)
         self._setup_structured_output(loaded, manager)
+        if loaded.adapters is not None:
+            loaded.adapters.bind(manager)
         manager.start()
         return manager
 
@@ -192,7 +199,11 @@ class TransformersBackend:
 
     @asynccontextmanager
     async def _generate(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingOptions
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingOptions,
+        adapter: str | None,
     ) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
         manager, wakeups = self._manager, self._wakeups
         if self._closed:
@@ -209,10 +220,15 @@ class TransformersBackend:
         )
         request_id = f"llm-local-{next(self._request_ids)}"
         mask = await self._grammar_state(sampling)
+        adapters = self._loaded().adapters
+        if adapter is not None and (adapters is None or adapter not in adapters.adapters):
+            raise BackendError(f"unknown LoRA adapter {adapter!r}")
         self._relay.track(request_id, item)
         if mask is not None:
             assert self._masks is not None  # _grammar_state found a grammar, hence masks
             self._masks.track(request_id, mask)
+        if adapters is not None:
+            adapters.assign(request_id, adapter)  # before the manager may schedule it
         try:
             accepted = manager.add_request(
                 list(prompt_ids),
@@ -234,6 +250,10 @@ class TransformersBackend:
             if item.active:  # the consumer left before the end: free its place now
                 item.cancel()
                 manager.cancel_request(request_id)
+            if adapters is not None:
+                # A cancelled request still in this step's batch decodes as the base
+                # model from here on: its tokens go nowhere.
+                adapters.release(request_id)
 
     async def _grammar_state(self, sampling: SamplingOptions) -> TokenMask | None:
         """A fresh matcher for a constrained request, made on a worker thread: llguidance

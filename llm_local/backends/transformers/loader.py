@@ -22,6 +22,11 @@ from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
 from llm_local.backends.shared import grammar
 from llm_local.backends.shared.context import CONTEXT_LIMIT_KEYS, DEFAULT_CONTEXT_LIMIT
 from llm_local.backends.shared.source import resolve_model_source
+from llm_local.backends.transformers.adapters import (
+    TokenAdapters,
+    attach_adapters,
+    peft_adapter_dirs,
+)
 from llm_local.core.types import SamplingSupport
 
 if TYPE_CHECKING:
@@ -46,6 +51,7 @@ class LoadPlan:
     device_index: int
     dtype: str  # float32 | bfloat16 | float16 (auto resolved)
     options: TransformersSettings
+    adapters: tuple[tuple[str, Path], ...] = ()  # adapter id -> its PEFT directory
 
 
 @dataclass(slots=True)
@@ -56,6 +62,7 @@ class LoadedModel:
     # Structured output's engine over the tokenizer; None: llguidance is not installed, or
     # the manager's batching cannot mask a step (the backend drops it then).
     grammar: grammar.GrammarCompiler | None = None
+    adapters: TokenAdapters | None = None  # the LoRA adapters injected, None without any
 
 
 def plan_from_settings(settings: AppSettings) -> LoadPlan:
@@ -65,7 +72,8 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
     device = resolve_torch_device(runtime.device, runtime.device_index)
     options = settings.transformers
     dtype = AUTO_DTYPE_BY_DEVICE[device] if options.dtype == "auto" else options.dtype
-    return LoadPlan(source, settings.model, device, runtime.device_index, dtype, options)
+    adapters = peft_adapter_dirs(settings)
+    return LoadPlan(source, settings.model, device, runtime.device_index, dtype, options, adapters)
 
 
 class TorchMissing(BackendLoadError):
@@ -129,6 +137,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
     device = "cpu" if plan.device == "cpu" else f"cuda:{plan.device_index}"
     model = model.to(torch.device(device))
     compiler = _grammar_compiler(tokenizer)
+    adapters = attach_adapters(model, plan.adapters)
     info = ModelInfo(
         backend=BACKEND_NAME,
         model_name=plan.model.name,
@@ -136,8 +145,11 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         compute_type=plan.dtype,
         context_limit=context_limit(plan, model.config),
         sampling=replace(TRANSFORMERS_SAMPLING, constraints=compiler),
+        adapters=tuple(adapter_id for adapter_id, _ in plan.adapters),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, grammar=compiler)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, info=info, grammar=compiler, adapters=adapters
+    )
 
 
 def _grammar_compiler(tokenizer: HFTokenizer) -> grammar.GrammarCompiler | None:

@@ -103,6 +103,10 @@ def config_body(service: Service) -> dict[str, Any]:
             },
             # The adapters loaded; None: this backend applies none.
             "adapters": None if info.adapters is None else list(info.adapters),
+            # Each adapter's numerics verdict, where the backend checks them (llama_cpp).
+            "adapter_numerics": {
+                adapter: status.to_json() for adapter, status in info.adapter_numerics
+            },
         }
     return {
         "effective": effective,

@@ -24,7 +24,7 @@ def health(service: Service) -> HealthAnswer:
     state = service.state
     info = state.model_info
     if state.is_ready and info is not None:
-        return OK, {
+        healthy: dict[str, Any] = {
             "status": "healthy",
             "model_ready": True,
             "model_name": info.model_name,
@@ -33,6 +33,11 @@ def health(service: Service) -> HealthAnswer:
             "backend": info.backend,
             "numerics": None if info.numerics is None else info.numerics.to_json(),
         }
+        if info.adapter_numerics:  # each LoRA adapter's verdict, checked like the model
+            healthy["adapter_numerics"] = {
+                adapter: status.to_json() for adapter, status in info.adapter_numerics
+            }
+        return OK, healthy
     # READY without model info cannot happen (mark_ready takes it); say "loading" if it did.
     status = Phase.LOADING if state.phase is Phase.READY else state.phase
     body: dict[str, Any] = {

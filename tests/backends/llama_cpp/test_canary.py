@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from llm_local.backends.base import NumericsRejected
-from llm_local.backends.llama_cpp.canary import CHECK_OFF, NO_REFERENCE, Probe, numerics_status
+from llm_local.backends.llama_cpp.canary import (
+    CHECK_OFF,
+    NO_ADAPTER_REFERENCE,
+    NO_REFERENCE,
+    Probe,
+    numerics_status,
+)
 from llm_local.backends.llama_cpp.loader import LoadedModel, load_model, plan_from_settings
 from llm_local.core.numerics import Anchor, Measurement, ProbeItem, Reference
 from llm_local.settings.loader import load_settings
@@ -75,6 +81,38 @@ def test_without_a_reference_or_with_the_check_off_it_serves_unverified_saying_w
     assert (missing.verified, missing.warning) == (False, NO_REFERENCE)
     assert (off.verified, off.warning) == (False, CHECK_OFF)
     assert numerics_status("q4_1", None, REFERENCE, never_called) is None
+
+
+def test_an_adapter_failing_the_check_refuses_the_load_naming_it_unless_accepted() -> None:
+    faithful = numerics_status(
+        "q4_1", numerics(), REFERENCE, lambda _: measured(1.01, 1.0), adapter="pirate"
+    )
+    with pytest.raises(NumericsRejected) as refused:
+        numerics_status(
+            "q4_1", numerics(), REFERENCE, lambda _: measured(4.0, 0.9), adapter="pirate"
+        )
+    accepted = numerics_status(
+        "q4_1",
+        numerics(accept_unverified=True),
+        REFERENCE,
+        lambda _: measured(4.0, 0.9),
+        adapter="pirate",
+    )
+
+    assert faithful is not None and faithful.verified is True
+    assert refused.value.retryable is False
+    assert "q4_1 + LoRA adapter 'pirate' faithfully" in str(refused.value)
+    assert "base + adapter" in str(refused.value)
+    assert accepted is not None and accepted.verified is False
+    assert accepted.warning is not None and "numerics.max_nll_ratio" in accepted.warning
+
+
+def test_an_adapter_without_a_reference_serves_unverified_saying_which() -> None:
+    missing = numerics_status("q4_1", numerics(), None, never_called, adapter="robot")
+
+    assert missing is not None and missing.verified is False
+    assert missing.warning == NO_ADAPTER_REFERENCE.format("robot")
+    assert "'robot'" in missing.warning
 
 
 # -- on the real GGUF ------------------------------------------------------------------------
