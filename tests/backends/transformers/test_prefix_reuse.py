@@ -229,7 +229,7 @@ async def test_sixteen_concurrent_calls_each_get_their_own_answer_under_eviction
             history: list[ChatTurn] = []
             for line in lines:
                 prompt = prompt_ids(shared_model, turn_request(persona, history, line, tenant="t"))
-                ids, cached = await generated_ids(backend, prompt, 6)
+                ids, cached = await generated_ids(backend, prompt, 4)
                 answers.append((prompt, ids, cached))
                 held.append(backend.stats().prefix_cache_bytes)
                 text = tokenizer.decode([i for i in ids if i not in tokenizer.end_token_ids])
