@@ -1,10 +1,11 @@
 """Phone calls turn by turn: time to first token against the turn number, prefix reuse on/off.
 
-`python -m bench.call_turns [--calls 1,8] [--turns 12] [--think-s 1.0] [--max-new 40]`: the
-in-process llama_cpp backend on the test GGUF; each call a persona of its tenant (about 220
+`python -m bench.call_turns [--calls 1,8] [--turns 12] [--think-s 1.0] [--max-new 40]
+[--backends llama_cpp,transformers]`: each backend in process on the test GGUF (transformers
+dequantizes it); each call a persona of its tenant (about 220
 tokens), scripted caller lines, the answers fed back into the history and the whole history
 resent every turn (as the gateway does), a think time between turns. The same calls run with
-`llama_cpp.prefix_cache_mb` at its default and at 0 (no reuse), one after the other on the
+the backend's `prefix_cache_mb` at its default and at 0 (no reuse), one after the other on the
 same machine; the table gives TTFT p50/p95 by turn, tokens reused and bytes held, and the
 issue's goal: the last three turns' TTFT over the median of turns 1-3 (one call alone:
 at most 1.5). `make bench` runs it as the scenario `call-turns` (bench/scenarios/call_turns.py:
@@ -21,10 +22,10 @@ from collections.abc import Sequence
 
 import trio
 
+from bench.config import CALL_BACKENDS
 from bench.report import render_text_table
 from bench.studies import TURN_SUMMARY_COLUMNS, TurnSeries, turn_summary_rows, turn_table
-from llm_local.backends.llama_cpp.backend import LlamaCppBackend
-from llm_local.backends.llama_cpp.loader import plan_from_settings
+from llm_local.backends.base import Backend
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.types import ChatTurn, GenerationRequest, RequestContext, Role, TextChunk
@@ -69,14 +70,45 @@ def persona(index: int) -> tuple[str, str]:
     return PERSONA.format(name=name, shop=shop), f"tenant-{index % len(SHOPS)}"
 
 
-async def run(
-    calls: int, turns: int, think_s: float, max_new: int, budget_mb: float, variant: str
-) -> TurnSeries:
+BACKENDS = CALL_BACKENDS
+
+
+def make_backend(name: str, budget_mb: float) -> Backend:
+    """The test settings' `name` backend with its prefix reuse budget at `budget_mb`."""
     loaded = load_settings(env="test")
-    settings = dataclasses.replace(
-        loaded, llama_cpp=dataclasses.replace(loaded.llama_cpp, prefix_cache_mb=budget_mb)
-    )
-    backend = LlamaCppBackend(lambda: plan_from_settings(settings))
+    if name == "llama_cpp":
+        from llm_local.backends.llama_cpp.backend import LlamaCppBackend
+        from llm_local.backends.llama_cpp.loader import plan_from_settings as llama_plan
+
+        options = dataclasses.replace(loaded.llama_cpp, prefix_cache_mb=budget_mb)
+        llama_settings = dataclasses.replace(loaded, llama_cpp=options)
+        return LlamaCppBackend(lambda: llama_plan(llama_settings))
+    if name == "transformers":
+        from llm_local.backends.transformers.backend import TransformersBackend
+        from llm_local.backends.transformers.loader import plan_from_settings as torch_plan
+
+        torch_options = dataclasses.replace(loaded.transformers, prefix_cache_mb=budget_mb)
+        torch_settings = dataclasses.replace(loaded, transformers=torch_options)
+        return TransformersBackend(lambda: torch_plan(torch_settings), torch_options)
+    raise ValueError(f"unknown backend {name!r}: one of {', '.join(BACKENDS)}")
+
+
+def default_budget_mb(name: str) -> float:
+    loaded = load_settings(env="test")
+    options = loaded.llama_cpp if name == "llama_cpp" else loaded.transformers
+    return options.prefix_cache_mb
+
+
+async def run(
+    calls: int,
+    turns: int,
+    think_s: float,
+    max_new: int,
+    budget_mb: float,
+    variant: str,
+    backend_name: str = "llama_cpp",
+) -> TurnSeries:
+    backend = make_backend(backend_name, budget_mb)
     await backend.load()
     ttft: dict[int, list[float]] = {turn: [] for turn in range(turns)}
     held = 0
@@ -133,19 +165,23 @@ async def run(
     )
 
 
-REUSE = "llama_cpp, prefix reuse"
-NO_REUSE = "llama_cpp, no reuse"
-
-
 def measure(
-    calls_levels: Sequence[int], turns: int, think_s: float, max_new: int
+    calls_levels: Sequence[int],
+    turns: int,
+    think_s: float,
+    max_new: int,
+    backends: Sequence[str] = ("llama_cpp",),
 ) -> list[TurnSeries]:
-    """Every level of concurrent calls with reuse at its default budget and at 0."""
-    default_mb = load_settings(env="test").llama_cpp.prefix_cache_mb
+    """Every backend and level of concurrent calls, reuse at its default budget and at 0."""
     found = []
-    for calls in calls_levels:
-        for variant, budget in ((REUSE, default_mb), (NO_REUSE, 0.0)):
-            found.append(trio.run(run, calls, turns, think_s, max_new, budget, variant))
+    for name in backends:
+        default_mb = default_budget_mb(name)
+        for calls in calls_levels:
+            for variant, budget in (
+                (f"{name}, prefix reuse", default_mb),
+                (f"{name}, no reuse", 0.0),
+            ):
+                found.append(trio.run(run, calls, turns, think_s, max_new, budget, variant, name))
     return found
 
 
@@ -162,9 +198,11 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=12)
     parser.add_argument("--think-s", type=float, default=1.0)
     parser.add_argument("--max-new", type=int, default=40)
+    parser.add_argument("--backends", default="llama_cpp", help=f"of {', '.join(BACKENDS)}")
     args = parser.parse_args()
     levels = [int(n) for n in args.calls.split(",")]
-    report(measure(levels, args.turns, args.think_s, args.max_new))
+    backends = [name.strip() for name in args.backends.split(",")]
+    report(measure(levels, args.turns, args.think_s, args.max_new, backends))
 
 
 if __name__ == "__main__":

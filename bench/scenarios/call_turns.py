@@ -1,11 +1,12 @@
-"""Scenario `call-turns`: calls turn by turn (bench/call_turns.py), the llama_cpp backend
-in process with prefix reuse on and off, and llama.cpp's server with `cache_prompt: true`
-(as its users run it) on the same calls when its binary is there (never built here: this
-scenario does not need it, and says so in the report when it is missing)."""
+"""Scenario `call-turns`: calls turn by turn (bench/call_turns.py), the llama_cpp and
+transformers backends in process with prefix reuse on and off, and llama.cpp's server with
+`cache_prompt: true` (as its users run it) on the same calls when its binary is there (never
+built here: this scenario does not need it, and says so in the report when it is missing)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import math
 import random
@@ -40,7 +41,12 @@ def run(config: BenchConfig, context: ScenarioContext, collect: Collect) -> None
         "concurrent calls": ", ".join(map(str, config.call_levels)),
     }
     context.details[CALL_TURNS] = details
-    for series in call_turns.measure(config.call_levels, *shape):
+    backends = list(config.call_backends)
+    if "transformers" in backends and importlib.util.find_spec("torch") is None:
+        backends.remove("transformers")
+        details["transformers"] = "not measured: PyTorch is not installed (the convert extra)"
+    details["backends"] = ", ".join(backends)
+    for series in call_turns.measure(config.call_levels, *shape, backends):
         context.studies.call_turns.append(series)
         context.log(f"  {series.label}: done")
     _run_peer(config, context, details)

@@ -25,6 +25,7 @@ LogFormat = Literal["text", "json"]
 TorchDType = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Threads = int | Literal["auto"]
+PageTokens = int | Literal["auto"]
 PrefixIsolation = Literal["none", "tenant"]
 KvLayout = Literal["pool", "per_sequence"]
 
@@ -84,6 +85,16 @@ class TransformersSettings:
     # Tokens the paged KV cache holds for all requests together; 0 = transformers sizes
     # it from free device memory (right on a GPU of its own, far too much on a shared CPU).
     kv_cache_tokens: int
+    # Tokens per page of the paged KV cache, the unit transformers allocates and shares:
+    # a new prompt reuses an earlier request's state in whole pages only. "auto": 256 with
+    # flash_attention_2 (its paged decode kernel's page), 16 otherwise.
+    page_tokens: PageTokens
+    # Finished requests' complete pages stay in the KV cache for later prompts that start
+    # with the same tokens (a call's next turn): memory the kept pages may hold, least
+    # recently used go first. 0 = no reuse (no page is shared between requests).
+    prefix_cache_mb: float
+    # "tenant": a tenant reuses only its own prefixes; "none": any exact prefix.
+    prefix_isolation: PrefixIsolation
 
 
 @dataclass(frozen=True, slots=True)

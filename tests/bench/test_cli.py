@@ -179,6 +179,10 @@ def test_the_studies_are_scenarios_with_modest_quick_sizes_and_call_options() ->
     full = parse("--call-levels", "8,1", "--call-turns", "12", "--call-think-s", "0.5")
     assert (full.call_levels, full.call_turns, full.call_think_s) == ((1, 8), 12, 0.5)
     assert parse().structured_streams == (1, 16) and parse().lora_streams == 16
+    assert parse().call_backends == ("llama_cpp", "transformers")
+    assert parse("--call-backends", "transformers").call_backends == ("transformers",)
+    with pytest.raises(SystemExit):
+        parse("--call-backends", "ct2")  # no prefix reuse to measure there
 
 
 def test_a_run_of_a_study_alone_succeeds_and_reports_it(

@@ -7,6 +7,10 @@ request whose consumer leaves is cancelled in the manager, which frees its place
 the next step. Tokens come back through `relay.TokenRelay` (one crossing into trio per
 step, as the ct2 backend does).
 
+Prefix reuse (`prefix.PrefixReuse`): the manager's paged cache keeps finished requests'
+complete pages and shares them with later prompts that start with the same tokens (a
+call's next turn), within the request's namespace, under `prefix_cache_mb`.
+
 Sampling: the manager is built sampling, with transformers' per-request temperature,
 top-k and top-p processors, so that greedy and sampled requests share one batch: a greedy
 request is sampled with top-k 1 (the most likely token, always), a top-k of 0 ("no cut")
@@ -40,6 +44,7 @@ from llm_local.backends.transformers.loader import (
     load_model,
     plan_from_settings,
 )
+from llm_local.backends.transformers.prefix import PrefixReuse, resolve_page_tokens
 from llm_local.backends.transformers.relay import TokenRelay, make_output_router
 from llm_local.core.types import NO_HINTS, GenerationHints, SamplingOptions
 
@@ -65,6 +70,9 @@ class TransformersBackend:
         self._manager: Any = None
         self._relay = TokenRelay()
         self._masks: constrained.GrammarMasks | None = None
+        self._prefix = PrefixReuse(
+            int(options.prefix_cache_mb * 2**20), on_match=self._relay.note_cached
+        )
         self._wakeups: WakeupRelay | None = None
         self._request_ids = itertools.count()
         self._closed = False
@@ -102,21 +110,33 @@ class TransformersBackend:
         sampling: SamplingOptions,
         hints: GenerationHints = NO_HINTS,
     ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[int]]]:
-        # The hints do not steer this backend (the manager schedules first come, first
-        # served), except the adapter the request decodes with.
-        return self._generate(prompt_ids, max_new_tokens, sampling, hints.adapter)
+        # The manager schedules first come, first served; the tenant only keys its pages,
+        # the adapter is the one the request decodes with.
+        tenant = hints.tenant_id if self._options.prefix_isolation == "tenant" else None
+        return self._generate(prompt_ids, max_new_tokens, sampling, hints.adapter, tenant)
 
     def stats(self) -> BackendStats:
         """Read from the manager's own scheduler: a cancelled request stops counting as
         running the step the manager drops it, not when its consumer leaves."""
         manager = self._manager
         processor = None if manager is None else manager.batch_processor
+        prefix = self._prefix.counters
         if processor is None:
-            return BackendStats(running=0, queued=0, batches=0)
-        scheduler = processor.scheduler
-        running = len(scheduler.active_requests)
-        queued = len(scheduler.waiting_requests) + manager.input_queue.qsize()
-        return BackendStats(running=running, queued=queued, batches=1 if running else 0)
+            running = queued = 0
+        else:
+            scheduler = processor.scheduler
+            running = len(scheduler.active_requests)
+            queued = len(scheduler.waiting_requests) + manager.input_queue.qsize()
+        return BackendStats(
+            running=running,
+            queued=queued,
+            batches=1 if running else 0,
+            prefix_cache_bytes=prefix.kept_bytes,
+            prefix_cache_entries=prefix.kept_pages,
+            prefix_reused_tokens=prefix.reused_tokens,
+            prefix_read_tokens=prefix.read_tokens,
+            prefix_evictions=prefix.evicted_pages,
+        )
 
     async def aclose(self) -> None:
         """Stop the generation thread (requests still running fail), release the model."""
@@ -151,15 +171,20 @@ class TransformersBackend:
             pad_token_id=end_ids[0] if end_ids else None,
         )
         cache_tokens = options.kv_cache_tokens
-        page_size = ContinuousBatchingConfig.page_size
+        page_size = resolve_page_tokens(options.page_tokens, options.attn_implementation)
         batching = ContinuousBatchingConfig(
             per_request_processors=True,
             # Never switch attention behind the settings' back.
             auto_switch_to_flash=False,
             max_requests_per_batch=options.max_requests_per_batch,
             max_batch_tokens=options.max_batch_tokens or None,
+            page_size=page_size,
             num_blocks=-(-cache_tokens // page_size) if cache_tokens else None,
-            **cb_overrides(loaded.info.adapters or ()),
+            **{
+                "allow_block_sharing": options.prefix_cache_mb > 0,
+                # Adapters turn sharing off: a shared block would carry one adapter's keys.
+                **cb_overrides(loaded.info.adapters or ()),
+            },
         )
         manager = loaded.model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=batching
@@ -168,6 +193,7 @@ class TransformersBackend:
         self._setup_structured_output(loaded, manager)
         if loaded.adapters is not None:
             loaded.adapters.bind(manager)
+        _hook_cache_creation(manager, self._prefix)
         manager.start()
         return manager
 
@@ -204,6 +230,7 @@ class TransformersBackend:
         max_new_tokens: int,
         sampling: SamplingOptions,
         adapter: str | None,
+        tenant: str | None,
     ) -> AsyncIterator[AsyncIterator[Sequence[int]]]:
         manager, wakeups = self._manager, self._wakeups
         if self._closed:
@@ -229,6 +256,7 @@ class TransformersBackend:
             self._masks.track(request_id, mask)
         if adapters is not None:
             adapters.assign(request_id, adapter)  # before the manager may schedule it
+        self._prefix.register(request_id, tenant)
         try:
             accepted = manager.add_request(
                 list(prompt_ids),
@@ -247,6 +275,7 @@ class TransformersBackend:
             self._relay.forget(request_id)
             if self._masks is not None:
                 self._masks.forget(request_id)
+            self._prefix.release(request_id)
             if item.active:  # the consumer left before the end: free its place now
                 item.cancel()
                 manager.cancel_request(request_id)
@@ -281,6 +310,19 @@ def processor_values(sampling: SamplingOptions, vocab_size: int) -> dict[str, An
         "top_k": sampling.top_k or vocab_size,  # 0: no cut
         "top_p": float(sampling.top_p),
     }
+
+
+def _hook_cache_creation(manager: Any, prefix: PrefixReuse) -> None:
+    """Install `prefix`'s hooks on the paged cache the manager builds on its generation
+    thread, before that thread schedules anything."""
+    create = manager._create_batch_processor
+
+    def create_hooked() -> Any:
+        processor = create()
+        prefix.install(processor.cache)
+        return processor
+
+    manager._create_batch_processor = create_hooked
 
 
 def _stop_manager(manager: Any) -> None:

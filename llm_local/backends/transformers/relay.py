@@ -56,6 +56,14 @@ class TokenRelay:
         if entry is not None:
             entry.item.end_from_thread(error)
 
+    def note_cached(self, request_id: str, tokens: int) -> None:
+        """The request's leading prompt tokens the engine shared instead of reading
+        (generation thread, before its first token)."""
+        with self._lock:
+            entry = self._tracked.get(request_id)
+        if entry is not None:
+            entry.item.cached_tokens = tokens
+
     def fail_all(self, error: BaseException) -> None:
         """Every tracked request fails with `error` (the generation thread has died)."""
         with self._lock:
