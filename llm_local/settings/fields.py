@@ -272,6 +272,7 @@ FIELDS: tuple[Field, ...] = (
     integer("transformers.max_requests_per_batch", 1),
     integer("transformers.max_batch_tokens", 0),
     integer("transformers.kv_cache_tokens", 0),
+    integer_or_auto("transformers.threads", 1),
     integer_or_auto("transformers.page_tokens", 4),  # transformers' own minimum
     number("transformers.prefix_cache_mb", 0),
     choice("transformers.prefix_isolation", get_args(PrefixIsolation)),

@@ -95,6 +95,9 @@ class TransformersSettings:
     prefix_cache_mb: float
     # "tenant": a tenant reuses only its own prefixes; "none": any exact prefix.
     prefix_isolation: PrefixIsolation
+    # PyTorch's CPU threads; "auto": the CPUs this process may use (affinity, cgroup quota),
+    # where PyTorch alone would take the host's cores, quota or not.
+    threads: Threads
 
 
 @dataclass(frozen=True, slots=True)

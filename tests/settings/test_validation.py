@@ -25,6 +25,7 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("runtime.device_index", -1),
     ("runtime.compute_type", "float8"),
     ("runtime.inter_threads", 0),
+    ("transformers.threads", 0),
     ("runtime.intra_threads", -1),
     ("runtime.max_batch_size", 0),
     ("runtime.batch_wait_ms", "soon"),

@@ -76,6 +76,13 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
     return LoadPlan(source, settings.model, device, runtime.device_index, dtype, options, adapters)
 
 
+def cpu_threads(options: TransformersSettings) -> int:
+    """PyTorch's intra-op threads on a CPU: as set, or the CPUs this process may use."""
+    from llm_local.backends.shared.threads import usable_cpus
+
+    return usable_cpus() if options.threads == "auto" else int(options.threads)
+
+
 class TorchMissing(BackendLoadError):
     retryable = False  # installing a package is not something a retry does
 
@@ -114,6 +121,8 @@ def load_model(plan: LoadPlan) -> LoadedModel:
     from llm_local.convert.errors import ConversionError
     from llm_local.convert.unquantized import load_unquantized
 
+    if plan.device == "cpu":
+        torch.set_num_threads(cpu_threads(plan.options))
     work_dir = Path(tempfile.mkdtemp(prefix="llm-local-transformers-"))
     try:
         with quiet_libraries(progress=False):

@@ -58,3 +58,16 @@ def test_context_limit_never_exceeds_what_the_kv_cache_holds(
     config = SimpleNamespace(max_position_embeddings=8192)
 
     assert context_limit(plan(model_limit, cache_tokens), config) == expected
+
+
+def test_pytorch_threads_follow_the_cpus_this_process_may_use_unless_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llm_local.backends.shared import threads
+    from llm_local.backends.transformers.loader import cpu_threads
+
+    options = load_settings(env="test").transformers
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 3)
+    assert cpu_threads(dataclasses.replace(options, threads="auto")) == 3
+    assert cpu_threads(dataclasses.replace(options, threads=2)) == 2
+    assert options.threads == 1  # the test settings: two test workers share the CPUs
