@@ -60,13 +60,16 @@ def intra_candidates(cpus: int) -> list[int]:
     return counts
 
 
-def choose_layout(cpus: int, single_speed: Mapping[int, float]) -> tuple[int, int]:
-    """(inter_threads, intra_threads) from one-stream tokens/s measured per intra count."""
+def choose_layout(
+    cpus: int, single_speed: Mapping[int, float], min_gain: float = MIN_DOUBLING_GAIN
+) -> tuple[int, int]:
+    """(inter_threads, intra_threads) from one-stream tokens/s measured per intra count;
+    a doubling is taken when it speeds one stream up by `min_gain` at least."""
     intra = 1
     for threads in intra_candidates(cpus)[1:]:
         if threads not in single_speed or intra not in single_speed:
             break
-        if single_speed[threads] < single_speed[intra] * MIN_DOUBLING_GAIN:
+        if single_speed[threads] < single_speed[intra] * min_gain:
             break
         intra = threads
     return max(1, cpus // intra), intra
