@@ -278,6 +278,11 @@ class HostCache(Generic[P]):
                 best = (key, length)
         return best
 
+    def peek(self, key: int) -> tuple[tuple[int, ...], P]:
+        """The entry's tokens and payload; it stays (a copy goes back into the engine)."""
+        entry = self._entries[key]
+        return entry.tokens, entry.payload
+
     def take(self, key: int) -> tuple[tuple[int, ...], P]:
         """Remove the entry (it goes back into the engine): its tokens and payload."""
         entry = self._entries.pop(key)

@@ -24,6 +24,7 @@ from llm_local.core.types import (
     GenerationRequest,
     RequestContext,
     Role,
+    SamplingOptions,
     TextChunk,
 )
 from llm_local.settings.loader import load_settings
@@ -332,3 +333,37 @@ async def test_kept_state_stays_within_its_budget_over_many_calls() -> None:
     # The process does not grow with the calls: after the first waves, flat (allocator
     # noise aside), far below what every call kept would take (~10 MB of KV).
     assert rss[-1] - rss[4] < 16 * 1024 * 1024
+
+
+async def test_a_turn_waits_in_host_memory_while_others_decode(
+    reusing: LlamaCppBackend,
+) -> None:
+    """In one pool every idle cell slows every step of the others (attention scans the
+    pool's used range), so while anything decodes a finished turn's sequence is saved to
+    host memory, and the call's next turn comes back from there reading only what is new;
+    once nothing decodes, the last turn stays in the pool."""
+    endless = _ids(reusing, GenerationRequest(user_prompt="Count from 1 to 1000."))
+    scheduler = reusing._scheduler
+    assert scheduler is not None
+
+    async def decode_meanwhile(task_status: trio.TaskStatus[None]) -> None:
+        async with reusing.generate(endless, 2000, SamplingOptions()) as tokens:
+            started = False
+            async for _ in tokens:
+                if not started:
+                    started = True
+                    task_status.started()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(decode_meanwhile)
+        turns = await call(reusing, PERSONA, CALLER[:3], max_new=8)
+        while_decoding = scheduler.reuse_stats()
+        nursery.cancel_scope.cancel()
+    await settled_stats(reusing)
+    after = scheduler.reuse_stats()
+
+    for (_, previous), (_, now) in itertools.pairwise(turns):
+        assert now.cached_tokens >= previous.prompt_tokens  # the whole call came back
+    assert while_decoding.idle_sequences == 0  # nothing idle in the pool meanwhile
+    assert while_decoding.host_sequences >= 1 and while_decoding.restores >= 2
+    assert after.idle_sequences >= 1  # the endless stream's, kept once nothing decodes

@@ -159,3 +159,12 @@ def test_the_host_cache_matches_exactly_and_drops_the_oldest_first() -> None:
     tokens, payload = host.take(key)
     assert (tokens, payload, host.bytes) == ((1, 2, 9), b"b" * 5, 1)
     assert host.evict_lru() and not host.evict_lru()
+
+
+def test_a_peeked_host_entry_stays_for_its_own_call() -> None:
+    host: HostCache[bytes] = HostCache()
+    key = host.add(MODEL, [1, 2, 3, 4], b"a" * 10, 10)
+
+    assert host.peek(key) == ((1, 2, 3, 4), b"a" * 10)
+    assert len(host) == 1 and host.bytes == 10
+    assert host.best_match(MODEL, [1, 2, 3, 4, 5]) == (key, 4)
