@@ -357,6 +357,10 @@ async def test_a_turn_waits_in_host_memory_while_others_decode(
     async with trio.open_nursery() as nursery:
         await nursery.start(decode_meanwhile)
         turns = await call(reusing, PERSONA, CALLER[:3], max_new=8)
+        for _ in range(3000):  # until the worker released the last turn (a hang guard)
+            if reusing.stats().running == 1:
+                break
+            await trio.sleep(0.01)
         while_decoding = scheduler.reuse_stats()
         nursery.cancel_scope.cancel()
     await settled_stats(reusing)
