@@ -207,9 +207,23 @@ def personas(n: int) -> list[str]:
     ]
 
 
+SIXTEEN_LINES = ["Hello, who are you?", "What is my customer number?"]
+
+
+@pytest.fixture(scope="module")
+def sixteen_alone() -> list[list[tuple[str, Finished]]]:
+    """Each of the 16 calls answered alone, no reuse: what both KV layouts must match."""
+
+    async def answer_alone() -> list[list[tuple[str, Finished]]]:
+        async with loaded(settings(prefix_cache_mb=0.0)) as alone_backend:
+            return [await call(alone_backend, p, SIXTEEN_LINES, max_new=8) for p in personas(16)]
+
+    return trio.run(answer_alone)
+
+
 @pytest.mark.parametrize("kv_layout", ["pool", "per_sequence"])
 async def test_sixteen_concurrent_calls_each_get_their_alone_answer_under_eviction(
-    kv_layout: str,
+    kv_layout: str, sixteen_alone: list[list[tuple[str, Finished]]]
 ) -> None:
     """No other caller's state, ever: 16 calls at once, their personas sharing leading
     tokens (shared between calls), the cache holding other callers' sequences and evicting
@@ -224,11 +238,7 @@ async def test_sixteen_concurrent_calls_each_get_their_alone_answer_under_evicti
     alone (same prompt, same tokens before) finds both tokens about equally likely
     (`NEAR_TIE_NATS`: a near tie that rounding flipped), where another caller's state would
     pick a token the caller's own conversation does not predict."""
-    callers = personas(16)
-    lines = ["Hello, who are you?", "What is my customer number?"]
-    async with loaded(settings(prefix_cache_mb=0.0)) as alone_backend:
-        alone = [await call(alone_backend, p, lines, max_new=8) for p in callers]
-
+    callers, lines, alone = personas(16), SIXTEEN_LINES, sixteen_alone
     reusing = settings(prefix_cache_mb=TINY_BUDGET_MB, kv_layout=kv_layout)
     async with loaded(reusing) as backend:
         together: list[list[tuple[str, Finished]]] = [[] for _ in callers]
