@@ -16,17 +16,16 @@ from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.library import ModelOptions, library, model_params
 from llm_local.backends.llama_cpp.loader import SourceNotServed, plan_from_settings
 from llm_local.backends.llama_cpp.scheduler import StepShape
-from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.types import (
     Finished,
     FinishReason,
     GenerationRequest,
     SamplingOptions,
-    TextChunk,
 )
 from llm_local.settings.loader import load_settings
 from llm_local.settings.schema import AppSettings
+from tests.backends.generation import answer_text
 from tests.hub_cache import hub_cache
 
 pytestmark = pytest.mark.model
@@ -83,14 +82,7 @@ def prompt_ids(backend: LlamaCppBackend, question: str) -> tuple[int, ...]:
 async def generate_text(
     backend: LlamaCppBackend, request: GenerationRequest
 ) -> tuple[str, Finished]:
-    prepared = prepare_prompt(request, backend.tokenizer, backend.info.context_limit)
-    chunks: list[TextChunk] = []
-
-    async def on_text(chunk: TextChunk) -> None:
-        chunks.append(chunk)
-
-    finished = await run_generation(backend, request, prepared, on_text)
-    return "".join(chunk.text for chunk in chunks), finished
+    return await answer_text(backend, request)
 
 
 async def test_greedy_answer_names_paris(backend: LlamaCppBackend) -> None:

@@ -14,7 +14,6 @@ import trio
 
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
-from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.structured import tools as fmt
 from llm_local.core.structured.constraint import (
@@ -28,9 +27,9 @@ from llm_local.core.types import (
     FinishReason,
     GenerationRequest,
     SamplingOptions,
-    TextChunk,
 )
 from llm_local.settings.loader import load_settings
+from tests.backends.generation import answer_text
 from tests.backends.llama_cpp.scoring import NEAR_TIE_NATS, Scorer
 
 pytestmark = pytest.mark.model
@@ -78,14 +77,7 @@ async def generate(
         max_new_tokens=tokens,
         sampling=SamplingOptions(constraint=constraint),
     )
-    prepared = prepare_prompt(request, backend.tokenizer, backend.info.context_limit)
-    chunks: list[TextChunk] = []
-
-    async def on_text(chunk: TextChunk) -> None:
-        chunks.append(chunk)
-
-    finished = await run_generation(backend, request, prepared, on_text)
-    return "".join(chunk.text for chunk in chunks), finished
+    return await answer_text(backend, request)
 
 
 async def test_a_schema_constrained_answer_parses_and_validates(

@@ -22,7 +22,6 @@ from llm_local.backends.transformers import backend as backend_module
 from llm_local.backends.transformers.backend import TransformersBackend
 from llm_local.backends.transformers.loader import LoadedModel, load_model, plan_from_settings
 from llm_local.backends.transformers.prefix import SMALL_PAGE_TOKENS
-from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.types import (
     ChatTurn,
@@ -31,10 +30,10 @@ from llm_local.core.types import (
     RequestContext,
     Role,
     SamplingOptions,
-    TextChunk,
 )
 from llm_local.settings.loader import load_settings
 from llm_local.settings.schema import AppSettings
+from tests.backends.generation import answer_text
 from tests.backends.transformers.scoring import NEAR_TIE_NATS, divergence_gap, greedy_gap
 
 pytestmark = pytest.mark.model
@@ -90,14 +89,7 @@ def settings(**transformers: object) -> AppSettings:
 
 
 async def answer(backend: TransformersBackend, request: GenerationRequest) -> tuple[str, Finished]:
-    prepared = prepare_prompt(request, backend.tokenizer, backend.info.context_limit)
-    chunks: list[TextChunk] = []
-
-    async def on_text(chunk: TextChunk) -> None:
-        chunks.append(chunk)
-
-    finished = await run_generation(backend, request, prepared, on_text)
-    return "".join(c.text for c in chunks), finished
+    return await answer_text(backend, request)
 
 
 def turn_request(

@@ -15,7 +15,6 @@ import trio
 
 from llm_local.backends.transformers.backend import TransformersBackend
 from llm_local.backends.transformers.loader import plan_from_settings
-from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.structured import tools as fmt
 from llm_local.core.structured.constraint import OutputConstraint, ToolSpec, canonical_json
@@ -24,9 +23,9 @@ from llm_local.core.types import (
     FinishReason,
     GenerationRequest,
     SamplingOptions,
-    TextChunk,
 )
 from llm_local.settings.loader import load_settings
+from tests.backends.generation import answer_text
 from tests.backends.transformers.scoring import NEAR_TIE_NATS, Scorer
 
 pytestmark = pytest.mark.model
@@ -65,14 +64,7 @@ async def generate(
         max_new_tokens=tokens,
         sampling=SamplingOptions(constraint=constraint),
     )
-    prepared = prepare_prompt(request, backend.tokenizer, backend.info.context_limit)
-    chunks: list[TextChunk] = []
-
-    async def on_text(chunk: TextChunk) -> None:
-        chunks.append(chunk)
-
-    finished = await run_generation(backend, request, prepared, on_text)
-    return "".join(chunk.text for chunk in chunks), finished
+    return await answer_text(backend, request)
 
 
 async def test_constrained_answers_fit_their_grammar_beside_a_free_request() -> None:
