@@ -96,10 +96,12 @@ PYTEST_WORKERS ?= auto
 TEST_ADAPTERS := ENV=test $(BIN)/python -m tests.lora_adapters > /dev/null
 PYTEST := $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
+# The model and the suite's adapters are prepared while the static checks run (each side
+# mostly one thread: about half a minute less on 2 cores); either failing fails the target.
 test: install-dev
-	ENV=test $(BIN)/llm-local convert
-	$(TEST_ADAPTERS)
-	$(MAKE) --no-print-directory lint typecheck docker-check k8s-check
+	( ENV=test $(BIN)/llm-local convert && $(TEST_ADAPTERS) ) & prepared=$$!; \
+	$(MAKE) --no-print-directory lint typecheck docker-check k8s-check; checked=$$?; \
+	wait $$prepared && test $$checked -eq 0
 	$(PYTEST)
 
 run: install
