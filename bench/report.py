@@ -177,15 +177,7 @@ def evaluate_targets(
         )
         for streams in (16, 32)
     ]
-    results += [
-        _at_least(
-            f"{streams} stream{'s' if streams > 1 else ''}: gRPC vs llama.cpp server",
-            table.rate(GRPC, streams),
-            table.rate(LLAMA_CPP, streams),
-            factor,
-        )
-        for streams, factor in PEER_FACTORS.items()
-    ]
+    results += _peer_targets(table, GRPC, "{streams}: gRPC vs llama.cpp server", PEER_FACTORS)
     results.append(_ttft_growth(table))
     results.append(_capacity_target(*capacities))
     return results + llama_cpp_targets(table, rate_summaries)
@@ -196,15 +188,12 @@ def llama_cpp_targets(
 ) -> list[TargetResult]:
     """The llama_cpp backend's goals: beside llama.cpp's server on the same GGUF, its own
     TTFT growth, and its capacity at SLO against the server's and the ct2 backend's."""
-    results = [
-        _at_least(
-            f"llama_cpp backend, {streams} stream{'s' if streams > 1 else ''}: vs llama.cpp server",
-            table.rate(GRPC_LLAMA_CPP, streams),
-            table.rate(LLAMA_CPP, streams),
-            factor,
-        )
-        for streams, factor in LLAMA_CPP_PEER_FACTORS.items()
-    ]
+    results = _peer_targets(
+        table,
+        GRPC_LLAMA_CPP,
+        "llama_cpp backend, {streams}: vs llama.cpp server",
+        LLAMA_CPP_PEER_FACTORS,
+    )
     results.append(_ttft_growth(table, GRPC_LLAMA_CPP))
     ours = capacity_at_slo(GRPC_LLAMA_CPP, rate_summaries)
     for baseline, factor in LLAMA_CPP_CAPACITY_FACTORS.items():
@@ -212,6 +201,22 @@ def llama_cpp_targets(
         name = f"llama_cpp backend: capacity at SLO vs {SCENARIO_LABEL_SHORT[baseline]}"
         results.append(_capacity_target(ours, theirs, name=name, factor=factor))
     return results
+
+
+def _peer_targets(
+    table: Summaries, scenario: str, name: str, factors: dict[int, float]
+) -> list[TargetResult]:
+    """`scenario`'s tokens/s over llama.cpp's server per streams, each at least its factor;
+    `name` holds "{streams}" ("1 stream", "16 streams")."""
+    return [
+        _at_least(
+            name.format(streams=f"{streams} stream{'s' if streams > 1 else ''}"),
+            table.rate(scenario, streams),
+            table.rate(LLAMA_CPP, streams),
+            factor,
+        )
+        for streams, factor in factors.items()
+    ]
 
 
 SCENARIO_LABEL_SHORT = {LLAMA_CPP: "llama.cpp server", GRPC: "the ct2 backend"}
