@@ -50,6 +50,9 @@ CALLER = [
 ]
 # One MiB of SmolLM2's KV cache holds 45 tokens: room for one short conversation at most.
 TINY_BUDGET_MB = 2.0
+# Greedy SmolLM2 counts on and on (tests/backends/llama_cpp/test_backend.py relies on it too):
+# a stream that outlives the calls decoding beside it.
+ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
 # 200 calls, as the issue asks (about 30 s on a quiet 2-core machine, 53 s on a loaded one).
 CALL_WAVES = 25
 
@@ -352,7 +355,7 @@ async def test_a_turn_waits_in_host_memory_while_others_decode(
     pool's used range), so while anything decodes a finished turn's sequence is saved to
     host memory, and the call's next turn comes back from there reading only what is new;
     once nothing decodes, the last turn stays in the pool."""
-    endless = _ids(reusing, GenerationRequest(user_prompt="Count from 1 to 1000."))
+    endless = _ids(reusing, GenerationRequest(user_prompt=ENDLESS))
     scheduler = reusing._scheduler
     assert scheduler is not None
 
