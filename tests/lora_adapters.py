@@ -268,10 +268,25 @@ def _version(dist: str) -> str:
         return "none"
 
 
-if __name__ == "__main__":  # python -m tests.lora_adapters: make them, say where
+def llama_cpp_environment(made: Mapping[str, SuiteAdapter]) -> dict[str, str]:
+    """The settings (as environment variables) of a llama_cpp server given the suite's
+    adapters: what tests/e2e/test_lora_adapters.py serves, and what `--llama-cpp` prepares."""
+    return {
+        "LLM_LOCAL_SERVICE_BACKEND": "llama_cpp",
+        **{
+            f"LLM_LOCAL_SERVICE_ADAPTERS__{name.upper()}": str(adapter.path)
+            for name, adapter in made.items()
+        },
+    }
+
+
+if __name__ == "__main__":  # python -m tests.lora_adapters [--llama-cpp]: make them, say where
+    import os
+    import sys
     import time
 
     from llm_local.backends.shared.source import resolve_model_source
+    from llm_local.convert.command import main as convert
     from llm_local.settings.loader import load_settings
 
     settings = load_settings(env="test")
@@ -281,4 +296,11 @@ if __name__ == "__main__":  # python -m tests.lora_adapters: make them, say wher
     made = ensure_test_adapters(settings.model.cache_dir, source.path)
     for adapter in made.values():
         print(adapter.name, adapter.path, json.dumps(adapter.reference))
+    if "--llama-cpp" in sys.argv[1:]:
+        # What `llm-local convert` prepares for a llama_cpp server given these adapters (each
+        # one's GGUF LoRA and numerics reference): `make test` does it while the static
+        # checks run, so that the e2e suite's own `llm-local convert` finds it all cached.
+        os.environ.update(llama_cpp_environment(made))
+        if convert(["--quiet", "--env", "test"]) != 0:
+            sys.exit(1)
     print(f"{time.monotonic() - began:.1f} s")

@@ -34,7 +34,12 @@ import grpc
 import pytest
 
 from llm_local.proto.sentiric.llm.v1 import llama_pb2
-from tests.lora_adapters import QUESTION, REFERENCE_MAX_NEW_TOKENS, SuiteAdapter
+from tests.lora_adapters import (
+    QUESTION,
+    REFERENCE_MAX_NEW_TOKENS,
+    SuiteAdapter,
+    llama_cpp_environment,
+)
 
 # Long enough to make the test adapters when `make test` has not made them yet.
 pytestmark = [pytest.mark.e2e, pytest.mark.model, pytest.mark.timeout(900)]
@@ -67,14 +72,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 def server(
     serve: Callable[..., Any], adapters: dict[str, SuiteAdapter], backend: str
 ) -> Iterator[Any]:
-    env = {
-        "LLM_LOCAL_SERVICE_BACKEND": backend,
-        "LLM_LOCAL_SERVICE_ADAPTERS__PIRATE": str(adapters["pirate"].path),
-        "LLM_LOCAL_SERVICE_ADAPTERS__ROBOT": str(adapters["robot"].path),
-    }
+    env = {**llama_cpp_environment(adapters), "LLM_LOCAL_SERVICE_BACKEND": backend}
     if backend == "llama_cpp":
         # What `make run` does first: the GGUF LoRAs and each adapter's numerics reference
         # (the unquantized base + adapter's probe answers), which the check at load uses.
+        # `make test` has prepared them (`python -m tests.lora_adapters --llama-cpp`) unless
+        # this runs alone.
         recorded = subprocess.run(
             [sys.executable, "-m", "llm_local", "convert", "--quiet"],
             env={**os.environ, "ENV": "test", **env},
