@@ -260,6 +260,29 @@ async def coverage(
         )
     for reason, times in refused.most_common(12):
         print(f"  {times:4d}  {reason}")
+    print(render_text_table(coverage_rows(results), COVERAGE_COLUMNS))
+
+
+COVERAGE_COLUMNS = ("set", "schemas", "accepted", "refused", "valid", "invalid", "cut", "covered")
+
+
+def coverage_rows(results: dict[str, str]) -> list[list[str]]:
+    """Per corpus set: what became of its schemas. `covered` is the paper's empirical
+    coverage (arXiv 2501.10868): the share of the set's schemas answered with a value that
+    validates; an answer cut at the token limit is not covered, whatever it was becoming."""
+    rows: list[list[str]] = []
+    for name in CORPUS_SETS:
+        outcomes = collections.Counter(
+            outcome for schema, outcome in results.items() if schema.split("/")[0] == name
+        )
+        total = sum(outcomes.values())
+        if not total:
+            continue
+        accepted = outcomes["valid"] + outcomes["invalid"] + outcomes["cut"]
+        counted = [outcomes[key] for key in ("refused", "valid", "invalid", "cut")]
+        covered = f"{outcomes['valid'] / total:.0%}"
+        rows.append([name, str(total), str(accepted), *map(str, counted), covered])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
