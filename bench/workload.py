@@ -8,8 +8,8 @@ new tokens). Pure and deterministic: the same seed gives the same requests and t
 same arrival times on every machine.
 
 - `request_at(seed, index)`: the `index`-th request of the mix. It depends on the seed
-  and the index only, so every offered rate (and every server) sends the same requests
-  in the same order; only their spacing changes.
+  and the index only; `schedule` gives each offered rate its own stretch of indices, so
+  every server gets the same requests at a rate, and no level resends an earlier one's.
 - `poisson_arrivals(seed, rate, duration_s)`: arrival offsets of a Poisson process
   (exponential gaps of mean 1/rate) within the duration.
 """
@@ -101,11 +101,33 @@ def poisson_arrivals(
     return tuple(offsets)
 
 
+# Each offered rate sends its own stretch of the mix (`level_first_index`), this many
+# indices apart: far more than any level sends.
+LEVEL_INDEX_STRIDE = 100_000
+
+
+def level_first_index(rate: float) -> int:
+    """The index of the first request a level offered at `rate` sends.
+
+    Every server sent the same requests at every rate once, and a server with a prompt
+    cache then found each request of a later level byte for byte in its cache from an
+    earlier one (llama.cpp's server answered a whole level in 20-40 ms TTFT): the gateway
+    never sends one call's prompt twice. So each rate, to the thousandth of a request per
+    second, draws its own requests: what repeats between levels is what repeats between a
+    gateway's calls (a tenant's persona, retrieved documents, earlier exchanges), and a
+    rate still sends the same requests to every server."""
+    if rate <= 0:
+        raise ValueError(f"rate must be positive, got {rate}")
+    return round(rate * 1000) * LEVEL_INDEX_STRIDE
+
+
 def schedule(seed: int, rate: float, duration_s: float, min_count: int = 0) -> tuple[Arrival, ...]:
-    """The level's arrivals: request i of the mix at the i-th Poisson arrival."""
+    """The level's arrivals: request `level_first_index(rate) + i` of the mix at the i-th
+    Poisson arrival."""
+    first = level_first_index(rate)
     return tuple(
-        Arrival(offset, request_at(seed, index))
-        for index, offset in enumerate(poisson_arrivals(seed, rate, duration_s, min_count))
+        Arrival(offset, request_at(seed, first + position))
+        for position, offset in enumerate(poisson_arrivals(seed, rate, duration_s, min_count))
     )
 
 
