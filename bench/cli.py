@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     slo.add_argument("--gateway-level-s", type=_positive, help="arrival window per rate, s")
     slo.add_argument("--gateway-max-levels", type=int, help="levels per target at most")
+    slo.add_argument(
+        "--gateway-saturation-s",
+        type=float,
+        help="after the levels, the mix saturating each server this long, s (30; 0 skips)",
+    )
     calls = parser.add_argument_group("calls turn by turn (scenario call-turns)")
     calls.add_argument("--call-levels", type=_int_list, help="concurrent calls, e.g. 1,8 (1,4)")
     calls.add_argument("--call-turns", type=int, help="turns per call (12)")
@@ -244,6 +249,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "gateway_rates": args.gateway_rates,
         "gateway_level_s": args.gateway_level_s,
         "gateway_max_levels": args.gateway_max_levels,
+        "gateway_saturation_s": args.gateway_saturation_s,
         "slo_ttft_s": None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
         "slo_tpot_s": None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000,
         "call_levels": args.call_levels,

@@ -102,6 +102,10 @@ class BenchConfig:
     gateway_rates: tuple[float, ...] | None = None  # explicit rates instead of the sweep
     gateway_max_levels: int = 7
     gateway_refinements: int = 2
+    # After the levels, the mix with LLAMA_CPP_SLOTS requests always in flight for this
+    # long: what the server completes when saturated, which bounds any capacity at SLO on
+    # the machine (0 skips it).
+    gateway_saturation_s: float = 30.0
     # The client's safety bound on requests in flight (an arrival beyond it is recorded
     # as failed); far above the server's own admission limits.
     gateway_max_in_flight: int = 512

@@ -20,9 +20,12 @@ Between levels the server is given time to finish cancelled work (its CPU falls 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from bench import machine
 from bench.config import LLAMA_CPP_SLOTS, BenchConfig
@@ -46,6 +49,7 @@ from bench.slo import (
     starting_rate,
     summarize_rate,
 )
+from bench.stats import steady_window, tokens_in_window
 from bench.workload import MAX_NEW_TOKENS, TENANTS, GatewayRequest, request_at, schedule
 
 Send = Callable[[GatewayRequest], Awaitable[RequestRecord]]
@@ -57,6 +61,8 @@ PROBE_REQUESTS = 4  # the first one warms up and is not counted
 # Probe indices searched, beyond those, for a request of each tenant not seen yet.
 WARM_UP_REQUESTS = 64
 PROBE_BUDGET_S = 30.0
+# The saturating clients' requests: indices neither the probe nor any level sends.
+SATURATION_FIRST_INDEX = 2_000_000
 # Every level sends at least this many requests, however low its rate (its window then
 # runs to the last one's arrival).
 LEAST_REQUESTS = 4
@@ -241,6 +247,53 @@ async def _sweep(
         server.check_alive()
         await settle(server.pid)
         rate = following()
+    if config.gateway_saturation_s > 0:
+        saturated = await saturated_throughput(config, send)
+        context.details[f"{GATEWAY}-{target}"]["saturated"] = saturated.describe()
+        context.log(f"  saturated: {saturated.describe()}")
+        server.check_alive()
+        await settle(server.pid)
+
+
+@dataclass(frozen=True, slots=True)
+class Saturated:
+    requests_per_s: float
+    tokens_per_s: float
+    in_flight: int
+    seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.requests_per_s:.2f} req/s, {self.tokens_per_s:.0f} tokens/s completed "
+            f"with {self.in_flight} requests always in flight ({self.seconds:.0f} s)"
+        )
+
+
+async def saturated_throughput(config: BenchConfig, send: Send) -> Saturated:
+    """The mix as fast as the server completes it: LLAMA_CPP_SLOTS clients, each sending
+    its next request (from an index range no level sends) when its last one ends, for
+    `gateway_saturation_s`. Counted from the first completion (the opening burst of
+    prompts has none) until the first client's last request ended (bench/stats.py
+    `steady_window`): a server cannot meet any SLO at a rate above this."""
+    records: list[RequestRecord] = []
+    indices = itertools.count(SATURATION_FIRST_INDEX)
+    started = time.perf_counter()
+    stop_at = started + config.gateway_saturation_s
+
+    async def client(number: int) -> None:
+        while time.perf_counter() < stop_at:
+            record = await send(request_at(config.gateway_seed, next(indices)))
+            records.append(dataclasses.replace(record, client=number))
+
+    await asyncio.gather(*(client(number) for number in range(LLAMA_CPP_SLOTS)))
+    _, high = steady_window(records, started)
+    low = min((record.end for record in records if record.ok), default=high)
+    seconds = high - low
+    if seconds <= 0:
+        return Saturated(0.0, 0.0, LLAMA_CPP_SLOTS, 0.0)
+    completed = sum(1 for record in records if record.ok and low < record.end <= high)
+    tokens = sum(tokens_in_window(record, low, high) for record in records)
+    return Saturated(completed / seconds, tokens / seconds, LLAMA_CPP_SLOTS, seconds)
 
 
 async def _one_request_alone(config: BenchConfig, send: Send) -> float:
