@@ -286,8 +286,11 @@ def _open_loop_section(outcome: RunOutcome, pngs: Sequence[str]) -> list[str]:
         f"- Requests (bench/workload.py, seed {config.gateway_seed}): {len(TENANTS)} tenants "
         f"({tenants}), each with its own persona as the system prompt (a few hundred "
         f"tokens); {RAG_SHARE:.0%} carry RAG context; 0–{MAX_HISTORY_TURNS} history turns; "
-        f"a short user turn; {MIN_NEW_TOKENS}–{MAX_NEW_TOKENS} new tokens, greedy. The "
-        "n-th request of every level is the same request for every rate and server.",
+        f"a short user turn; {MIN_NEW_TOKENS}–{MAX_NEW_TOKENS} new tokens, greedy. Each "
+        "rate sends requests of its own (the same ones to every server): no level resends "
+        "an earlier level's, which a prompt cache would answer whole. Before the levels, "
+        "requests sent one at a time time one request alone and read every tenant's "
+        "persona, so that the first level meets caches as warm as the later ones.",
         "- Arrivals: a Poisson process at the offered rate (seeded: the same times on "
         f"every machine), for {config.gateway_level_s:g} s per level, longer at low rates "
         f"until about {config.gateway_min_requests} requests arrive (at most "
