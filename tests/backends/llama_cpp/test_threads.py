@@ -48,8 +48,23 @@ def test_the_measured_count_is_chosen_and_set(
     chosen = threads.measure_threads(lib, ctx=None, memory=None, token=1, cpus=max(speeds))
 
     assert chosen == expected
-    assert [count for count, _ in lib.thread_settings[:-1]] == sorted(speeds)
+    probed = [count for count, _ in lib.thread_settings[:-1]]
+    assert probed == sorted(speeds) * threads.PROBE_ROUNDS  # interleaved rounds
     assert lib.thread_settings[-1] == (expected, expected)  # what decoding runs with
+
+
+def test_a_round_slowed_by_something_else_does_not_decide(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each count keeps its fastest round: a second thread that paid 1.46x in two rounds
+    of three is chosen although its first round, disturbed, paid less than the bar."""
+    rounds = {1: iter([50.0, 49.0, 51.0]), 2: iter([52.0, 73.0, 72.0])}
+    monkeypatch.setattr(
+        threads,
+        "_tokens_per_second",
+        lambda lib, ctx, memory, batch, token: next(rounds[lib.thread_settings[-1][0]]),
+    )
+    assert threads.measure_threads(FakeLibrary(), ctx=None, memory=None, token=1, cpus=2) == 2
 
 
 def test_one_cpu_measures_nothing() -> None:
