@@ -226,7 +226,14 @@ def load_model(plan: LoadPlan) -> LoadedModel:
         threads = plan.threads
         if plan.measure_threads:
             probe = tokenizer.encode("Hello")[0]
-            threads = measure_threads(lib, handle.ctx, handle.memory, probe, plan.threads)
+            threads = measure_threads(
+                lib,
+                handle.ctx,
+                handle.memory,
+                probe,
+                plan.threads,
+                room=handle.context_per_sequence,
+            )
         if tokenizer.chat_template is None:
             log.warning("%s has no chat template: chat requests will be refused", plan.gguf)
         compute_type = file_type(handle.description())

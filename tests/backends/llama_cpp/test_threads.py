@@ -41,7 +41,7 @@ def test_the_measured_count_is_chosen_and_set(
     monkeypatch.setattr(
         threads,
         "_tokens_per_second",
-        lambda lib, ctx, memory, batch, token: speeds[lib.thread_settings[-1][0]],
+        lambda lib, ctx, memory, batch, token, rows: speeds[lib.thread_settings[-1][0]],
     )
     lib = FakeLibrary()
 
@@ -62,7 +62,7 @@ def test_a_round_slowed_by_something_else_does_not_decide(
     monkeypatch.setattr(
         threads,
         "_tokens_per_second",
-        lambda lib, ctx, memory, batch, token: next(rounds[lib.thread_settings[-1][0]]),
+        lambda lib, ctx, memory, batch, token, rows: next(rounds[lib.thread_settings[-1][0]]),
     )
     assert threads.measure_threads(FakeLibrary(), ctx=None, memory=None, token=1, cpus=2) == 2
 
