@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,24 +180,32 @@ async def speed(levels: list[int], tokens: int, rounds: int, backends: list[str]
     print(render_text_table(structured_rows(found), STRUCTURED_COLUMNS))
 
 
-def corpus_schemas(corpus: Path, count: int) -> list[tuple[str, str]]:
-    per_set = -(-count // len(CORPUS_SETS))
+def corpus_schemas(
+    corpus: Path, count: int, sets: Sequence[str] = CORPUS_SETS
+) -> list[tuple[str, str]]:
+    """The first `count` schemas, as many of each set, by file name."""
+    per_set = -(-count // len(sets))
     schemas: list[tuple[str, str]] = []
-    for name in CORPUS_SETS:
+    for name in sets:
         files = sorted((corpus / "data" / name).glob("*.json"))[:per_set]
         schemas.extend((f"{name}/{path.name}", path.read_text()) for path in files)
     return schemas[:count]
 
 
 async def coverage(
-    corpus: Path, count: int, tokens: int, streams: int, backend_name: str = "llama_cpp"
+    corpus: Path,
+    count: int,
+    tokens: int,
+    streams: int,
+    backend_name: str = "llama_cpp",
+    sets: Sequence[str] = CORPUS_SETS,
 ) -> None:
     import jsonschema
 
     backend = await load_backend(backend_name, streams)
     checker = backend.info.sampling.constraints
     assert checker is not None, "llguidance is not installed"
-    schemas = corpus_schemas(corpus, count)
+    schemas = corpus_schemas(corpus, count, sets)
     refused: collections.Counter[str] = collections.Counter()
     results: dict[str, str] = {}
     limiter = trio.Semaphore(streams)
@@ -301,11 +310,19 @@ def main(argv: list[str] | None = None) -> None:
     coverage_parser.add_argument("--tokens", type=int, default=256)
     coverage_parser.add_argument("--streams", type=int, default=16)
     coverage_parser.add_argument("--backend", choices=SPEED_BACKENDS, default="llama_cpp")
+    coverage_parser.add_argument(
+        "--sets",
+        type=lambda text: text.split(","),
+        default=list(CORPUS_SETS),
+        help=f"comma-separated corpus sets (default: {','.join(CORPUS_SETS)})",
+    )
     args: Any = parser.parse_args(argv)
     if args.command == "speed":
         trio.run(speed, args.streams, args.tokens, args.rounds, args.backends)
     else:
-        trio.run(coverage, args.corpus, args.count, args.tokens, args.streams, args.backend)
+        trio.run(
+            coverage, args.corpus, args.count, args.tokens, args.streams, args.backend, args.sets
+        )
 
 
 if __name__ == "__main__":
