@@ -257,7 +257,7 @@ async def coverage(
     total = len(schemas)
     accepted = counts["valid"] + counts["invalid"] + counts["cut"]
     finished = counts["valid"] + counts["invalid"]
-    print(f"{total} schemas ({', '.join(CORPUS_SETS)}), {time.perf_counter() - started:.0f} s")
+    print(f"{total} schemas ({', '.join(sets)}), {time.perf_counter() - started:.0f} s")
     print(f"accepted: {accepted} ({accepted / total:.1%})")
     print(f"refused naming a feature: {counts['refused']} ({counts['refused'] / total:.1%})")
     print(f"unreadable JSON: {counts['unreadable']}")
