@@ -15,8 +15,8 @@ What is timed is a step of `PROBE_ROWS` tokens, the shape of a busy server's ste
 stream's: a second thread pays most where a server is loaded (the 1-thread server served
 73 / 117 / 117 tokens/s at 1 / 16 / 32 streams where 2 threads served 88 / 187 / 143 in the
 same run), while a one-token step of a small model gains little and varies from run to run
-(on the quiet 2-core AMD machine, 1.58x at 11:45 and 1.08x at 12:25 the same day: the server
-that measured 1.08x chose 1 thread and served the gateway's 0.92 req/s at TPOT p95 695 ms).
+(on the quiet 2-core AMD machine, 1.58x at one load and 1.08x at the next, the same day: the
+server that measured 1.08x chose 1 thread and served the gateway's 0.92 req/s at TPOT p95 695 ms).
 It takes about a second for a small model and follows the machine the service really runs
 on; a loaded machine's second thread, stalling at every barrier, fails any bar.
 """
