@@ -15,6 +15,7 @@ base model must answer the same.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -23,7 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llm_local.convert.sources import ModelSource
 
 RECIPE_VERSION = 2
 REFERENCE_NAME = "reference.json"
@@ -107,10 +111,13 @@ def adapters_key(base_gguf: Path) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def ensure_test_adapters(cache_dir: Path, base_gguf: Path) -> dict[str, SuiteAdapter]:
-    """The test adapters, made now unless the cache holds them (well under a minute)."""
+def ensure_test_adapters(cache_dir: Path, source: ModelSource) -> dict[str, SuiteAdapter]:
+    """The test adapters on `source` (the test model's GGUF), made now unless the cache
+    holds them (well under a minute)."""
     from llm_local.convert.cache import conversion_lock
 
+    assert source.path is not None
+    base_gguf = source.path
     root = cache_dir / "test-adapters"
     target = root / adapters_key(base_gguf)
     if not _complete(target):
@@ -120,7 +127,7 @@ def ensure_test_adapters(cache_dir: Path, base_gguf: Path) -> dict[str, SuiteAda
                     shutil.rmtree(stale, ignore_errors=True)
                 work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
                 try:
-                    _make_all(base_gguf, work)
+                    _make_all(cache_dir, source, work)
                     (work / "complete").write_text("1\n")
                     work.rename(target)
                 finally:
@@ -139,19 +146,22 @@ def _complete(target: Path) -> bool:
     return (target / "complete").is_file()
 
 
-def _make_all(base_gguf: Path, work: Path) -> None:
+def _make_all(cache_dir: Path, source: ModelSource, work: Path) -> None:
     import torch
 
-    from llm_local.convert.gguf import load_gguf
+    from llm_local.convert.unquantized import load_unquantized
+    from llm_local.settings.loader import load_settings
 
+    # The GGUF's dequantized copy when `make test` kept one (convert/dequantized.py).
+    model_settings = dataclasses.replace(load_settings(env="test").model, cache_dir=cache_dir)
     base_dir = work / "base"
-    model = load_gguf(base_gguf, base_dir)
-    tokenizer = _tokenizer(base_dir)
+    model, tokenizer_dir = load_unquantized(source, model_settings, base_dir, lambda _: None)
+    tokenizer = _tokenizer(tokenizer_dir)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     for name, recipe in RECIPES.items():
         model.load_state_dict(original)
         _train_one(model, tokenizer, recipe, work / name)
-    shutil.rmtree(base_dir)
+    shutil.rmtree(base_dir, ignore_errors=True)
     del torch
 
 
@@ -291,9 +301,8 @@ if __name__ == "__main__":  # python -m tests.lora_adapters [--llama-cpp]: make 
 
     settings = load_settings(env="test")
     source = resolve_model_source(settings.model)
-    assert source.path is not None
     began = time.monotonic()
-    made = ensure_test_adapters(settings.model.cache_dir, source.path)
+    made = ensure_test_adapters(settings.model.cache_dir, source)
     for adapter in made.values():
         print(adapter.name, adapter.path, json.dumps(adapter.reference))
     if "--llama-cpp" in sys.argv[1:]:

@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(args.env, overrides=overrides)
         if settings.backend == "llama_cpp":
             return _record_gguf_reference(settings, quiet=args.quiet)
+        if settings.backend == "transformers":
+            return _keep_dequantized_copy(settings, quiet=args.quiet)
         result = ensure_converted(settings, force=args.force, progress=not args.quiet)
         adapters = ensure_adapters(settings)
     except SettingsError as exc:
@@ -97,6 +99,42 @@ def _record_gguf_reference(settings: AppSettings, *, quiet: bool) -> int:
     references = ensure_adapter_references(settings, report)
     for adapter_id, path in adapters.items():
         print(f"adapter {adapter_id}: {path} (numerics reference: {references[adapter_id]})")
+    return 0
+
+
+def _keep_dequantized_copy(settings: AppSettings, *, quiet: bool) -> int:
+    """The transformers backend reads its source as is: what it can be spared at every
+    start is a GGUF's dequantization (convert/dequantized.py)."""
+    import tempfile
+    from pathlib import Path
+
+    from llm_local.convert.api import _silent, _stderr_report, quiet_libraries
+    from llm_local.convert.dequantized import find_dequantized, keep_dequantized
+    from llm_local.convert.errors import ConversionError
+    from llm_local.convert.gguf import load_gguf
+    from llm_local.convert.sources import resolve_source
+
+    report = _silent if quiet else _stderr_report
+    source = resolve_source(settings.model)
+    cache_dir = settings.model.cache_dir
+    if source.kind != "gguf" or not settings.transformers.keep_dequantized:
+        print(f"nothing to prepare: the transformers backend reads {source.spec} at start")
+        return 0
+    assert source.path is not None
+    kept = find_dequantized(cache_dir, source)
+    if kept is None:
+        with tempfile.TemporaryDirectory(prefix="llm-local-dequantize-") as work:
+            report(f"dequantizing {source.path.name} (GGUF)")
+            with quiet_libraries(progress=not quiet):
+                model = load_gguf(source.path, Path(work) / "hf")
+            try:
+                keep_dequantized(model, Path(work) / "hf", cache_dir, source, wait=True)
+            except OSError as exc:
+                raise ConversionError(f"cannot keep the dequantized copy: {exc}") from exc
+        kept = find_dequantized(cache_dir, source)
+        print(f"kept the dequantized copy of {settings.model.name}: {kept}")
+    else:
+        print(f"the dequantized copy of {settings.model.name} is already at {kept}")
     return 0
 
 

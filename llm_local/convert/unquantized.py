@@ -3,7 +3,8 @@
 Two users: conversion records the numerics reference from it (api.py, reference.py), and
 the `transformers` backend serves it (backends/transformers). Both get the same weights
 the same way: a hub snapshot or a local directory read by `from_pretrained`, a `.gguf`
-file dequantized by transformers' GGUF reader (gguf.py).
+file dequantized by transformers' GGUF reader (gguf.py), or read back from the copy the
+`transformers` backend keeps in the model cache (dequantized.py).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class Materialized:
 def materialize(
     source: ModelSource, model: ModelSettings, work_dir: Path, report: Report
 ) -> Materialized:
-    """Download a hub model, take a local directory as is, or dequantize a `.gguf` file
-    into memory (its config and tokenizer files written to `work_dir`/hf)."""
+    """Download a hub model, take a local directory as is, read a `.gguf` file's kept
+    dequantized copy, or dequantize the file into memory (its config and tokenizer files
+    written to `work_dir`/hf)."""
     if source.kind == "hub":
         from llm_local.convert.hub import download
 
@@ -46,8 +48,13 @@ def materialize(
     assert source.path is not None
     if source.kind == "hf_dir":
         return Materialized(source.path, None, None)
+    from llm_local.convert.dequantized import find_dequantized
     from llm_local.convert.gguf import load_gguf
 
+    kept = find_dequantized(model.cache_dir, source)
+    if kept is not None:
+        report(f"reading the dequantized copy of {source.path.name} kept at {kept}")
+        return Materialized(kept, None, None)
     report(f"dequantizing {source.path.name} (GGUF)")
     hf_dir = work_dir / "hf"
     return Materialized(hf_dir, load_gguf(source.path, hf_dir), None)
@@ -61,17 +68,27 @@ def load_unquantized(
     *,
     dtype: Any = None,
     attn_implementation: str | None = None,
+    keep_dequantized: bool = False,
 ) -> tuple[Any, Path]:
     """The model with unquantized weights (float32, or `dtype`, a torch dtype), in eval
-    mode on the CPU, and the Hugging Face directory holding its tokenizer files."""
+    mode on the CPU, and the Hugging Face directory holding its tokenizer files.
+
+    `keep_dequantized`: a `.gguf` source dequantized now is saved into the model cache,
+    for later loads to read as is (dequantized.py); failing to save only costs that."""
     found = materialize(source, model, work_dir, report)
     loaded = found.preloaded
+    if loaded is not None and keep_dequantized:
+        _keep(loaded, found.hf_dir, source, model, report)
     if loaded is None:
         from transformers import AutoModelForCausalLM
 
         options: dict[str, Any] = {}
         if dtype is not None:
             options["dtype"] = dtype
+        elif source.kind == "gguf":  # the kept copy: float32, as dequantized
+            import torch
+
+            options["dtype"] = torch.float32
         if attn_implementation is not None:
             options["attn_implementation"] = attn_implementation
         try:
@@ -87,3 +104,17 @@ def load_unquantized(
         if attn_implementation is not None:
             loaded.set_attn_implementation(attn_implementation)
     return loaded.eval(), found.hf_dir
+
+
+def _keep(
+    loaded: Any, hf_dir: Path, source: ModelSource, model: ModelSettings, report: Report
+) -> None:
+    from llm_local.convert.dequantized import keep_dequantized
+
+    try:
+        kept = keep_dequantized(loaded, hf_dir, model.cache_dir, source)
+    except OSError as exc:
+        report(f"could not keep the dequantized copy in {model.cache_dir}: {first_line(exc)}")
+        return
+    if kept is not None:
+        report(f"kept the dequantized copy for later loads at {kept}")

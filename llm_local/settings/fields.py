@@ -276,6 +276,7 @@ FIELDS: tuple[Field, ...] = (
     integer_or_auto("transformers.page_tokens", 4),  # transformers' own minimum
     number("transformers.prefix_cache_mb", 0),
     choice("transformers.prefix_isolation", get_args(PrefixIsolation)),
+    boolean("transformers.keep_dequantized"),
     integer("llama_cpp.kv_cache_tokens", 0),
     choice("llama_cpp.kv_layout", get_args(KvLayout)),
     integer("llama_cpp.sequences", 1),

@@ -98,6 +98,9 @@ class TransformersSettings:
     # PyTorch's CPU threads; "auto": the CPUs this process may use (affinity, cgroup quota),
     # where PyTorch alone would take the host's cores, quota or not.
     threads: Threads
+    # A `.gguf` source's dequantized weights are kept in model.cache_dir (4 bytes a
+    # parameter) and read as they are at later starts, instead of dequantized again.
+    keep_dequantized: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,8 +58,7 @@ def adapters() -> dict[str, SuiteAdapter]:
 
     settings = load_settings(env="test")
     source = resolve_model_source(settings.model)
-    assert source.path is not None
-    return ensure_test_adapters(settings.model.cache_dir, source.path)
+    return ensure_test_adapters(settings.model.cache_dir, source)
 
 
 @pytest.fixture(scope="module", params=["llama_cpp", "transformers"])

@@ -3,8 +3,10 @@
 The model is read from its source as configured (hub id, local directory, `.gguf` file,
 package file) without any conversion, through the same code that records the numerics
 reference at conversion (convert/unquantized.py), then moved to the configured device in
-the configured dtype. The tokenizer is the same `HFTokenizer` the ct2 backend serves with,
-read from the tokenizer files the converter would have copied.
+the configured dtype. A `.gguf` source is dequantized at the first start and, with
+`keep_dequantized`, read back from the model cache at the next ones (convert/dequantized.py).
+The tokenizer is the same `HFTokenizer` the ct2 backend serves with, read from the
+tokenizer files the converter would have copied.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
                 lambda message: log.info("%s", message),
                 dtype=getattr(torch, plan.dtype),
                 attn_implementation=plan.options.attn_implementation,
+                keep_dequantized=plan.options.keep_dequantized,
             )
             tokenizer = _read_tokenizer(hf_dir, work_dir / "tokenizer")
     except ConversionError as exc:

@@ -41,8 +41,7 @@ class Steps:
 async def loaded() -> AsyncIterator[tuple[LlamaCppBackend, Steps]]:
     settings = load_settings(env="test")
     source = resolve_model_source(settings.model)
-    assert source.path is not None
-    made = ensure_test_adapters(settings.model.cache_dir, source.path)
+    made = ensure_test_adapters(settings.model.cache_dir, source)
     adapters = tuple(AdapterSettings(n, str(made[n].path)) for n in ("pirate", "robot"))
     settings = dataclasses.replace(settings, adapters=adapters)
     steps = Steps()
