@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import trio
 
+from bench import served
 from bench.config import CALL_BACKENDS
 from bench.report import render_text_table
 from bench.studies import TURN_SUMMARY_COLUMNS, TurnSeries, turn_summary_rows, turn_table
@@ -74,8 +75,9 @@ BACKENDS = CALL_BACKENDS
 
 
 def make_backend(name: str, budget_mb: float) -> Backend:
-    """The test settings' `name` backend with its prefix reuse budget at `budget_mb`."""
-    loaded = load_settings(env="test")
+    """The test settings' `name` backend, with the defaults a user gets (threads, dtype:
+    bench/served.py) and its prefix reuse budget at `budget_mb`."""
+    loaded = load_settings(env="test", overrides=served.backend_defaults())
     if name == "llama_cpp":
         from llm_local.backends.llama_cpp.backend import LlamaCppBackend
         from llm_local.backends.llama_cpp.loader import plan_from_settings as llama_plan

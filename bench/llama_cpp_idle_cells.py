@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import trio
 
+from bench import served
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
 from llm_local.core.types import SamplingOptions
@@ -42,7 +43,9 @@ async def timed(backend: LlamaCppBackend, ids: Sequence[int], max_new: int) -> t
 
 
 async def measure(others: int, history: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    backend = LlamaCppBackend(lambda: plan_from_settings(load_settings(env="test")))
+    backend = LlamaCppBackend(
+        lambda: plan_from_settings(load_settings(env="test", overrides=served.backend_defaults()))
+    )
     await backend.load()
     encode = backend.tokenizer.encode
     try:

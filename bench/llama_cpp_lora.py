@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import trio
 
+from bench import served
 from bench.report import render_text_table
 from bench.studies import LORA_COLUMNS, LoraRun, lora_rows
 from llm_local.backends.base import Backend
@@ -81,10 +82,10 @@ async def run(streams: int, new_tokens: int, mix: bool, backend_name: str = "lla
 
 
 async def _run(streams: int, new_tokens: int, mix: bool, backend_name: str) -> float:
-    settings = load_settings(env="test")
+    settings = load_settings(env="test", overrides=served.backend_defaults())
     source = resolve_model_source(settings.model)
     assert source.path is not None
-    made = ensure_test_adapters(settings.model.cache_dir, source.path)
+    made = ensure_test_adapters(settings.model.cache_dir, source)
     paths = [made["pirate"].path, made["robot"].path] * 2
     adapters = tuple(AdapterSettings(i, str(p)) for i, p in zip(ADAPTER_IDS, paths, strict=True))
     settings = dataclasses.replace(settings, adapters=adapters)

@@ -17,6 +17,7 @@ import time
 
 import trio
 
+from bench import served
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
 from llm_local.core.prompt import prepare_prompt
@@ -30,7 +31,7 @@ NEWCOMER_AFTER_S = 1.0
 
 
 async def run(streams: int, chunk: int) -> str:
-    settings = load_settings(env="test")
+    settings = load_settings(env="test", overrides=served.backend_defaults())
     options = dataclasses.replace(settings.llama_cpp, prefill_chunk_tokens=chunk)
     settings = dataclasses.replace(settings, llama_cpp=options)
     backend = LlamaCppBackend(lambda: plan_from_settings(settings))

@@ -33,7 +33,25 @@ DEFAULT_SETTINGS = {
     "LLM_LOCAL_SERVICE_RUNTIME__INTRA_THREADS": "auto",
     "LLM_LOCAL_SERVICE_NUMERICS__CHECK_AT_LOAD": "true",
     "LLM_LOCAL_SERVICE_LLAMA_CPP__THREADS": "auto",
+    "LLM_LOCAL_SERVICE_TRANSFORMERS__THREADS": "auto",
+    "LLM_LOCAL_SERVICE_TRANSFORMERS__DTYPE": "auto",
 }
+ENV_PREFIX = "LLM_LOCAL_SERVICE_"
+
+
+def backend_defaults() -> dict[str, str]:
+    """DEFAULT_SETTINGS of the backends' own sections (threads, dtype) as `load_settings`
+    overrides, for a backend run in process (no server, no numerics check); a setting
+    given in the environment wins, as for a server."""
+    overrides = {
+        name.removeprefix(ENV_PREFIX).lower().replace("__", "."): os.environ.get(name, value)
+        for name, value in DEFAULT_SETTINGS.items()
+    }
+    return {
+        key: value
+        for key, value in overrides.items()
+        if key.startswith(("llama_cpp.", "transformers."))
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 
+from bench import served
 from bench.report import render_text_table
 from bench.studies import STRUCTURED_COLUMNS, StructuredLevel, structured_rows
 from llm_local.backends.base import Backend
@@ -55,7 +56,7 @@ SPEED_BACKENDS = ("llama_cpp", "transformers")
 
 
 async def load(streams: int) -> LlamaCppBackend:
-    loaded = load_settings(env="test")
+    loaded = load_settings(env="test", overrides=served.backend_defaults())
     options = dataclasses.replace(
         loaded.llama_cpp, sequences=max(streams, 1), kv_cache_tokens=max(streams, 1) * 1024
     )
@@ -74,7 +75,7 @@ async def load_backend(name: str, streams: int) -> Backend:
     from llm_local.backends.transformers.backend import TransformersBackend
     from llm_local.backends.transformers.loader import plan_from_settings as transformers_plan
 
-    loaded = load_settings(env="test")
+    loaded = load_settings(env="test", overrides=served.backend_defaults())
     options = dataclasses.replace(
         loaded.transformers,
         max_requests_per_batch=max(streams, loaded.transformers.max_requests_per_batch),

@@ -38,13 +38,14 @@ def main(argv: list[str]) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from bench import served
     from llm_local.backends.transformers import adapters as token_adapters
     from llm_local.backends.transformers.loader import load_model, plan_from_settings
     from llm_local.settings.loader import load_settings
 
     rounds = int(argv[0]) if argv else 8
     torch.set_num_threads(1)
-    plan = plan_from_settings(load_settings(env="test"))
+    plan = plan_from_settings(load_settings(env="test", overrides=served.backend_defaults()))
     scratch = Path(tempfile.mkdtemp(prefix="lora-steps-"))
     base = load_model(plan).model
     dirs = []

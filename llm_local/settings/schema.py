@@ -76,7 +76,7 @@ class TransformersSettings:
     """The `transformers` backend's own options (backends/transformers): the model runs
     unconverted in PyTorch, its requests decoded by transformers' continuous batching."""
 
-    dtype: TorchDType  # "auto": bfloat16 on CUDA, float32 on the CPU
+    dtype: TorchDType  # "auto": bfloat16 on CUDA and on CPUs with native bfloat16, else float32
     attn_implementation: AttentionImplementation
     max_requests_per_batch: int  # requests decoded in one step; the rest wait their turn
     # Tokens one step may process (prompt chunks plus one per decoding request);

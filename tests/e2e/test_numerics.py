@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -206,11 +207,13 @@ def test_llama_cpp_checks_the_gguf_at_load_and_reports_it_everywhere(
     serve: Callable[..., Any], llama_cpp_cache: Path
 ) -> None:
     """No `llm-local convert` first: the server records the GGUF's reference at start
-    (model.convert_on_start, as ct2 converts), then checks the GGUF against it."""
+    (model.convert_on_start, as ct2 converts), then checks the GGUF against it; with the
+    default threads ("auto", which the rest of the suite pins to 1), measured at load."""
     llama_cpp = {
         "LLM_LOCAL_SERVICE_BACKEND": "llama_cpp",
         "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(llama_cpp_cache),
         "LLM_LOCAL_SERVICE_MODEL__CONVERT_ON_START": "true",
+        "LLM_LOCAL_SERVICE_LLAMA_CPP__THREADS": "auto",
     }
     assert not list(llama_cpp_cache.rglob("gguf-reference-*/reference.json"))
 
@@ -244,3 +247,7 @@ def test_llama_cpp_checks_the_gguf_at_load_and_reports_it_everywhere(
         numerics["nll_ratio"], rel=1e-3
     )
     assert "numerics check of q4_1" in server.log_text()
+    assert re.search(
+        r"llama\.cpp threads: \d+ \(steps of \d+ tokens, tokens/s by threads: 1: ",
+        server.log_text(),
+    )

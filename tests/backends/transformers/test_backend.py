@@ -1,4 +1,5 @@
-"""The transformers backend's pure parts: sampling values per request, the context limit.
+"""The transformers backend's pure parts: sampling values per request, the context limit,
+the dtype "auto" picks; and one bfloat16 load of the real model.
 
 Its generation end to end (real model, real server) is in tests/e2e/test_backends.py.
 """
@@ -11,8 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from llm_local.backends.transformers import loader
 from llm_local.backends.transformers.backend import processor_values
-from llm_local.backends.transformers.loader import LoadPlan, context_limit
+from llm_local.backends.transformers.loader import (
+    LoadPlan,
+    auto_dtype,
+    context_limit,
+    cpu_flags,
+    plan_from_settings,
+)
 from llm_local.convert.sources import ModelSource
 from llm_local.core.types import SamplingOptions
 from llm_local.settings.loader import load_settings
@@ -71,3 +79,72 @@ def test_pytorch_threads_follow_the_cpus_this_process_may_use_unless_set(
     assert cpu_threads(dataclasses.replace(options, threads="auto")) == 3
     assert cpu_threads(dataclasses.replace(options, threads=2)) == 2
     assert options.threads == 1  # the test settings: two test workers share the CPUs
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "expected"),
+    [
+        ("cuda", frozenset(), "bfloat16"),
+        ("cpu", frozenset({"avx2", "fma", "avx512f"}), "float32"),  # converted on the way
+        ("cpu", frozenset({"avx512f", "avx512_bf16"}), "bfloat16"),  # Zen4, Cooper Lake
+        ("cpu", frozenset({"amx_bf16", "amx_tile"}), "bfloat16"),  # Sapphire Rapids
+        ("cpu", frozenset({"asimd", "bf16"}), "bfloat16"),  # Arm with the BF16 extension
+        ("cpu", frozenset(), "float32"),  # flags unknown: the safe choice
+    ],
+)
+def test_auto_is_bfloat16_only_where_the_device_computes_it_natively(
+    device: str, flags: frozenset[str], expected: str
+) -> None:
+    assert auto_dtype(device, flags) == expected
+
+
+def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path: Path) -> None:
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+
+    assert cpu_flags(x86) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(arm) == {"fp", "asimd", "bf16"}
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_the_plan_resolves_auto_from_the_cpu_and_keeps_an_explicit_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings(env="test")
+    auto = dataclasses.replace(
+        settings, transformers=dataclasses.replace(settings.transformers, dtype="auto")
+    )
+    monkeypatch.setattr(loader, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert plan_from_settings(auto).dtype == "bfloat16"
+    monkeypatch.setattr(loader, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert plan_from_settings(auto).dtype == "float32"
+    assert settings.transformers.dtype == "float32"  # the tests' own, on every CPU
+    assert plan_from_settings(settings).dtype == "float32"
+
+
+@pytest.mark.model
+def test_a_bfloat16_load_answers_the_capital_question(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What "auto" serves on CPUs with native bfloat16; PyTorch computes it on any CPU."""
+    import torch
+
+    from llm_local.backends.transformers.loader import load_model
+    from llm_local.core.prompt import prepare_prompt
+    from llm_local.core.types import GenerationRequest
+
+    settings = load_settings(env="test")
+    bfloat16 = dataclasses.replace(
+        settings, transformers=dataclasses.replace(settings.transformers, dtype="bfloat16")
+    )
+    loaded = load_model(plan_from_settings(bfloat16))
+    tokenizer = loaded.tokenizer
+    question = GenerationRequest(user_prompt="What is the capital of France?")
+    prompt = list(prepare_prompt(question, tokenizer, loaded.info.context_limit).ids)
+
+    with torch.inference_mode():
+        output = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+
+    assert loaded.info.compute_type == "bfloat16"
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert "Paris" in tokenizer.decode(output[0, len(prompt) :].tolist())
