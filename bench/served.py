@@ -25,31 +25,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_local.settings.legacy import nested_env_var
+
 # The defaults a user gets, over ENV=test (which pins float32 and 2x1 threads so that
-# tests may assert on answer text).
-DEFAULT_SETTINGS = {
-    "LLM_LOCAL_SERVICE_RUNTIME__COMPUTE_TYPE": "auto",
-    "LLM_LOCAL_SERVICE_RUNTIME__INTER_THREADS": "auto",
-    "LLM_LOCAL_SERVICE_RUNTIME__INTRA_THREADS": "auto",
-    "LLM_LOCAL_SERVICE_NUMERICS__CHECK_AT_LOAD": "true",
-    "LLM_LOCAL_SERVICE_LLAMA_CPP__THREADS": "auto",
-    "LLM_LOCAL_SERVICE_TRANSFORMERS__THREADS": "auto",
-    "LLM_LOCAL_SERVICE_TRANSFORMERS__DTYPE": "auto",
+# tests may assert on answer text), by dotted key.
+DEFAULT_VALUES = {
+    "runtime.compute_type": "auto",
+    "runtime.inter_threads": "auto",
+    "runtime.intra_threads": "auto",
+    "numerics.check_at_load": "true",
+    "llama_cpp.threads": "auto",
+    "transformers.threads": "auto",
+    "transformers.dtype": "auto",
 }
-ENV_PREFIX = "LLM_LOCAL_SERVICE_"
+# The same as a server's environment variables.
+DEFAULT_SETTINGS = {nested_env_var(key): value for key, value in DEFAULT_VALUES.items()}
 
 
 def backend_defaults() -> dict[str, str]:
-    """DEFAULT_SETTINGS of the backends' own sections (threads, dtype) as `load_settings`
+    """DEFAULT_VALUES of the backends' own sections (threads, dtype) as `load_settings`
     overrides, for a backend run in process (no server, no numerics check); a setting
     given in the environment wins, as for a server."""
-    overrides = {
-        name.removeprefix(ENV_PREFIX).lower().replace("__", "."): os.environ.get(name, value)
-        for name, value in DEFAULT_SETTINGS.items()
-    }
     return {
-        key: value
-        for key, value in overrides.items()
+        key: os.environ.get(nested_env_var(key), value)
+        for key, value in DEFAULT_VALUES.items()
         if key.startswith(("llama_cpp.", "transformers."))
     }
 
