@@ -37,14 +37,22 @@ LOCK_NAME = ".lock"
 LAYOUT_VERSION = 1
 
 
-def conversion_inputs(source: ModelSource, quantization: str) -> dict[str, str]:
-    """Everything that, when it changes, must produce a new conversion."""
+def source_inputs(source: ModelSource, layout: int) -> dict[str, str]:
+    """What names the source's content in a cache entry's key, and the entry's `layout`:
+    the part every entry made from a source shares (conversions, references, copies)."""
     return {
-        "layout": str(LAYOUT_VERSION),
+        "layout": str(layout),
         "kind": source.kind,
         "source": source.identity,
         "revision": source.revision or "",
         "fingerprint": source.fingerprint,
+    }
+
+
+def conversion_inputs(source: ModelSource, quantization: str) -> dict[str, str]:
+    """Everything that, when it changes, must produce a new conversion."""
+    return {
+        **source_inputs(source, LAYOUT_VERSION),
         "quantization": quantization,
         # A model converted by one CTranslate2 major version may not load in another.
         "ctranslate2_major": installed_version("ctranslate2").split(".")[0],

@@ -35,10 +35,7 @@ LAYOUT_VERSION = 1
 def dequantized_inputs(source: ModelSource) -> dict[str, str]:
     """Everything that, when it changes, must give another kept copy."""
     return {
-        "layout": str(LAYOUT_VERSION),
-        "kind": source.kind,
-        "source": source.identity,
-        "fingerprint": source.fingerprint,
+        **cache.source_inputs(source, LAYOUT_VERSION),
         "transformers_major": cache.installed_version("transformers").split(".")[0],
     }
 

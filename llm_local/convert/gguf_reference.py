@@ -46,14 +46,7 @@ LAYOUT_VERSION = 1
 
 def reference_inputs(source: ModelSource) -> dict[str, str]:
     """What, when it changes, needs a new reference (no CTranslate2 version: none runs)."""
-    return {
-        "layout": str(LAYOUT_VERSION),
-        "kind": source.kind,
-        "source": source.identity,
-        "revision": source.revision or "",
-        "fingerprint": source.fingerprint,
-        "probe": str(PROBE_VERSION),
-    }
+    return {**cache.source_inputs(source, LAYOUT_VERSION), "probe": str(PROBE_VERSION)}
 
 
 def reference_dir(cache_dir: Path, source: ModelSource) -> Path:
