@@ -134,18 +134,6 @@ async def _start_listeners(
 ) -> _Listeners:
     server = service.settings.server
     http_stop, grpc_stop, grpc_done = trio.Event(), trio.Event(), trio.Event()
-    # Each name says where, and which variable moves it: a taken port is the usual cause.
-    await _start(
-        nursery,
-        f"HTTP on {server.host}:{server.http_port} (LLM_LOCAL_SERVICE_HTTP_PORT)",
-        partial(serve_http, service, flow, shutdown_event=http_stop),
-    )
-    if server.metrics_port not in (0, server.http_port):
-        await _start(
-            nursery,
-            f"metrics on {server.host}:{server.metrics_port} (LLM_LOCAL_SERVICE_METRICS_PORT)",
-            partial(serve_metrics, service, shutdown_event=http_stop),
-        )
 
     async def grpc_task(task_status: trio.TaskStatus[int]) -> None:
         try:
@@ -153,10 +141,24 @@ async def _start_listeners(
         finally:
             grpc_done.set()
 
+    # Each name says where, and which variable moves it: a taken port is the usual cause.
+    # HTTP starts last: whoever sees /health answer (a probe, a gateway, a test) can
+    # connect to every other port at once, rather than race the gRPC bind.
     grpc_port: int = await _start(
         nursery,
         f"gRPC on {server.host}:{server.grpc_port} (LLM_LOCAL_SERVICE_GRPC_PORT)",
         grpc_task,
+    )
+    if server.metrics_port not in (0, server.http_port):
+        await _start(
+            nursery,
+            f"metrics on {server.host}:{server.metrics_port} (LLM_LOCAL_SERVICE_METRICS_PORT)",
+            partial(serve_metrics, service, shutdown_event=http_stop),
+        )
+    await _start(
+        nursery,
+        f"HTTP on {server.host}:{server.http_port} (LLM_LOCAL_SERVICE_HTTP_PORT)",
+        partial(serve_http, service, flow, shutdown_event=http_stop),
     )
     if loopback_only(server.host):
         log.info(

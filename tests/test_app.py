@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from llm_local import app
 from llm_local.app import (
     RunningService,
     StartupError,
@@ -25,6 +26,7 @@ from llm_local.core.types import TextChunk
 from llm_local.core.validation import RawRequest
 from llm_local.serving import CallError, CallMetadata, Code
 from llm_local.settings.schema import AppSettings
+from llm_local.transport.http.server import serve_http
 from llm_local.transport.tls import TLSConfigError
 
 SettingsFor = Callable[..., AppSettings]
@@ -167,6 +169,44 @@ async def test_a_taken_port_is_a_startup_error_naming_it(settings_for: SettingsF
     assert "address already in use" in message.lower()
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+async def test_http_starts_only_once_grpc_and_metrics_listen(
+    settings_for: SettingsFor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whoever sees /health answer (a startup probe, the gateway) connects to gRPC next:
+    # it must not find the port still closed.
+    grpc_port, metrics_port = _free_port(), _free_port()
+    settings = settings_for(server__grpc_port=grpc_port, server__metrics_port=metrics_port)
+    listening_when_http_started: dict[str, bool] = {}
+
+    async def recording_serve_http(*args: Any, **kwargs: Any) -> None:
+        listening_when_http_started["grpc"] = _accepts(grpc_port)
+        listening_when_http_started["metrics"] = _accepts(metrics_port)
+        await serve_http(*args, **kwargs)
+
+    monkeypatch.setattr(app, "serve_http", recording_serve_http)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            running: RunningService = await nursery.start(run_service, settings)
+            running.stop.set()
+
+    assert listening_when_http_started == {"grpc": True, "metrics": True}
+
+
 async def _ignore(chunk: Any) -> None:
     pass
 
@@ -215,7 +255,6 @@ async def test_a_gguf_reference_that_cannot_be_recorded_leaves_the_model_served_
     model unverified and says so, as before the server tried."""
     from types import SimpleNamespace
 
-    from llm_local import app
     from llm_local.core.state import ServiceState
 
     gguf = tmp_path / "model.gguf"
