@@ -35,6 +35,7 @@ DEFAULT_VALUES = {
     "runtime.intra_threads": "auto",
     "numerics.check_at_load": "true",
     "llama_cpp.threads": "auto",
+    "llama_cpp.weights": "auto",
     "transformers.threads": "auto",
     "transformers.dtype": "auto",
 }

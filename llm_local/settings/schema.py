@@ -28,6 +28,7 @@ Threads = int | Literal["auto"]
 PageTokens = int | Literal["auto"]
 PrefixIsolation = Literal["none", "tenant"]
 KvLayout = Literal["pool", "per_sequence"]
+LlamaCppWeights = Literal["auto", "as_is", "q8_0", "bf16", "f16"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,9 @@ class LlamaCppSettings:
     # llama.cpp's extra weight layouts (repacking for AMX, AArch64 kernels): off, because
     # the AMX path takes the process down at the first decode (docs/FINDINGS.md).
     repack: bool
+    # The weights served: "as_is" (as stored), a re-laid copy ("q8_0", "bf16", "f16"),
+    # or "auto": the cheapest step measured on this machine (backends/llama_cpp/weights.py).
+    weights: LlamaCppWeights
     # Finished requests' sequences stay in the KV cache for later prompts that extend them
     # (a call's next turn): memory the kept ones may hold, in the pool (at the model's KV
     # bytes per token) or saved to host memory; least recently used go first. 0 = no reuse.

@@ -207,13 +207,15 @@ def test_llama_cpp_checks_the_gguf_at_load_and_reports_it_everywhere(
     serve: Callable[..., Any], llama_cpp_cache: Path
 ) -> None:
     """No `llm-local convert` first: the server records the GGUF's reference at start
-    (model.convert_on_start, as ct2 converts), then checks the GGUF against it; with the
-    default threads ("auto", which the rest of the suite pins to 1), measured at load."""
+    (model.convert_on_start, as ct2 converts), then checks what it serves against it; with
+    the default threads and weights ("auto", which the rest of the suite pins to 1 and the
+    file as stored), measured at load: whichever weights win, they are the ones checked."""
     llama_cpp = {
         "LLM_LOCAL_SERVICE_BACKEND": "llama_cpp",
         "LLM_LOCAL_SERVICE_MODEL__CACHE_DIR": str(llama_cpp_cache),
         "LLM_LOCAL_SERVICE_MODEL__CONVERT_ON_START": "true",
         "LLM_LOCAL_SERVICE_LLAMA_CPP__THREADS": "auto",
+        "LLM_LOCAL_SERVICE_LLAMA_CPP__WEIGHTS": "auto",
     }
     assert not list(llama_cpp_cache.rglob("gguf-reference-*/reference.json"))
 
@@ -236,17 +238,23 @@ def test_llama_cpp_checks_the_gguf_at_load_and_reports_it_everywhere(
     numerics = health["numerics"]
     assert health["backend"] == "llama_cpp"
     assert numerics["verified"] is True, numerics
-    assert (numerics["compute_type"], numerics["chosen_by"]) == ("q4_1", "settings")
+    weights = re.search(
+        r"llama\.cpp weights: (\w+)( \(re-laid from q4_1\))? serves", server.log_text()
+    )
+    assert weights is not None, server.log_text()
+    served = weights.group(1)
+    assert (served == "q4_1") == (weights.group(2) is None)
+    assert (numerics["compute_type"], numerics["chosen_by"]) == (served, "settings")
     assert numerics["nll_ratio"] <= 1.25
     assert numerics["agreement_ratio"] >= 0.6
     _, config = server.http_json("/config")
     assert config["effective"]["loaded_model"]["numerics"] == numerics
-    labels = {"compute_type": "q4_1", "chosen_by": "settings"}
+    labels = {"compute_type": served, "chosen_by": "settings"}
     assert server.metric("llm_local_numerics_verified", labels) == 1.0
     assert server.metric("llm_local_numerics_nll_ratio") == pytest.approx(
         numerics["nll_ratio"], rel=1e-3
     )
-    assert "numerics check of q4_1" in server.log_text()
+    assert f"numerics check of {served}" in server.log_text()
     assert re.search(
         r"llama\.cpp threads: \d+ \(steps of \d+ tokens, tokens/s by threads: 1: ",
         server.log_text(),

@@ -105,6 +105,12 @@ def context_params(lib: Any, options: ContextOptions) -> Any:
     return params
 
 
+def file_type(description: str) -> str:
+    """The weights' type from llama_model_desc ("llama 135M Q4_1" -> "q4_1")."""
+    words = description.split()
+    return words[-1].lower() if words else "unknown"
+
+
 # llama.cpp refuses a context of more sequences (LLAMA_MAX_SEQ).
 MAX_SEQUENCES = 256
 

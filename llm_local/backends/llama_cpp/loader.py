@@ -1,6 +1,8 @@
 """Settings to a loaded llama.cpp model and context: blocking code, run on a thread.
 
-The GGUF is served as is: no conversion, no cache. Sources (convert/sources.py):
+The GGUF is served as stored, or re-laid once into model.cache_dir in a type with faster
+batched kernels when `llama_cpp.weights` says so or measures it faster (weights.py).
+Sources (convert/sources.py):
 - a `.gguf` file, or a `package:DIST/PATH` naming one: read in place;
 - a Hugging Face Hub repository that holds one `.gguf` file (more than one: the error
   lists them, give the file instead): downloaded through huggingface_hub's cache, found
@@ -26,10 +28,12 @@ from llm_local.backends.llama_cpp.library import (
     ContextOptions,
     LoadedLibraryModel,
     ModelOptions,
+    file_type,
     library,
 )
 from llm_local.backends.llama_cpp.threads import measure_threads
 from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
+from llm_local.backends.llama_cpp.weights import WeightsPlan, serving_weights
 from llm_local.backends.shared import grammar
 from llm_local.backends.shared.source import resolve_model_source
 from llm_local.backends.shared.threads import usable_cpus
@@ -59,7 +63,7 @@ class SourceNotServed(BackendLoadError):
 
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
-    gguf: Path
+    gguf: Path  # the file as given; `weights` may serve a copy of it (weights.py)
     model: ModelSettings
     options: LlamaCppSettings
     threads: int  # the CPUs we may use when auto (then measured at load), else as set
@@ -70,6 +74,7 @@ class LoadPlan:
     # Each adapter's reference (base + adapter, unquantized); an adapter without one is absent.
     adapter_references: Mapping[str, Reference] = field(default_factory=dict)
     adapters: tuple[tuple[str, Path], ...] = ()  # adapter id -> its GGUF LoRA
+    source: ModelSource | None = None  # what names the copies of `gguf` in the cache
 
 
 @dataclass(slots=True)
@@ -127,6 +132,7 @@ def plan_from_settings(settings: AppSettings) -> LoadPlan:
         reference=reference,
         adapters=prepared_adapters(settings, source, gguf),
         adapter_references=adapter_references,
+        source=source,
     )
 
 
@@ -209,7 +215,7 @@ def load_model(plan: LoadPlan) -> LoadedModel:
     options = plan.options
     handle = LoadedLibraryModel(
         lib,
-        plan.gguf,
+        served_file(lib, plan),
         ModelOptions(gpu_layers=options.gpu_layers, repack=options.repack),
         ContextOptions(
             kv_cache_tokens=options.kv_cache_tokens,
@@ -293,6 +299,24 @@ def load_model(plan: LoadPlan) -> LoadedModel:
     )
 
 
+def served_file(lib: Any, plan: LoadPlan) -> Path:
+    """The GGUF to load: the file, or its re-laid copy (`llama_cpp.weights`)."""
+    if plan.source is None:
+        return plan.gguf
+    return serving_weights(
+        lib,
+        WeightsPlan(
+            gguf=plan.gguf,
+            source=plan.source,
+            cache_dir=plan.model.cache_dir,
+            setting=plan.options.weights,
+            threads=plan.threads,
+            gpu_layers=plan.options.gpu_layers,
+            repack=plan.options.repack,
+        ),
+    )
+
+
 def check_adapters(
     switch: AdapterSwitch,
     adapters: Mapping[str, Any],
@@ -335,9 +359,3 @@ def _grammar_compiler(
         "structured output: llguidance over the vocabulary in %.2f s", time.perf_counter() - started
     )
     return compiler
-
-
-def file_type(description: str) -> str:
-    """The weights' type from llama_model_desc ("llama 135M Q4_1" -> "q4_1")."""
-    words = description.split()
-    return words[-1].lower() if words else "unknown"

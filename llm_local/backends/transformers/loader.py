@@ -23,6 +23,7 @@ from llm_local.backends.base import BackendLoadError, ModelInfo
 from llm_local.backends.hf_tokenizer import HFTokenizer, TokenizerLoadError
 from llm_local.backends.shared import grammar
 from llm_local.backends.shared.context import CONTEXT_LIMIT_KEYS, DEFAULT_CONTEXT_LIMIT
+from llm_local.backends.shared.cpu import NATIVE_BF16_CPU_FLAGS, cpu_flags
 from llm_local.backends.shared.source import resolve_model_source
 from llm_local.backends.transformers.adapters import (
     TokenAdapters,
@@ -36,10 +37,6 @@ if TYPE_CHECKING:
     from llm_local.settings.schema import AppSettings, ModelSettings, TransformersSettings
 
 BACKEND_NAME = "transformers"
-# CPU features with which PyTorch's bfloat16 matmuls run natively (oneDNN): x86's AVX512-BF16
-# and AMX-BF16, Arm's BF16 extension. Without them bfloat16 is converted to float32 on the
-# way, and cannot gain.
-NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 # What transformers' continuous batching cannot do per request: its repetition penalty
 # is not a continuous-batching logits processor (dropped with a warning), and sampling
 # draws from one torch generator seeded once for the whole batch.
@@ -90,19 +87,6 @@ def auto_dtype(device: str, flags: frozenset[str]) -> str:
     if device != "cpu" or flags & NATIVE_BF16_CPU_FLAGS:
         return "bfloat16"
     return "float32"
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The first CPU's feature flags (x86 "flags", Arm "Features"); empty if unreadable."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
 
 
 def cpu_threads(options: TransformersSettings) -> int:

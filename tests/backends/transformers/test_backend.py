@@ -18,7 +18,6 @@ from llm_local.backends.transformers.loader import (
     LoadPlan,
     auto_dtype,
     context_limit,
-    cpu_flags,
     plan_from_settings,
 )
 from llm_local.convert.sources import ModelSource
@@ -96,17 +95,6 @@ def test_auto_is_bfloat16_only_where_the_device_computes_it_natively(
     device: str, flags: frozenset[str], expected: str
 ) -> None:
     assert auto_dtype(device, flags) == expected
-
-
-def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path: Path) -> None:
-    x86 = tmp_path / "x86"
-    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
-    arm = tmp_path / "arm"
-    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
-
-    assert cpu_flags(x86) == {"fpu", "avx2", "avx512_bf16"}
-    assert cpu_flags(arm) == {"fp", "asimd", "bf16"}
-    assert cpu_flags(tmp_path / "absent") == frozenset()
 
 
 def test_the_plan_resolves_auto_from_the_cpu_and_keeps_an_explicit_dtype(

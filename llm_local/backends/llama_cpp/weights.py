@@ -1,0 +1,356 @@
+"""`llama_cpp.weights`: the GGUF's weights served as stored, or re-laid once in a type
+whose batched CPU kernels are faster.
+
+Why: llama.cpp's CPU kernels for some stored types multiply a matrix by one token row at
+a time (Q4_1's ``ggml_vec_dot_q4_1_q8_1``: 56 % of a busy server's CPU time under perf), so
+a step of 8 decoding streams costs nearly 8 streams' time and a prompt token nearly a
+decoding token's. Types that the library's tiled kernels take (llamafile's sgemm: Q8_0;
+BF16 where the CPU computes bfloat16; F16) share each weight across a step's rows. On the
+2-core AMD EPYC Zen4, SmolLM2-135M's Q4_1 file served the gateway's mix saturated at 1.00
+req/s, re-laid as Q8_0 at 1.36 and as BF16 at 1.64 (docs/FINDINGS.md).
+
+- ``"as_is"``: the file as stored.
+- ``"q8_0"``, ``"bf16"``, ``"f16"``: llama.cpp's own quantizer (``llama_model_quantize``,
+  requantizing from the dequantized values) writes a copy once into model.cache_dir,
+  beside the conversions (``<slug>/gguf-<type>-<key>/model.gguf``, manifest last, under
+  the cache's lock); later starts read it. From a 4-bit file Q8_0 keeps every value to
+  within 1/254 of its block's largest, BF16 and F16 to 2^-9 and 2^-11 of itself. The
+  numerics check at load judges what is served, as it judges the file.
+- ``"auto"`` (the default): on the CPU, the file and each candidate (Q8_0; BF16 where the
+  CPU computes bfloat16 natively, F16 elsewhere) are timed once on this machine
+  (`step_cost`), and the cheapest serves: the file, unless a copy is at least `MIN_GAIN`
+  cheaper. The verdict is kept per machine beside the copies, so later starts only load.
+  A candidate whose weights would take more than `MEMORY_SHARE` of the memory available
+  is not tried: decoding reads every weight at every step, and more bytes a weight pay
+  only where computing, not reading, bounds a step (small models). On a GPU
+  (``gpu_layers`` above 0) the file serves as stored.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llm_local.backends.base import BackendLoadError
+from llm_local.backends.llama_cpp.library import (
+    ContextOptions,
+    LoadedLibraryModel,
+    ModelOptions,
+    file_type,
+)
+from llm_local.backends.shared.cpu import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model
+from llm_local.convert import cache
+from llm_local.convert.sources import ModelSource
+
+log = logging.getLogger("llm_local.backends.llama_cpp")
+
+AS_IS = "as_is"
+AUTO = "auto"
+# The re-laid types and llama.cpp's file types for them (llama_ftype).
+RELAID_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+                 "f16": "LLAMA_FTYPE_MOSTLY_F16"}  # fmt: skip
+BITS_PER_WEIGHT = {"q8_0": 8.5, "bf16": 16.0, "f16": 16.0}
+WEIGHT_CHOICES = (AUTO, AS_IS, *RELAID_FTYPES)
+# A copy must make the measured step this much cheaper than the file to be served: less
+# is within a busy machine's noise, and the copy costs disk and memory.
+MIN_GAIN = 1.10
+MEMORY_SHARE = 0.25
+MODEL_FILE = "model.gguf"
+VERDICT_DIR = "weights-verdicts"
+# Bump when the copies' content or the measurement change shape.
+LAYOUT_VERSION = 1
+
+# The measured shape: a busy server's step pair. SEQUENCES streams each read PROMPT_TOKENS
+# in one batch (a prompt chunk), then decode DECODE_STEPS steps of one token each.
+SEQUENCES = 8
+PROMPT_TOKENS = 16
+DECODE_STEPS = 4
+ROUNDS = 3  # each candidate keeps its cheapest round: other load can only slow one down
+
+
+class WeightsError(BackendLoadError):
+    retryable = False
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsPlan:
+    """What `serving_weights` needs: the file, where copies go, how to measure."""
+
+    gguf: Path
+    source: ModelSource
+    cache_dir: Path
+    setting: str  # one of WEIGHT_CHOICES
+    threads: int
+    gpu_layers: int
+    repack: bool
+
+
+def candidates(stored_type: str, flags: frozenset[str]) -> tuple[str, ...]:
+    """The copies `auto` measures beside the file: Q8_0, and BF16 where the CPU computes
+    bfloat16 natively (F16 elsewhere); never the file's own type."""
+    half = "bf16" if flags & NATIVE_BF16_CPU_FLAGS else "f16"
+    return tuple(kind for kind in ("q8_0", half) if kind != stored_type)
+
+
+def fits_memory(parameters: int, weight_type: str, available_bytes: int | None) -> bool:
+    """Whether `weight_type`'s copy of `parameters` weights stays within MEMORY_SHARE of
+    the memory available (unknown: assumed to)."""
+    if available_bytes is None:
+        return True
+    return parameters * BITS_PER_WEIGHT[weight_type] / 8 <= MEMORY_SHARE * available_bytes
+
+
+def choose(costs: Mapping[str, float]) -> str:
+    """The cheapest measured weights: a copy only if at least MIN_GAIN cheaper than the
+    file (AS_IS must be measured)."""
+    best = min(costs, key=lambda kind: costs[kind])
+    if best != AS_IS and costs[best] * MIN_GAIN <= costs[AS_IS]:
+        return best
+    return AS_IS
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """MemAvailable in bytes, or None where it cannot be read."""
+    try:
+        for line in meminfo.read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def serving_weights(lib: Any, plan: WeightsPlan) -> Path:
+    """The GGUF to serve, per the setting (module docstring); prepares a copy when needed."""
+    if plan.setting == AS_IS or (plan.setting == AUTO and plan.gpu_layers > 0):
+        return plan.gguf
+    if plan.setting != AUTO:
+        return ensure_relaid(lib, plan, plan.setting)
+    identity = _machine_identity(plan)
+    verdict_path = _verdict_path(plan, identity)
+    chosen = _read_choice(verdict_path)
+    if chosen is None:
+        chosen = _measure_and_keep(lib, plan, identity, verdict_path)
+    return plan.gguf if chosen == AS_IS else ensure_relaid(lib, plan, chosen)
+
+
+def relaid_inputs(source: ModelSource, weight_type: str) -> dict[str, str]:
+    """Everything that, when it changes, must give another copy."""
+    return {
+        **cache.source_inputs(source, LAYOUT_VERSION),
+        "weights": weight_type,
+        # The quantizer is the library's: another release may write another file.
+        "llama_cpp_python": cache.installed_version("llama-cpp-python"),
+    }
+
+
+def relaid_path(cache_dir: Path, source: ModelSource, weight_type: str) -> Path:
+    key = cache.inputs_key(relaid_inputs(source, weight_type))
+    return cache_dir / source.slug / f"gguf-{weight_type}-{key}" / MODEL_FILE
+
+
+def find_relaid(cache_dir: Path, source: ModelSource, weight_type: str) -> Path | None:
+    path = relaid_path(cache_dir, source, weight_type)
+    try:
+        manifest = json.loads((path.parent / cache.MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("inputs") != relaid_inputs(
+        source, weight_type
+    ):
+        return None
+    return path if path.is_file() else None
+
+
+def ensure_relaid(lib: Any, plan: WeightsPlan, weight_type: str) -> Path:
+    """The copy of the file in `weight_type`, written first when the cache lacks it."""
+    found = find_relaid(plan.cache_dir, plan.source, weight_type)
+    if found is not None:
+        return found
+    target = relaid_path(plan.cache_dir, plan.source, weight_type).parent
+    try:
+        with cache.conversion_lock(plan.cache_dir):
+            found = find_relaid(plan.cache_dir, plan.source, weight_type)
+            if found is not None:
+                return found
+            work_dir = cache.new_work_dir(plan.cache_dir)
+            try:
+                built = work_dir / "relaid"
+                built.mkdir()
+                started = time.perf_counter()
+                _quantize(lib, plan.gguf, built / MODEL_FILE, weight_type, plan.threads)
+                cache.write_manifest(
+                    built,
+                    {
+                        "inputs": relaid_inputs(plan.source, weight_type),
+                        "source": plan.source.spec,
+                        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                        "files": [MODEL_FILE],
+                    },
+                )
+                cache.install(built, target, work_dir)
+            finally:
+                shutil.rmtree(work_dir, ignore_errors=True)
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot keep the {weight_type} copy of {plan.gguf.name} in {plan.cache_dir} "
+            f'({exc}): make model.cache_dir writable, or set llama_cpp.weights = "as_is"'
+        ) from exc
+    log.info(
+        "llama.cpp weights: %s re-laid as %s in %.1f s, kept at %s",
+        plan.gguf.name,
+        weight_type,
+        time.perf_counter() - started,
+        target,
+    )
+    return target / MODEL_FILE
+
+
+def _quantize(lib: Any, gguf: Path, out: Path, weight_type: str, threads: int) -> None:
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, RELAID_FTYPES[weight_type])
+    params.allow_requantize = True
+    params.nthread = threads
+    status = int(lib.llama_model_quantize(str(gguf).encode(), str(out).encode(),
+                                          ctypes.byref(params)))  # fmt: skip
+    if status != 0 or not out.is_file():
+        raise WeightsError(
+            f"llama.cpp could not re-lay {gguf.name} as {weight_type} (status {status}); "
+            'set llama_cpp.weights = "as_is" to serve the file as stored'
+        )
+
+
+def step_cost(lib: Any, path: Path, threads: int, repack: bool) -> tuple[float, str, int]:
+    """(seconds of one prompt token read plus one token decoded, in a busy server's step
+    shape; the file type; the model's parameter count) for the GGUF at `path`."""
+    handle = LoadedLibraryModel(
+        lib,
+        path,
+        ModelOptions(gpu_layers=0, repack=repack),
+        ContextOptions(
+            kv_cache_tokens=SEQUENCES * (PROMPT_TOKENS + DECODE_STEPS + 1) + 256,
+            sequences=SEQUENCES,
+            batch_tokens=SEQUENCES * PROMPT_TOKENS,
+            threads=threads,
+        ),
+    )
+    batch = lib.llama_batch_init(SEQUENCES * PROMPT_TOKENS, 0, 1)
+    try:
+        token = max(0, int(lib.llama_vocab_bos(handle.vocab)))
+        cheapest = float("inf")
+        for _ in range(ROUNDS):
+            read_s = _timed_step(lib, handle.ctx, batch, token, PROMPT_TOKENS, first=0)
+            decode_s = 0.0
+            for step in range(DECODE_STEPS):
+                decode_s += _timed_step(lib, handle.ctx, batch, token, 1, PROMPT_TOKENS + step)
+            lib.llama_memory_clear(handle.memory, True)
+            cost = read_s / (SEQUENCES * PROMPT_TOKENS) + decode_s / (SEQUENCES * DECODE_STEPS)
+            cheapest = min(cheapest, cost)
+        parameters = int(lib.llama_model_n_params(handle.model))
+        return cheapest, file_type(handle.description()), parameters
+    finally:
+        lib.llama_batch_free(batch)
+        handle.free()
+
+
+def _timed_step(lib: Any, ctx: Any, batch: Any, token: int, per_sequence: int, first: int) -> float:
+    """Seconds of one llama_decode of `per_sequence` tokens for each of SEQUENCES
+    sequences, at positions first.. (logits of each sequence's last row, as serving)."""
+    n = 0
+    for sequence in range(SEQUENCES):
+        for offset in range(per_sequence):
+            batch.token[n] = token
+            batch.pos[n] = first + offset
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = sequence
+            batch.logits[n] = offset == per_sequence - 1
+            n += 1
+    batch.n_tokens = n
+    started = time.perf_counter()
+    status = int(lib.llama_decode(ctx, batch))
+    elapsed = time.perf_counter() - started
+    if status != 0:
+        raise WeightsError(f"llama_decode failed (status {status}) while timing the weights")
+    return elapsed
+
+
+def _measure_and_keep(
+    lib: Any, plan: WeightsPlan, identity: Mapping[str, str], verdict_path: Path
+) -> str:
+    started = time.perf_counter()
+
+    def measure(path: Path) -> tuple[float, str, int]:
+        return step_cost(lib, path, plan.threads, plan.repack)
+
+    file_cost, stored_type, parameters = measure(plan.gguf)
+    costs = {AS_IS: file_cost}
+    memory = available_memory()
+    skipped: list[str] = []
+    for weight_type in candidates(stored_type, cpu_flags()):
+        if not fits_memory(parameters, weight_type, memory):
+            skipped.append(weight_type)
+            continue
+        costs[weight_type] = measure(ensure_relaid(lib, plan, weight_type))[0]
+    chosen = choose(costs)
+    log.info(
+        "llama.cpp weights: %s serves (ms of a prompt token + a decoded token, measured "
+        "on this machine: %s%s) in %.1f s",
+        stored_type if chosen == AS_IS else f"{chosen} (re-laid from {stored_type})",
+        ", ".join(
+            f"{stored_type if kind == AS_IS else kind}: {cost * 1000:.2f}"
+            for kind, cost in costs.items()
+        ),
+        f"; too large to try: {', '.join(skipped)}" if skipped else "",
+        time.perf_counter() - started,
+    )
+    verdict = {
+        "identity": dict(identity),
+        "stored_type": stored_type,
+        "costs_s": costs,
+        "skipped": skipped,
+        "chosen": chosen,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        verdict_path.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_json_atomically(verdict_path, verdict, indent=2, sort_keys=True)
+    except OSError as exc:
+        log.warning("cannot keep the weights verdict at %s (%s): measured again next start",
+                    verdict_path, exc)  # fmt: skip
+    return chosen
+
+
+def _machine_identity(plan: WeightsPlan) -> dict[str, str]:
+    """What the measurement depends on: the source, the processor, the library, threads."""
+    return {
+        **cache.source_inputs(plan.source, LAYOUT_VERSION),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cache.inputs_key({"flags": " ".join(sorted(cpu_flags()))}),
+        "machine": platform.machine(),
+        "llama_cpp_python": cache.installed_version("llama-cpp-python"),
+        "threads": str(plan.threads),
+        "repack": str(plan.repack),
+    }
+
+
+def _verdict_path(plan: WeightsPlan, identity: Mapping[str, str]) -> Path:
+    return plan.cache_dir / plan.source.slug / VERDICT_DIR / f"{cache.inputs_key(identity)}.json"
+
+
+def _read_choice(path: Path) -> str | None:
+    """The kept verdict's choice, or None (absent, unreadable, of an unknown type)."""
+    try:
+        verdict = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    chosen = verdict.get("chosen") if isinstance(verdict, dict) else None
+    return chosen if chosen == AS_IS or chosen in RELAID_FTYPES else None

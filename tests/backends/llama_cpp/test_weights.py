@@ -1,0 +1,163 @@
+"""`llama_cpp.weights`: the rule (pure), and the copies and verdicts on the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from llm_local.backends.llama_cpp import weights
+from llm_local.backends.llama_cpp.backend import LlamaCppBackend
+from llm_local.backends.llama_cpp.library import library
+from llm_local.backends.llama_cpp.loader import plan_from_settings
+from llm_local.backends.llama_cpp.weights import (
+    AS_IS,
+    AUTO,
+    WEIGHT_CHOICES,
+    WeightsPlan,
+    available_memory,
+    candidates,
+    choose,
+    find_relaid,
+    fits_memory,
+    serving_weights,
+)
+from llm_local.core.types import GenerationRequest
+from llm_local.settings.errors import SettingsError
+from llm_local.settings.loader import load_settings
+from llm_local.settings.schema import AppSettings, LlamaCppWeights
+from tests.backends.generation import answer_text
+
+FRANCE = "What is the capital of France? Answer in one sentence."
+
+
+@pytest.mark.parametrize(
+    ("stored", "flags", "expected"),
+    [
+        ("q4_1", frozenset({"avx2", "avx512_bf16"}), ("q8_0", "bf16")),
+        ("q4_1", frozenset({"asimd", "bf16"}), ("q8_0", "bf16")),
+        ("q4_1", frozenset({"avx2"}), ("q8_0", "f16")),
+        ("q8_0", frozenset({"avx512_bf16"}), ("bf16",)),
+        ("f16", frozenset({"avx2"}), ("q8_0",)),
+    ],
+)
+def test_auto_tries_q8_0_and_the_half_type_the_cpu_computes_never_the_files_own(
+    stored: str, flags: frozenset[str], expected: tuple[str, ...]
+) -> None:
+    assert candidates(stored, flags) == expected
+
+
+def test_a_copy_serves_only_when_clearly_cheaper_than_the_file() -> None:
+    assert choose({AS_IS: 1.0}) == AS_IS
+    assert choose({AS_IS: 1.0, "q8_0": 0.95}) == AS_IS  # within a busy machine's noise
+    assert choose({AS_IS: 1.0, "q8_0": 0.8, "bf16": 0.6}) == "bf16"
+    assert choose({AS_IS: 0.5, "q8_0": 0.8, "bf16": 0.6}) == AS_IS
+
+
+def test_a_candidate_too_large_for_the_memory_available_is_not_tried() -> None:
+    parameters = 134_515_008  # SmolLM2-135M: 269 MB in bfloat16, 143 MB in Q8_0
+    assert fits_memory(parameters, "bf16", 2 * 1024**3)
+    # A quarter of 768 MiB: 192 MiB.
+    assert not fits_memory(parameters, "bf16", 768 * 1024**2)
+    assert fits_memory(parameters, "q8_0", 768 * 1024**2)
+    assert fits_memory(parameters, "bf16", None)  # unknown: tried
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    8000000 kB\n")
+    assert available_memory(meminfo) == 8000000 * 1024
+    assert available_memory(tmp_path / "absent") is None
+
+
+def test_the_setting_takes_exactly_the_choices_the_backend_knows() -> None:
+    assert set(get_args(LlamaCppWeights)) == set(WEIGHT_CHOICES)
+    with pytest.raises(SettingsError, match=r"llama_cpp\.weights"):
+        load_settings(env="test", overrides={"llama_cpp.weights": "q4_0"})
+
+
+def _settings(cache_dir: Path, setting: str) -> AppSettings:
+    loaded = load_settings(env="test")
+    return dataclasses.replace(
+        loaded,
+        model=dataclasses.replace(loaded.model, cache_dir=cache_dir),
+        llama_cpp=dataclasses.replace(loaded.llama_cpp, weights=setting, sequences=4),
+    )
+
+
+def _plan(settings: AppSettings) -> WeightsPlan:
+    plan = plan_from_settings(settings)
+    assert plan.source is not None
+    return WeightsPlan(
+        gguf=plan.gguf,
+        source=plan.source,
+        cache_dir=settings.model.cache_dir,
+        setting=settings.llama_cpp.weights,
+        threads=plan.threads,
+        gpu_layers=0,
+        repack=False,
+    )
+
+
+@pytest.mark.model
+async def test_a_q8_0_copy_is_kept_in_the_cache_and_serves_the_same_answer(
+    tmp_path: Path,
+) -> None:
+    settings = _settings(tmp_path, "q8_0")
+    backend = LlamaCppBackend(lambda: plan_from_settings(settings))
+    await backend.load()
+    try:
+        assert backend.info.compute_type == "q8_0"
+        text, _ = await answer_text(backend, GenerationRequest(user_prompt=FRANCE))
+    finally:
+        await backend.aclose()
+    assert "Paris" in text
+    kept = find_relaid(tmp_path, _plan(settings).source, "q8_0")
+    assert kept is not None and kept.stat().st_size > 0
+    written = kept.stat().st_mtime_ns
+
+    # The next start reads the copy instead of writing it again.
+    assert serving_weights(library(), _plan(settings)) == kept
+    assert kept.stat().st_mtime_ns == written
+
+
+@pytest.mark.model
+def test_auto_measures_once_serves_the_cheapest_and_keeps_the_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = _plan(_settings(tmp_path, AUTO))
+
+    served = serving_weights(library(), plan)
+
+    [verdict_file] = (tmp_path / plan.source.slug / weights.VERDICT_DIR).glob("*.json")
+    verdict = json.loads(verdict_file.read_text())
+    costs = verdict["costs_s"]
+    assert verdict["stored_type"] == "q4_1"
+    assert set(costs) == {AS_IS, *candidates("q4_1", weights.cpu_flags())}
+    assert all(cost > 0 for cost in costs.values())
+    assert verdict["chosen"] == choose(costs)
+    expected = (
+        plan.gguf
+        if verdict["chosen"] == AS_IS
+        else find_relaid(tmp_path, plan.source, verdict["chosen"])
+    )
+    assert served == expected
+
+    def no_measuring(*args: object) -> tuple[float, str, int]:
+        raise AssertionError("measured again despite the kept verdict")
+
+    monkeypatch.setattr(weights, "step_cost", no_measuring)
+    assert serving_weights(library(), plan) == served
+
+
+def test_as_is_and_auto_on_a_gpu_serve_the_file_without_touching_the_cache(
+    tmp_path: Path,
+) -> None:
+    plan = _plan(_settings(tmp_path, AS_IS))
+    assert serving_weights(library(), plan) == plan.gguf
+    on_gpu = dataclasses.replace(plan, setting=AUTO, gpu_layers=99)
+    assert serving_weights(library(), on_gpu) == plan.gguf
+    assert not (tmp_path / plan.source.slug).exists()
