@@ -99,7 +99,23 @@ def _record_gguf_reference(settings: AppSettings, *, quiet: bool) -> int:
     references = ensure_adapter_references(settings, report)
     for adapter_id, path in adapters.items():
         print(f"adapter {adapter_id}: {path} (numerics reference: {references[adapter_id]})")
+    _prepare_llama_cpp_weights(settings)
     return 0
+
+
+def _prepare_llama_cpp_weights(settings: AppSettings) -> None:
+    """`llama_cpp.weights`: the re-laid copy, and with "auto" the verdict of this machine,
+    written now so that a server on a read-only cache finds them (weights.py)."""
+    from llm_local.backends.base import BackendLoadError
+    from llm_local.backends.llama_cpp.library import library
+    from llm_local.backends.llama_cpp.loader import plan_from_settings, served_file
+
+    try:
+        served = served_file(library(), plan_from_settings(settings))
+    except BackendLoadError as exc:
+        print(f"the weights are left to the server's start: {exc}")
+        return
+    print(f"weights served by the llama_cpp backend ({settings.llama_cpp.weights}): {served}")
 
 
 def _keep_dequantized_copy(settings: AppSettings, *, quiet: bool) -> int:

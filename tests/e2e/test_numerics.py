@@ -255,6 +255,11 @@ def test_llama_cpp_checks_the_gguf_at_load_and_reports_it_everywhere(
         numerics["nll_ratio"], rel=1e-3
     )
     assert f"numerics check of {served}" in server.log_text()
+    # `llm-local convert` (an init container) finds the server's verdict and copy.
+    prepared = re.search(r"weights served by the llama_cpp backend \(auto\): (\S+)", again.stdout)
+    assert prepared is not None, again.stdout
+    expected = "Q4_1.gguf" if served == "q4_1" else f"/gguf-{served}-"  # the file, or its copy
+    assert expected in prepared.group(1), prepared.group(1)
     assert re.search(
         r"llama\.cpp threads: \d+ \(steps of \d+ tokens, tokens/s by threads: 1: ",
         server.log_text(),

@@ -18,12 +18,18 @@ req/s, re-laid as Q8_0 at 1.36 and as BF16 at 1.64 (docs/FINDINGS.md).
   numerics check at load judges what is served, as it judges the file.
 - ``"auto"`` (the default): on the CPU, the file and each candidate (Q8_0; BF16 where the
   CPU computes bfloat16 natively, F16 elsewhere) are timed once on this machine
-  (`step_cost`), and the cheapest serves: the file, unless a copy is at least `MIN_GAIN`
-  cheaper. The verdict is kept per machine beside the copies, so later starts only load.
+  (`step_cost`: a busy step's prompt token and decoded token, and a lone stream's token),
+  and the cheapest busy step serves among the weights that do not slow a lone stream down
+  (`LONE_TOLERANCE`): the file, unless a copy is at least `MIN_GAIN` cheaper. (BF16 made
+  the busy step cheapest on the 2-core AMD EPYC but decoded one stream at 51 tokens/s
+  where the file and Q8_0 decoded 59-61: a single call must not pay for a crowd's gain.)
+  The verdict is kept per machine beside the copies, so later starts only load.
   A candidate whose weights would take more than `MEMORY_SHARE` of the memory available
   is not tried: decoding reads every weight at every step, and more bytes a weight pay
   only where computing, not reading, bounds a step (small models). On a GPU
-  (``gpu_layers`` above 0) the file serves as stored.
+  (``gpu_layers`` above 0) the file serves as stored. Where a copy cannot be written (a
+  read-only cache that lacks it), `auto` serves the file and says why; `llm-local convert`
+  prepares the copies and the verdict ahead, as an init container does.
 """
 
 from __future__ import annotations
@@ -63,11 +69,15 @@ WEIGHT_CHOICES = (AUTO, AS_IS, *RELAID_FTYPES)
 # A copy must make the measured step this much cheaper than the file to be served: less
 # is within a busy machine's noise, and the copy costs disk and memory.
 MIN_GAIN = 1.10
+# A copy may decode one stream alone at most this much slower than the file (noise).
+LONE_TOLERANCE = 1.05
 MEMORY_SHARE = 0.25
 MODEL_FILE = "model.gguf"
 VERDICT_DIR = "weights-verdicts"
-# Bump when the copies' content or the measurement change shape.
+# Bump when the copies' content changes shape (a new copy), or the measurement's (a new
+# verdict).
 LAYOUT_VERSION = 1
+MEASURE_VERSION = 2
 
 # The measured shape: a busy server's step pair. SEQUENCES streams each read PROMPT_TOKENS
 # in one batch (a prompt chunk), then decode DECODE_STEPS steps of one token each.
@@ -109,11 +119,29 @@ def fits_memory(parameters: int, weight_type: str, available_bytes: int | None) 
     return parameters * BITS_PER_WEIGHT[weight_type] / 8 <= MEMORY_SHARE * available_bytes
 
 
-def choose(costs: Mapping[str, float]) -> str:
-    """The cheapest measured weights: a copy only if at least MIN_GAIN cheaper than the
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """What `step_cost` measured for one set of weights, in seconds."""
+
+    busy_s: float  # a prompt token read plus a token decoded, among SEQUENCES streams
+    lone_s: float  # a token decoded by one stream alone
+
+    def to_json(self) -> dict[str, float]:
+        return {"busy_s": self.busy_s, "lone_s": self.lone_s}
+
+
+def choose(costs: Mapping[str, StepCost]) -> str:
+    """The weights whose busy step is cheapest among those that decode a lone stream
+    within LONE_TOLERANCE of the file; a copy only if at least MIN_GAIN cheaper than the
     file (AS_IS must be measured)."""
-    best = min(costs, key=lambda kind: costs[kind])
-    if best != AS_IS and costs[best] * MIN_GAIN <= costs[AS_IS]:
+    file = costs[AS_IS]
+    eligible = {
+        kind: cost
+        for kind, cost in costs.items()
+        if kind == AS_IS or cost.lone_s <= file.lone_s * LONE_TOLERANCE
+    }
+    best = min(eligible, key=lambda kind: eligible[kind].busy_s)
+    if best != AS_IS and eligible[best].busy_s * MIN_GAIN <= file.busy_s:
         return best
     return AS_IS
 
@@ -140,7 +168,13 @@ def serving_weights(lib: Any, plan: WeightsPlan) -> Path:
     chosen = _read_choice(verdict_path)
     if chosen is None:
         chosen = _measure_and_keep(lib, plan, identity, verdict_path)
-    return plan.gguf if chosen == AS_IS else ensure_relaid(lib, plan, chosen)
+    if chosen == AS_IS:
+        return plan.gguf
+    try:
+        return ensure_relaid(lib, plan, chosen)
+    except WeightsError as exc:  # a read-only cache that lacks the copy: serve the file
+        log.warning("llama.cpp weights: serving the file as stored: %s", exc)
+        return plan.gguf
 
 
 def relaid_inputs(source: ModelSource, weight_type: str) -> dict[str, str]:
@@ -229,9 +263,9 @@ def _quantize(lib: Any, gguf: Path, out: Path, weight_type: str, threads: int) -
         )
 
 
-def step_cost(lib: Any, path: Path, threads: int, repack: bool) -> tuple[float, str, int]:
-    """(seconds of one prompt token read plus one token decoded, in a busy server's step
-    shape; the file type; the model's parameter count) for the GGUF at `path`."""
+def step_cost(lib: Any, path: Path, threads: int, repack: bool) -> tuple[StepCost, str, int]:
+    """(what a busy and a lone step cost with the GGUF at `path`; its file type; its
+    parameter count). Each part keeps its cheapest of ROUNDS rounds."""
     handle = LoadedLibraryModel(
         lib,
         path,
@@ -246,27 +280,41 @@ def step_cost(lib: Any, path: Path, threads: int, repack: bool) -> tuple[float, 
     batch = lib.llama_batch_init(SEQUENCES * PROMPT_TOKENS, 0, 1)
     try:
         token = max(0, int(lib.llama_vocab_bos(handle.vocab)))
-        cheapest = float("inf")
+
+        def decode_s(sequences: int) -> float:
+            """Seconds of DECODE_STEPS one-token steps of `sequences` streams."""
+            return sum(
+                _timed_step(lib, handle.ctx, batch, token, sequences, 1, PROMPT_TOKENS + step)
+                for step in range(DECODE_STEPS)
+            )
+
+        busy = lone = float("inf")
         for _ in range(ROUNDS):
-            read_s = _timed_step(lib, handle.ctx, batch, token, PROMPT_TOKENS, first=0)
-            decode_s = 0.0
-            for step in range(DECODE_STEPS):
-                decode_s += _timed_step(lib, handle.ctx, batch, token, 1, PROMPT_TOKENS + step)
+            read_s = _timed_step(lib, handle.ctx, batch, token, SEQUENCES, PROMPT_TOKENS, 0)
+            busy_decode_s = decode_s(SEQUENCES)
             lib.llama_memory_clear(handle.memory, True)
-            cost = read_s / (SEQUENCES * PROMPT_TOKENS) + decode_s / (SEQUENCES * DECODE_STEPS)
-            cheapest = min(cheapest, cost)
+            _timed_step(lib, handle.ctx, batch, token, 1, PROMPT_TOKENS, 0)
+            lone_decode_s = decode_s(1)
+            lib.llama_memory_clear(handle.memory, True)
+            busy = min(
+                busy,
+                read_s / (SEQUENCES * PROMPT_TOKENS) + busy_decode_s / (SEQUENCES * DECODE_STEPS),
+            )
+            lone = min(lone, lone_decode_s / DECODE_STEPS)
         parameters = int(lib.llama_model_n_params(handle.model))
-        return cheapest, file_type(handle.description()), parameters
+        return StepCost(busy, lone), file_type(handle.description()), parameters
     finally:
         lib.llama_batch_free(batch)
         handle.free()
 
 
-def _timed_step(lib: Any, ctx: Any, batch: Any, token: int, per_sequence: int, first: int) -> float:
-    """Seconds of one llama_decode of `per_sequence` tokens for each of SEQUENCES
+def _timed_step(
+    lib: Any, ctx: Any, batch: Any, token: int, sequences: int, per_sequence: int, first: int
+) -> float:
+    """Seconds of one llama_decode of `per_sequence` tokens for each of `sequences`
     sequences, at positions first.. (logits of each sequence's last row, as serving)."""
     n = 0
-    for sequence in range(SEQUENCES):
+    for sequence in range(sequences):
         for offset in range(per_sequence):
             batch.token[n] = token
             batch.pos[n] = first + offset
@@ -288,7 +336,7 @@ def _measure_and_keep(
 ) -> str:
     started = time.perf_counter()
 
-    def measure(path: Path) -> tuple[float, str, int]:
+    def measure(path: Path) -> tuple[StepCost, str, int]:
         return step_cost(lib, path, plan.threads, plan.repack)
 
     file_cost, stored_type, parameters = measure(plan.gguf)
@@ -299,14 +347,20 @@ def _measure_and_keep(
         if not fits_memory(parameters, weight_type, memory):
             skipped.append(weight_type)
             continue
-        costs[weight_type] = measure(ensure_relaid(lib, plan, weight_type))[0]
+        try:
+            copy = ensure_relaid(lib, plan, weight_type)
+        except WeightsError as exc:  # e.g. a read-only cache: `auto` still serves
+            log.warning("llama.cpp weights: %s not tried: %s", weight_type, exc)
+            continue
+        costs[weight_type] = measure(copy)[0]
     chosen = choose(costs)
     log.info(
-        "llama.cpp weights: %s serves (ms of a prompt token + a decoded token, measured "
-        "on this machine: %s%s) in %.1f s",
+        "llama.cpp weights: %s serves (measured on this machine, ms of a busy step's "
+        "prompt token + decoded token / of a lone stream's token: %s%s) in %.1f s",
         stored_type if chosen == AS_IS else f"{chosen} (re-laid from {stored_type})",
         ", ".join(
-            f"{stored_type if kind == AS_IS else kind}: {cost * 1000:.2f}"
+            f"{stored_type if kind == AS_IS else kind} {cost.busy_s * 1000:.2f} / "
+            f"{cost.lone_s * 1000:.2f}"
             for kind, cost in costs.items()
         ),
         f"; too large to try: {', '.join(skipped)}" if skipped else "",
@@ -315,7 +369,7 @@ def _measure_and_keep(
     verdict = {
         "identity": dict(identity),
         "stored_type": stored_type,
-        "costs_s": costs,
+        "costs": {kind: cost.to_json() for kind, cost in costs.items()},
         "skipped": skipped,
         "chosen": chosen,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -339,6 +393,7 @@ def _machine_identity(plan: WeightsPlan) -> dict[str, str]:
         "llama_cpp_python": cache.installed_version("llama-cpp-python"),
         "threads": str(plan.threads),
         "repack": str(plan.repack),
+        "measure_version": str(MEASURE_VERSION),
     }
 
 

@@ -17,6 +17,7 @@ from llm_local.backends.llama_cpp.weights import (
     AS_IS,
     AUTO,
     WEIGHT_CHOICES,
+    StepCost,
     WeightsPlan,
     available_memory,
     candidates,
@@ -51,10 +52,19 @@ def test_auto_tries_q8_0_and_the_half_type_the_cpu_computes_never_the_files_own(
 
 
 def test_a_copy_serves_only_when_clearly_cheaper_than_the_file() -> None:
-    assert choose({AS_IS: 1.0}) == AS_IS
-    assert choose({AS_IS: 1.0, "q8_0": 0.95}) == AS_IS  # within a busy machine's noise
-    assert choose({AS_IS: 1.0, "q8_0": 0.8, "bf16": 0.6}) == "bf16"
-    assert choose({AS_IS: 0.5, "q8_0": 0.8, "bf16": 0.6}) == AS_IS
+    file = StepCost(busy_s=1.0, lone_s=0.5)
+    assert choose({AS_IS: file}) == AS_IS
+    # Within a busy machine's noise:
+    assert choose({AS_IS: file, "q8_0": StepCost(0.95, 0.5)}) == AS_IS
+    assert choose({AS_IS: file, "q8_0": StepCost(0.8, 0.5), "bf16": StepCost(0.6, 0.5)}) == "bf16"
+    assert choose({AS_IS: StepCost(0.5, 0.5), "q8_0": StepCost(0.8, 0.4)}) == AS_IS
+
+
+def test_a_copy_that_slows_a_lone_stream_down_is_not_served_however_cheap_busy() -> None:
+    file = StepCost(busy_s=7.0, lone_s=12.0)
+    costs = {AS_IS: file, "q8_0": StepCost(4.0, 12.2), "bf16": StepCost(3.7, 14.5)}
+    assert choose(costs) == "q8_0"
+    assert choose({AS_IS: file, "bf16": StepCost(3.7, 14.5)}) == AS_IS
 
 
 def test_a_candidate_too_large_for_the_memory_available_is_not_tried() -> None:
@@ -134,10 +144,10 @@ def test_auto_measures_once_serves_the_cheapest_and_keeps_the_verdict(
 
     [verdict_file] = (tmp_path / plan.source.slug / weights.VERDICT_DIR).glob("*.json")
     verdict = json.loads(verdict_file.read_text())
-    costs = verdict["costs_s"]
+    costs = {kind: StepCost(**cost) for kind, cost in verdict["costs"].items()}
     assert verdict["stored_type"] == "q4_1"
     assert set(costs) == {AS_IS, *candidates("q4_1", weights.cpu_flags())}
-    assert all(cost > 0 for cost in costs.values())
+    assert all(cost.busy_s > 0 and cost.lone_s > 0 for cost in costs.values())
     assert verdict["chosen"] == choose(costs)
     expected = (
         plan.gguf
@@ -146,7 +156,7 @@ def test_auto_measures_once_serves_the_cheapest_and_keeps_the_verdict(
     )
     assert served == expected
 
-    def no_measuring(*args: object) -> tuple[float, str, int]:
+    def no_measuring(*args: object) -> tuple[StepCost, str, int]:
         raise AssertionError("measured again despite the kept verdict")
 
     monkeypatch.setattr(weights, "step_cost", no_measuring)
@@ -161,3 +171,20 @@ def test_as_is_and_auto_on_a_gpu_serve_the_file_without_touching_the_cache(
     on_gpu = dataclasses.replace(plan, setting=AUTO, gpu_layers=99)
     assert serving_weights(library(), on_gpu) == plan.gguf
     assert not (tmp_path / plan.source.slug).exists()
+
+
+@pytest.mark.model
+def test_auto_serves_the_file_when_the_cache_cannot_take_a_copy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A cache under a regular file: nothing can be written there, even by root (as a
+    # read-only volume refuses a server that lacks the copies).
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    plan = _plan(_settings(blocker / "cache", AUTO))
+
+    with caplog.at_level("WARNING", logger="llm_local.backends.llama_cpp"):
+        assert serving_weights(library(), plan) == plan.gguf
+
+    assert "not tried" in caplog.text
+    assert "cannot keep the weights verdict" in caplog.text
