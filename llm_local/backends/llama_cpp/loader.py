@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_local.backends.base import BackendLoadError, ModelInfo
+from llm_local.backends.base import BackendLoadError, ModelInfo, NumericsRejected
 from llm_local.backends.llama_cpp.canary import Probe, numerics_status
 from llm_local.backends.llama_cpp.library import (
     MAX_SEQUENCES,
@@ -33,7 +33,7 @@ from llm_local.backends.llama_cpp.library import (
 )
 from llm_local.backends.llama_cpp.threads import measure_threads
 from llm_local.backends.llama_cpp.tokenizer import LlamaVocabTokenizer
-from llm_local.backends.llama_cpp.weights import WeightsPlan, serving_weights
+from llm_local.backends.llama_cpp.weights import AUTO, WeightsPlan, serving_weights
 from llm_local.backends.shared import grammar
 from llm_local.backends.shared.source import resolve_model_source
 from llm_local.backends.shared.threads import usable_cpus
@@ -210,12 +210,29 @@ def _hub_gguf(repo_id: str, model: ModelSettings) -> Path:
 
 
 def load_model(plan: LoadPlan) -> LoadedModel:
-    """Load the plan's GGUF into one context (seconds: call it on a thread)."""
+    """Load the plan's GGUF, or the copy `llama_cpp.weights` chose, into one context
+    (seconds: call it on a thread)."""
     lib = library()
+    served = served_file(lib, plan)
+    try:
+        return _load(lib, plan, served)
+    except NumericsRejected as exc:
+        # `auto` chose the copy for speed; faithfulness decides: the file serves instead.
+        if served == plan.gguf or plan.options.weights != AUTO:
+            raise
+        log.warning(
+            "llama.cpp weights: the re-laid copy failed the numerics check (%s); serving "
+            "the file as stored",
+            exc,
+        )
+        return _load(lib, plan, plan.gguf)
+
+
+def _load(lib: Any, plan: LoadPlan, path: Path) -> LoadedModel:
     options = plan.options
     handle = LoadedLibraryModel(
         lib,
-        served_file(lib, plan),
+        path,
         ModelOptions(gpu_layers=options.gpu_layers, repack=options.repack),
         ContextOptions(
             kv_cache_tokens=options.kv_cache_tokens,

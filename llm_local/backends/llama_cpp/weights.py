@@ -16,13 +16,12 @@ req/s, re-laid as Q8_0 at 1.36 and as BF16 at 1.64 (docs/FINDINGS.md).
   the cache's lock); later starts read it. From a 4-bit file Q8_0 keeps every value to
   within 1/254 of its block's largest, BF16 and F16 to 2^-9 and 2^-11 of itself. The
   numerics check at load judges what is served, as it judges the file.
-- ``"auto"`` (the default): on the CPU, the file and each candidate (Q8_0; BF16 where the
-  CPU computes bfloat16 natively, F16 elsewhere) are timed once on this machine
+- ``"auto"`` (the default): on the CPU, the file and its Q8_0 copy (`candidates` says why
+  not the 16-bit types) are timed once on this machine
   (`step_cost`: a busy step's prompt token and decoded token, and a lone stream's token),
   and the cheapest busy step serves among the weights that do not slow a lone stream down
-  (`LONE_TOLERANCE`): the file, unless a copy is at least `MIN_GAIN` cheaper. (BF16 made
-  the busy step cheapest on the 2-core AMD EPYC but decoded one stream at 51 tokens/s
-  where the file and Q8_0 decoded 59-61: a single call must not pay for a crowd's gain.)
+  (`LONE_TOLERANCE`): the file, unless a copy is at least `MIN_GAIN` cheaper (a single
+  call must not pay for a crowd's gain).
   The verdict is kept per machine beside the copies, so later starts only load.
   A candidate whose weights would take more than `MEMORY_SHARE` of the memory available
   is not tried: decoding reads every weight at every step, and more bytes a weight pay
@@ -53,7 +52,7 @@ from llm_local.backends.llama_cpp.library import (
     ModelOptions,
     file_type,
 )
-from llm_local.backends.shared.cpu import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model
+from llm_local.backends.shared.cpu import cpu_flags, cpu_model
 from llm_local.convert import cache
 from llm_local.convert.sources import ModelSource
 
@@ -77,7 +76,7 @@ VERDICT_DIR = "weights-verdicts"
 # Bump when the copies' content changes shape (a new copy), or the measurement's (a new
 # verdict).
 LAYOUT_VERSION = 1
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3
 
 # The measured shape: a busy server's step pair. SEQUENCES streams each read PROMPT_TOKENS
 # in one batch (a prompt chunk), then decode DECODE_STEPS steps of one token each.
@@ -104,11 +103,17 @@ class WeightsPlan:
     repack: bool
 
 
-def candidates(stored_type: str, flags: frozenset[str]) -> tuple[str, ...]:
-    """The copies `auto` measures beside the file: Q8_0, and BF16 where the CPU computes
-    bfloat16 natively (F16 elsewhere); never the file's own type."""
-    half = "bf16" if flags & NATIVE_BF16_CPU_FLAGS else "f16"
-    return tuple(kind for kind in ("q8_0", half) if kind != stored_type)
+def candidates(stored_type: str) -> tuple[str, ...]:
+    """The copies `auto` measures beside the file: Q8_0 (never the file's own type).
+
+    Not the 16-bit types: on the 2-core AMD EPYC (AVX512-BF16) a BF16 copy made the busy
+    step cheapest (1.64 against Q8_0's 1.36 req/s saturated) but decoded one stream at
+    0.78x llama-server's tokens/s on the file, and the lone-stream part of the measurement
+    did not see it every time (one start measured BF16's lone token at 0.98x the file's,
+    in-process streams gave 0.86x): twice the bytes a weight, read at every step, cost a
+    lone stream more than a short measurement shows. They stay a setting ("bf16", "f16")
+    for a server that is always busy."""
+    return () if stored_type == "q8_0" else ("q8_0",)
 
 
 def fits_memory(parameters: int, weight_type: str, available_bytes: int | None) -> bool:
@@ -343,7 +348,7 @@ def _measure_and_keep(
     costs = {AS_IS: file_cost}
     memory = available_memory()
     skipped: list[str] = []
-    for weight_type in candidates(stored_type, cpu_flags()):
+    for weight_type in candidates(stored_type):
         if not fits_memory(parameters, weight_type, memory):
             skipped.append(weight_type)
             continue

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -36,6 +38,18 @@ JSON_OPTIONS = {
     "key_separator": fmt.KEY_SEPARATOR,
 }
 GRAMMAR_CACHE_SIZE = 256
+# JSON Schema makes `format` an annotation unless a validator is asked to assert it
+# (validators, `jsonschema` included, do not by default), and llama.cpp's and vLLM's
+# grammars leave formats they do not know unchecked: a format llguidance does not know is
+# dropped and the string left free, rather than the schema refused (15 of the 300
+# JSONSchemaBench schemas named one: "url", "uri-reference", ...). Known formats stay
+# enforced.
+UNKNOWN_FORMAT = re.compile(r"Unknown format: (\S+)")
+MAX_UNKNOWN_FORMATS = 16
+# Keywords whose values are JSON data, not schemas: a "format" key in them is data.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+log = logging.getLogger(__name__)
 
 
 class StructuredOutputUnavailable(RuntimeError):
@@ -103,23 +117,40 @@ def tokenizer_for_hf(tokenizer_json: str, vocab_size: int, end_token_ids: Iterab
     )
 
 
-def grammar_text(constraint: OutputConstraint) -> str:
-    """The llguidance grammar (its JSON form) of a constraint."""
+def grammar_text(constraint: OutputConstraint, unchecked: frozenset[str] = frozenset()) -> str:
+    """The llguidance grammar (its JSON form) of a constraint, the `unchecked` formats
+    left out of its schemas."""
     llguidance = _llguidance()
     matcher = llguidance.LLMatcher
     if not constraint.is_tool_call:
-        schema = json.loads(constraint.schema or "{}")
+        schema = without_formats(json.loads(constraint.schema or "{}"), unchecked)
         return str(matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS))
-    return str(matcher.grammar_from_lark(_tools_lark(constraint)))
+    return str(matcher.grammar_from_lark(_tools_lark(constraint, unchecked)))
 
 
-def _tools_lark(constraint: OutputConstraint) -> str:
+def without_formats(schema: Any, formats: frozenset[str]) -> Any:
+    """`schema` without its `"format": F` annotations for F in `formats` (data under
+    const, enum, default and examples left as it is)."""
+    if not formats:
+        return schema
+    if isinstance(schema, list):
+        return [without_formats(item, formats) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {
+        key: value if key in DATA_KEYWORDS else without_formats(value, formats)
+        for key, value in schema.items()
+        if not (key == "format" and isinstance(value, str) and value in formats)
+    }
+
+
+def _tools_lark(constraint: OutputConstraint, unchecked: frozenset[str]) -> str:
     calls = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": tool.name},
-                "arguments": tool.parameters_schema(),
+                "arguments": without_formats(tool.parameters_schema(), unchecked),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -163,18 +194,34 @@ class GrammarCompiler:
             if cached is not None:
                 self._cache.move_to_end(constraint)
                 return cached
-        result: str | Exception
-        try:
-            grammar = grammar_text(constraint)
-            error = self._llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer)
-            result = ValueError(error) if error else grammar
-        except (ValueError, TypeError, RuntimeError) as exc:
-            result = exc
+        result = self._compile(constraint)
         with self._lock:
             self._cache[constraint] = result
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return result
+
+    def _compile(self, constraint: OutputConstraint) -> str | Exception:
+        unchecked: frozenset[str] = frozenset()
+        try:
+            while True:
+                grammar = grammar_text(constraint, unchecked)
+                error = self._llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer)
+                unknown = UNKNOWN_FORMAT.search(error or "")
+                if unknown is None or len(unchecked) >= MAX_UNKNOWN_FORMATS:
+                    break
+                unchecked |= {unknown.group(1)}
+        except (ValueError, TypeError, RuntimeError) as exc:
+            return exc
+        if error:
+            return ValueError(error)
+        if unchecked:
+            log.info(
+                "structured output: format %s not known to the grammar engine, left "
+                "unchecked (an annotation, as JSON Schema has it)",
+                ", ".join(sorted(unchecked)),
+            )
+        return grammar
 
     def is_compiled(self, constraint: OutputConstraint) -> bool:
         """`ConstraintChecker`: the constraint's grammar (or refusal) is in the cache."""

@@ -5,6 +5,7 @@ constrained request decodes in one batch beside an unconstrained one."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,7 @@ import trio
 
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
+from llm_local.backends.shared.grammar import without_formats
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.structured import tools as fmt
 from llm_local.core.structured.constraint import (
@@ -134,3 +136,48 @@ async def test_constrained_and_free_requests_decode_side_by_side(
     # auto: a text answer (not starting with "<") or well-formed calls
     answer = fmt.read_answer(auto_text)
     assert answer.text or answer.calls
+
+
+def test_unknown_formats_are_dropped_as_annotations_and_data_is_left_alone() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "home": {"type": "string", "format": "url"},
+            "born": {"type": "string", "format": "date"},
+            "format": {"const": {"format": "url"}},
+        },
+        "anyOf": [{"format": "url"}],
+    }
+    assert without_formats(schema, frozenset({"url"})) == {
+        "type": "object",
+        "properties": {
+            "home": {"type": "string"},
+            "born": {"type": "string", "format": "date"},
+            "format": {"const": {"format": "url"}},
+        },
+        "anyOf": [{}],
+    }
+
+
+async def test_a_schema_naming_an_unknown_format_is_served_and_known_formats_still_hold(
+    backend: LlamaCppBackend,
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "home": {"type": "string", "format": "url", "maxLength": 30},
+            "born": {"type": "string", "format": "date"},
+        },
+        "required": ["home", "born"],
+        "additionalProperties": False,
+    }
+    constraint = OutputConstraint(field="response_format", schema=canonical_json(schema))
+    grammar = backend.info.sampling.constraints
+    assert grammar is not None and grammar.refusal(constraint) is None
+
+    text, finished = await generate(backend, "Give a web page and a birth date.", constraint, 60)
+
+    assert finished.reason is FinishReason.STOP, text
+    answer = json.loads(text)
+    jsonschema.validate(answer, schema)
+    datetime.date.fromisoformat(answer["born"])  # "date" is still enforced

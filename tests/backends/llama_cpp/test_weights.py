@@ -9,7 +9,8 @@ from typing import get_args
 
 import pytest
 
-from llm_local.backends.llama_cpp import weights
+from llm_local.backends.base import NumericsRejected
+from llm_local.backends.llama_cpp import loader, weights
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.library import library
 from llm_local.backends.llama_cpp.loader import plan_from_settings
@@ -35,20 +36,11 @@ from tests.backends.generation import answer_text
 FRANCE = "What is the capital of France? Answer in one sentence."
 
 
-@pytest.mark.parametrize(
-    ("stored", "flags", "expected"),
-    [
-        ("q4_1", frozenset({"avx2", "avx512_bf16"}), ("q8_0", "bf16")),
-        ("q4_1", frozenset({"asimd", "bf16"}), ("q8_0", "bf16")),
-        ("q4_1", frozenset({"avx2"}), ("q8_0", "f16")),
-        ("q8_0", frozenset({"avx512_bf16"}), ("bf16",)),
-        ("f16", frozenset({"avx2"}), ("q8_0",)),
-    ],
-)
-def test_auto_tries_q8_0_and_the_half_type_the_cpu_computes_never_the_files_own(
-    stored: str, flags: frozenset[str], expected: tuple[str, ...]
-) -> None:
-    assert candidates(stored, flags) == expected
+def test_auto_tries_the_q8_0_copy_unless_the_file_is_q8_0() -> None:
+    assert candidates("q4_1") == ("q8_0",)
+    assert candidates("q4_k") == ("q8_0",)
+    assert candidates("bf16") == ("q8_0",)
+    assert candidates("q8_0") == ()
 
 
 def test_a_copy_serves_only_when_clearly_cheaper_than_the_file() -> None:
@@ -146,7 +138,7 @@ def test_auto_measures_once_serves_the_cheapest_and_keeps_the_verdict(
     verdict = json.loads(verdict_file.read_text())
     costs = {kind: StepCost(**cost) for kind, cost in verdict["costs"].items()}
     assert verdict["stored_type"] == "q4_1"
-    assert set(costs) == {AS_IS, *candidates("q4_1", weights.cpu_flags())}
+    assert set(costs) == {AS_IS, "q8_0"}
     assert all(cost.busy_s > 0 and cost.lone_s > 0 for cost in costs.values())
     assert verdict["chosen"] == choose(costs)
     expected = (
@@ -188,3 +180,36 @@ def test_auto_serves_the_file_when_the_cache_cannot_take_a_copy(
 
     assert "not tried" in caplog.text
     assert "cannot keep the weights verdict" in caplog.text
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("setting", "serves"), [(AUTO, "q4_1"), ("q8_0", None)])
+def test_a_copy_that_fails_the_numerics_check_gives_way_to_the_file_only_under_auto(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    setting: str,
+    serves: str | None,
+) -> None:
+    settings = _settings(tmp_path, setting)
+    plan = plan_from_settings(settings)
+    copy = weights.ensure_relaid(library(), _plan(settings), "q8_0")
+    monkeypatch.setattr(loader, "served_file", lambda lib, plan: copy)
+
+    def judged(compute_type: str, *args: object, **kwargs: object) -> None:
+        if compute_type == "q8_0":
+            raise NumericsRejected("q8_0: NLL ratio 1.4 (bound 1.25)")
+        return None
+
+    monkeypatch.setattr(loader, "numerics_status", judged)
+    if serves is None:
+        with pytest.raises(NumericsRejected):
+            loader.load_model(plan)
+        return
+    with caplog.at_level("WARNING", logger="llm_local.backends.llama_cpp"):
+        loaded = loader.load_model(plan)
+    try:
+        assert loaded.info.compute_type == serves
+    finally:
+        loaded.handle.free()
+    assert "the re-laid copy failed the numerics check" in caplog.text
