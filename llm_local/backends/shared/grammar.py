@@ -44,7 +44,7 @@ GRAMMAR_CACHE_SIZE = 256
 # dropped and the string left free, rather than the schema refused (15 of the 300
 # JSONSchemaBench schemas named one: "url", "uri-reference", ...). Known formats stay
 # enforced.
-UNKNOWN_FORMAT = re.compile(r"Unknown format: (\S+)")
+UNKNOWN_FORMAT = re.compile(r"Unknown format: ?([^\s]*)")
 MAX_UNKNOWN_FORMATS = 16
 # Keywords whose values are JSON data, not schemas: a "format" key in them is data.
 DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
@@ -208,7 +208,11 @@ class GrammarCompiler:
                 grammar = grammar_text(constraint, unchecked)
                 error = self._llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer)
                 unknown = UNKNOWN_FORMAT.search(error or "")
-                if unknown is None or len(unchecked) >= MAX_UNKNOWN_FORMATS:
+                if (
+                    unknown is None
+                    or unknown.group(1) in unchecked  # still there: not an annotation we drop
+                    or len(unchecked) >= MAX_UNKNOWN_FORMATS
+                ):
                     break
                 unchecked |= {unknown.group(1)}
         except (ValueError, TypeError, RuntimeError) as exc:

@@ -174,6 +174,12 @@ async def test_a_schema_naming_an_unknown_format_is_served_and_known_formats_sti
     constraint = OutputConstraint(field="response_format", schema=canonical_json(schema))
     grammar = backend.info.sampling.constraints
     assert grammar is not None and grammar.refusal(constraint) is None
+    empty = {"type": "string", "format": ""}  # a JSONSchemaBench schema names this one
+    assert grammar.refusal(OutputConstraint(field="f", schema=canonical_json(empty))) is None
+    beside = {"type": "string", "format": "url", "not": {"const": "x"}}  # still refused: `not`
+    assert "not" in (
+        grammar.refusal(OutputConstraint(field="f", schema=canonical_json(beside))) or ""
+    )
 
     text, finished = await generate(backend, "Give a web page and a birth date.", constraint, 60)
 
