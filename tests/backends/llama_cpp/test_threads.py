@@ -50,7 +50,14 @@ def test_the_measured_count_is_chosen_and_set(
     assert chosen == expected
     probed = [count for count, _ in lib.thread_settings[:-1]]
     assert probed == sorted(speeds) * threads.PROBE_ROUNDS  # interleaved rounds
-    assert lib.thread_settings[-1] == (expected, expected)  # what decoding runs with
+    # What decoding runs with: the count for every step of several tokens, one fewer for
+    # a lone stream's one-token step.
+    assert lib.thread_settings[-1] == (max(1, expected - 1), expected)
+
+
+@pytest.mark.parametrize(("batch", "lone"), [(1, 1), (2, 1), (4, 3), (16, 15)])
+def test_a_lone_streams_step_leaves_one_cpu_to_its_serving_path(batch: int, lone: int) -> None:
+    assert threads.lone_step_threads(batch) == lone
 
 
 def test_a_round_slowed_by_something_else_does_not_decide(
