@@ -136,15 +136,7 @@ def find_gguf_adapter(source: AdapterSource, base: ModelSource, cache_dir: Path)
 
 
 def _read_complete(directory: Path, key: str) -> dict[str, object] | None:
-    import json
-
-    try:
-        manifest = json.loads((directory / cache.MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("key") != key:
-        return None
-    return manifest if (directory / ADAPTER_FILE).is_file() else None
+    return cache.read_entry(directory, {"key": key}, ADAPTER_FILE)
 
 
 def ensure_gguf_adapter(

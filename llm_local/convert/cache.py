@@ -70,15 +70,24 @@ def model_dir_for(cache_dir: Path, source: ModelSource, quantization: str, key: 
 
 def read_complete(model_dir: Path, key: str) -> dict[str, object] | None:
     """The manifest of a complete conversion with this key, or None."""
+    return read_entry(model_dir, {"key": key}, MODEL_FILE)
+
+
+def read_entry(
+    directory: Path, expected: Mapping[str, object], payload: str
+) -> dict[str, object] | None:
+    """The manifest of a complete cache entry, or None: it parses, holds every `expected`
+    field with that value, and the entry's `payload` file is there (the manifest is
+    written last, so a half-written entry has none)."""
     try:
-        manifest = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("key") != key:
+    if not isinstance(manifest, dict):
         return None
-    if not (model_dir / MODEL_FILE).is_file():
+    if any(manifest.get(name) != value for name, value in expected.items()):
         return None
-    return manifest
+    return manifest if (directory / payload).is_file() else None
 
 
 @contextlib.contextmanager

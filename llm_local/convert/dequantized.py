@@ -18,7 +18,6 @@ and transformers' major version, whose loader reads the directory.
 
 from __future__ import annotations
 
-import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,13 +49,8 @@ def find_dequantized(cache_dir: Path, source: ModelSource) -> Path | None:
     if source.kind != "gguf":
         return None
     directory = dequantized_dir(cache_dir, source)
-    try:
-        manifest = json.loads((directory / cache.MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("inputs") != dequantized_inputs(source):
-        return None
-    return directory if (directory / WEIGHTS_FILE).is_file() else None
+    expected = {"inputs": dequantized_inputs(source)}
+    return directory if cache.read_entry(directory, expected, WEIGHTS_FILE) else None
 
 
 def keep_dequantized(

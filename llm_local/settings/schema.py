@@ -129,7 +129,8 @@ class LlamaCppSettings:
     # the AMX path takes the process down at the first decode (docs/FINDINGS.md).
     repack: bool
     # The weights served: "as_is" (as stored), a re-laid copy ("q8_0", "bf16", "f16"),
-    # or "auto": the cheapest step measured on this machine (backends/llama_cpp/weights.py).
+    # or "auto": the file or its Q8_0 copy, whichever this machine measures cheaper
+    # without slowing a lone stream (backends/llama_cpp/weights.py).
     weights: LlamaCppWeights
     # Finished requests' sequences stay in the KV cache for later prompts that extend them
     # (a call's next turn): memory the kept ones may hold, in the pool (at the model's KV

@@ -61,8 +61,11 @@ log = logging.getLogger("llm_local.backends.llama_cpp")
 AS_IS = "as_is"
 AUTO = "auto"
 # The re-laid types and llama.cpp's file types for them (llama_ftype).
-RELAID_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-                 "f16": "LLAMA_FTYPE_MOSTLY_F16"}  # fmt: skip
+RELAID_FTYPES = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+}
 BITS_PER_WEIGHT = {"q8_0": 8.5, "bf16": 16.0, "f16": 16.0}
 WEIGHT_CHOICES = (AUTO, AS_IS, *RELAID_FTYPES)
 # A copy must make the measured step this much cheaper than the file to be served: less
@@ -199,15 +202,8 @@ def relaid_path(cache_dir: Path, source: ModelSource, weight_type: str) -> Path:
 
 def find_relaid(cache_dir: Path, source: ModelSource, weight_type: str) -> Path | None:
     path = relaid_path(cache_dir, source, weight_type)
-    try:
-        manifest = json.loads((path.parent / cache.MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("inputs") != relaid_inputs(
-        source, weight_type
-    ):
-        return None
-    return path if path.is_file() else None
+    expected = {"inputs": relaid_inputs(source, weight_type)}
+    return path if cache.read_entry(path.parent, expected, MODEL_FILE) else None
 
 
 def ensure_relaid(lib: Any, plan: WeightsPlan, weight_type: str) -> Path:
@@ -259,8 +255,9 @@ def _quantize(lib: Any, gguf: Path, out: Path, weight_type: str, threads: int) -
     params.ftype = getattr(lib, RELAID_FTYPES[weight_type])
     params.allow_requantize = True
     params.nthread = threads
-    status = int(lib.llama_model_quantize(str(gguf).encode(), str(out).encode(),
-                                          ctypes.byref(params)))  # fmt: skip
+    status = int(
+        lib.llama_model_quantize(str(gguf).encode(), str(out).encode(), ctypes.byref(params))
+    )
     if status != 0 or not out.is_file():
         raise WeightsError(
             f"llama.cpp could not re-lay {gguf.name} as {weight_type} (status {status}); "
@@ -383,8 +380,11 @@ def _measure_and_keep(
         verdict_path.parent.mkdir(parents=True, exist_ok=True)
         cache.write_json_atomically(verdict_path, verdict, indent=2, sort_keys=True)
     except OSError as exc:
-        log.warning("cannot keep the weights verdict at %s (%s): measured again next start",
-                    verdict_path, exc)  # fmt: skip
+        log.warning(
+            "cannot keep the weights verdict at %s (%s): measured again next start",
+            verdict_path,
+            exc,
+        )
     return chosen
 
 
