@@ -1,7 +1,8 @@
 """Structured output on the backends that support it, in process (not part of `make test`):
 
     python -m bench.structured speed [--streams 1 16] [--tokens 64] [--backends B ...]
-    python -m bench.structured coverage [--count 300] [--tokens 256] [--streams 16] [--backend B]
+    python -m bench.structured coverage --corpus DIR [--harness DIR] [--count 300] [--tokens N]
+        [--streams 16] [--backend B] [--sets S,...]
 
 `speed` (also `make bench`'s scenario `structured`): constrained vs unconstrained decoding
 side by side in one run on each backend (`--backends`, default llama_cpp then
@@ -19,6 +20,12 @@ answer fit). Reported: the
 share accepted, the share of accepted answers that parse and validate (`jsonschema`), the
 share cut at `--tokens` before the value was complete, and the share refused naming a
 feature, with the most common reasons. Pass the corpus checkout with `--corpus`.
+
+With `--harness` (a checkout of github.com/epfl-dlab/jsonschemabench, the paper's own
+harness) each schema is asked for and judged as the paper did (bench/jsonschemabench.py):
+its system prompt and two worked examples per set, the whole schema, at most 2,048 new
+tokens, Draft 2020-12 with formats asserted. Its `covered` column is then the paper's
+empirical coverage, measured the paper's way, on another model.
 """
 
 from __future__ import annotations
@@ -42,10 +49,17 @@ from bench.studies import STRUCTURED_COLUMNS, StructuredLevel, structured_rows
 from llm_local.backends.base import Backend
 from llm_local.backends.llama_cpp.backend import LlamaCppBackend
 from llm_local.backends.llama_cpp.loader import plan_from_settings
+from llm_local.core.errors import InvalidRequest
 from llm_local.core.generation import run_generation
 from llm_local.core.prompt import prepare_prompt
 from llm_local.core.structured.constraint import OutputConstraint, canonical_json
-from llm_local.core.types import Finished, GenerationRequest, SamplingOptions, TextChunk
+from llm_local.core.types import (
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    SamplingOptions,
+    TextChunk,
+)
 from llm_local.settings.loader import load_settings
 
 ENDLESS = "Write the numbers from 1 to 1000, separated by commas."
@@ -55,10 +69,15 @@ CORPUS_SETS = ("Glaiveai2K", "Github_easy", "Github_medium", "Github_hard")
 SPEED_BACKENDS = ("llama_cpp", "transformers")
 
 
-async def load(streams: int) -> LlamaCppBackend:
+async def load(streams: int, context_tokens: int = 1024) -> LlamaCppBackend:
     loaded = load_settings(env="test", overrides=served.backend_defaults())
     options = dataclasses.replace(
-        loaded.llama_cpp, sequences=max(streams, 1), kv_cache_tokens=max(streams, 1) * 1024
+        loaded.llama_cpp,
+        sequences=max(streams, 1),
+        kv_cache_tokens=max(streams, 1) * context_tokens,
+        # Long prompts (thousands of tokens each): in one pool every token's attention would
+        # scan all sequences' cells, many times the cost of a stream per sequence.
+        kv_layout="pool" if context_tokens <= 1024 else "per_sequence",
     )
     settings = dataclasses.replace(loaded, llama_cpp=options)
     backend = LlamaCppBackend(lambda: plan_from_settings(settings))
@@ -66,10 +85,11 @@ async def load(streams: int) -> LlamaCppBackend:
     return backend
 
 
-async def load_backend(name: str, streams: int) -> Backend:
-    """`name` loaded on the test settings, sized for `streams` requests at once."""
+async def load_backend(name: str, streams: int, context_tokens: int = 1024) -> Backend:
+    """`name` loaded on the test settings, sized for `streams` requests of `context_tokens`
+    (prompt and answer) at once."""
     if name == "llama_cpp":
-        return await load(streams)
+        return await load(streams, context_tokens)
     if name != "transformers":
         raise ValueError(f"no structured output on {name!r}: one of {', '.join(SPEED_BACKENDS)}")
     from llm_local.backends.transformers.backend import TransformersBackend
@@ -79,7 +99,7 @@ async def load_backend(name: str, streams: int) -> Backend:
     options = dataclasses.replace(
         loaded.transformers,
         max_requests_per_batch=max(streams, loaded.transformers.max_requests_per_batch),
-        kv_cache_tokens=max(streams, 1) * 1024,
+        kv_cache_tokens=max(streams, 1) * context_tokens,
     )
     settings = dataclasses.replace(loaded, transformers=options)
     backend = TransformersBackend(lambda: transformers_plan(settings), options)
@@ -102,6 +122,10 @@ async def generate(
         max_new_tokens=tokens,
         sampling=SamplingOptions(constraint=constraint),
     )
+    return await answer(backend, request)
+
+
+async def answer(backend: Backend, request: GenerationRequest) -> Outcome:
     prepared = prepare_prompt(request, backend.tokenizer, backend.info.context_limit)
     started = time.perf_counter()
     first: list[float] = []
@@ -196,20 +220,48 @@ def corpus_schemas(
 async def coverage(
     corpus: Path,
     count: int,
-    tokens: int,
+    tokens: int | None,
     streams: int,
     backend_name: str = "llama_cpp",
     sets: Sequence[str] = CORPUS_SETS,
+    harness: Path | None = None,
 ) -> None:
     import jsonschema
 
-    backend = await load_backend(backend_name, streams)
+    from bench import jsonschemabench
+
+    formatter = None if harness is None else jsonschemabench.load_formatter(harness)
+    if tokens is None:
+        tokens = OUR_MAX_TOKENS if formatter is None else jsonschemabench.PAPER_MAX_TOKENS
+    # The harness's prompts carry whole schemas and two worked examples: thousands of
+    # tokens; each request may use the model's whole context, as the harness's did.
+    context_tokens = 1024 if formatter is None else 8192
+    backend = await load_backend(backend_name, streams, context_tokens)
     checker = backend.info.sampling.constraints
     assert checker is not None, "llguidance is not installed"
     schemas = corpus_schemas(corpus, count, sets)
     refused: collections.Counter[str] = collections.Counter()
     results: dict[str, str] = {}
     limiter = trio.Semaphore(streams)
+
+    def our_request(schema: Any, constraint: OutputConstraint) -> GenerationRequest:
+        # The grammar alone makes the answer fit; the schema in the prompt (its first
+        # 1,500 characters: reading long ones would dominate the run) lets the model finish
+        # its value instead of rambling inside a string until the token limit.
+        question = f"Answer with a JSON value matching this schema: {json.dumps(schema)[:1500]}"
+        return GenerationRequest(
+            user_prompt=question,
+            max_new_tokens=tokens,
+            sampling=SamplingOptions(constraint=constraint),
+        )
+
+    def our_rule(text: str, schema: Any) -> bool:
+        try:
+            jsonschema.validate(json.loads(text), schema)
+        except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError) as exc:
+            print(f"invalid: {str(exc)[:120]}", file=sys.stderr)
+            return False
+        return True
 
     async def one(name: str, text: str) -> None:
         try:
@@ -223,20 +275,24 @@ async def coverage(
             results[name] = "refused"
             refused[why.split(";")[0][:70]] += 1
             return
-        # The grammar alone makes the answer fit; the schema in the prompt (its first
-        # 1,500 characters: reading long ones would dominate the run) lets the model finish
-        # its value instead of rambling inside a string until the token limit.
-        question = f"Answer with a JSON value matching this schema: {json.dumps(schema)[:1500]}"
+        if formatter is None:
+            request = our_request(schema, constraint)
+        else:
+            messages = formatter(name.split("/")[0], schema)
+            request = jsonschemabench.request_from_messages(messages, constraint, tokens)
         async with limiter:
-            outcome = await generate(backend, question, constraint, tokens)
-        if outcome.finished.reason.value == "length":
+            try:
+                outcome = await answer(backend, request)
+            except InvalidRequest:
+                results[name] = "too long"  # the prompt alone fills the model's context
+                return
+        if outcome.finished.reason in CUT_SHORT:
             results[name] = "cut"
             return
-        try:
-            jsonschema.validate(json.loads(outcome.text), schema)
-        except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError) as exc:
+        rule = our_rule if formatter is None else jsonschemabench.validates
+        if not rule(outcome.text, schema):
             results[name] = "invalid"
-            print(f"invalid: {name}: {str(exc)[:120]}", file=sys.stderr)
+            print(f"invalid: {name}: {outcome.text[:200]!r}", file=sys.stderr)
             return
         results[name] = "valid"
 
@@ -256,13 +312,16 @@ async def coverage(
         await backend.aclose()
     counts = collections.Counter(results.values())
     total = len(schemas)
-    accepted = counts["valid"] + counts["invalid"] + counts["cut"]
+    accepted = sum(counts[outcome] for outcome in ACCEPTED_OUTCOMES)
     finished = counts["valid"] + counts["invalid"]
+    protocol = "ours" if harness is None else f"JSONSchemaBench's harness ({harness})"
     print(f"{total} schemas ({', '.join(sets)}), {time.perf_counter() - started:.0f} s")
+    print(f"protocol: {protocol}, {backend_name}, greedy, at most {tokens} new tokens")
     print(f"accepted: {accepted} ({accepted / total:.1%})")
     print(f"refused naming a feature: {counts['refused']} ({counts['refused'] / total:.1%})")
     print(f"unreadable JSON: {counts['unreadable']}")
-    print(f"answers cut at {tokens} tokens: {counts['cut']}")
+    print(f"answers cut short ({tokens} tokens, or the context full): {counts['cut']}")
+    print(f"prompts too long for the model's context: {counts['too long']}")
     if finished:
         print(
             f"finished answers that validate: {counts['valid']} / {finished} "
@@ -273,7 +332,22 @@ async def coverage(
     print(render_text_table(coverage_rows(results), COVERAGE_COLUMNS))
 
 
-COVERAGE_COLUMNS = ("set", "schemas", "accepted", "refused", "valid", "invalid", "cut", "covered")
+COVERAGE_COLUMNS = (
+    "set",
+    "schemas",
+    "accepted",
+    "refused",
+    "valid",
+    "invalid",
+    "cut",
+    "too long",
+    "covered",
+)
+# Ends that leave the value unfinished: the token limit, or the model's context full.
+CUT_SHORT = (FinishReason.LENGTH, FinishReason.CONTEXT_FULL)
+# A schema the grammar engine compiled, whatever became of its answer.
+ACCEPTED_OUTCOMES = ("valid", "invalid", "cut", "too long")
+OUR_MAX_TOKENS = 256
 
 
 def coverage_rows(results: dict[str, str]) -> list[list[str]]:
@@ -288,8 +362,8 @@ def coverage_rows(results: dict[str, str]) -> list[list[str]]:
         total = sum(outcomes.values())
         if not total:
             continue
-        accepted = outcomes["valid"] + outcomes["invalid"] + outcomes["cut"]
-        counted = [outcomes[key] for key in ("refused", "valid", "invalid", "cut")]
+        accepted = sum(outcomes[outcome] for outcome in ACCEPTED_OUTCOMES)
+        counted = [outcomes[key] for key in ("refused", "valid", "invalid", "cut", "too long")]
         covered = f"{outcomes['valid'] / total:.0%}"
         rows.append([name, str(total), str(accepted), *map(str, counted), covered])
     return rows
@@ -308,7 +382,18 @@ def main(argv: list[str] | None = None) -> None:
     coverage_parser = sub.add_parser("coverage")
     coverage_parser.add_argument("--corpus", type=Path, required=True)
     coverage_parser.add_argument("--count", type=int, default=300)
-    coverage_parser.add_argument("--tokens", type=int, default=256)
+    coverage_parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help=f"new tokens at most (default {OUR_MAX_TOKENS}; with --harness, the harness's 2048)",
+    )
+    coverage_parser.add_argument(
+        "--harness",
+        type=Path,
+        default=None,
+        help="a checkout of github.com/epfl-dlab/jsonschemabench: ask and judge as the paper did",
+    )
     coverage_parser.add_argument("--streams", type=int, default=16)
     coverage_parser.add_argument("--backend", choices=SPEED_BACKENDS, default="llama_cpp")
     coverage_parser.add_argument(
@@ -322,7 +407,14 @@ def main(argv: list[str] | None = None) -> None:
         trio.run(speed, args.streams, args.tokens, args.rounds, args.backends)
     else:
         trio.run(
-            coverage, args.corpus, args.count, args.tokens, args.streams, args.backend, args.sets
+            coverage,
+            args.corpus,
+            args.count,
+            args.tokens,
+            args.streams,
+            args.backend,
+            args.sets,
+            args.harness,
         )
 
 
