@@ -5,7 +5,8 @@ decode in one batch: `llama_sampler_sample` reads the sequence's own row of logi
 
 - greedy: the greedy sampler alone (argmax);
 - sampled: penalties -> top-k -> top-p -> temperature -> a draw seeded by the request's
-  seed (or a fresh one), the order of llama.cpp's own default chain;
+  seed (or a fresh one), the order of llama.cpp's own default chain, without a cut that
+  cuts nothing;
 - a repetition penalty counts the prompt too (as CTranslate2 and transformers do): the
   prompt's tokens are accepted into the chain before the first draw.
 """
@@ -40,8 +41,13 @@ class SamplerChain:
         if sampling.greedy:
             self._add(lib.llama_sampler_init_greedy())
             return
-        self._add(lib.llama_sampler_init_top_k(sampling.top_k or vocab_size))
-        self._add(lib.llama_sampler_init_top_p(float(sampling.top_p), 1))
+        # A cut that cuts nothing (top_k 0, top_p 1) is left out of the chain: top-k over
+        # the whole vocabulary sorts it, every token (3.2 against 0.8 ms a sampled token
+        # for SmolLM2's 49,152, one thread).
+        if sampling.top_k:
+            self._add(lib.llama_sampler_init_top_k(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self._add(lib.llama_sampler_init_top_p(float(sampling.top_p), 1))
         self._add(lib.llama_sampler_init_temp(float(sampling.temperature)))
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         self._add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))

@@ -197,11 +197,16 @@ async def wait_for(condition: Callable[[], bool]) -> None:
             await trio.sleep(0.01)
 
 
+@pytest.mark.parametrize(
+    "cut",
+    [SamplingOptions(top_k=40, top_p=0.95), SamplingOptions(top_k=0, top_p=1.0)],
+    ids=["top-k and top-p", "no cut"],
+)
 async def test_a_seeded_sample_repeats_and_greedy_ignores_the_seed(
-    backend: LlamaCppBackend,
+    backend: LlamaCppBackend, cut: SamplingOptions
 ) -> None:
     ids = prompt_ids(backend, "Tell me a story.")
-    sampled = SamplingOptions(temperature=1.0, top_k=40, top_p=0.95, seed=7)
+    sampled = dataclasses.replace(cut, temperature=1.0, seed=7)
 
     async def run(sampling: SamplingOptions) -> list[int]:
         tokens: list[int] = []
