@@ -114,15 +114,21 @@ class Outcome:
     ttft_s: float
 
 
-async def generate(
-    backend: Backend, question: str, constraint: OutputConstraint | None, tokens: int
-) -> Outcome:
-    request = GenerationRequest(
+def question_request(
+    question: str, constraint: OutputConstraint | None, tokens: int
+) -> GenerationRequest:
+    """One user turn, greedy, at most `tokens` new tokens, held to `constraint` if any."""
+    return GenerationRequest(
         user_prompt=question,
         max_new_tokens=tokens,
         sampling=SamplingOptions(constraint=constraint),
     )
-    return await answer(backend, request)
+
+
+async def generate(
+    backend: Backend, question: str, constraint: OutputConstraint | None, tokens: int
+) -> Outcome:
+    return await answer(backend, question_request(question, constraint, tokens))
 
 
 async def answer(backend: Backend, request: GenerationRequest) -> Outcome:
@@ -249,11 +255,7 @@ async def coverage(
         # 1,500 characters: reading long ones would dominate the run) lets the model finish
         # its value instead of rambling inside a string until the token limit.
         question = f"Answer with a JSON value matching this schema: {json.dumps(schema)[:1500]}"
-        return GenerationRequest(
-            user_prompt=question,
-            max_new_tokens=tokens,
-            sampling=SamplingOptions(constraint=constraint),
-        )
+        return question_request(question, constraint, tokens)
 
     def our_rule(text: str, schema: Any) -> bool:
         try:
